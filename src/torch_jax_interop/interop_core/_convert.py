@@ -1,0 +1,463 @@
+"""Zero-copy conversion between torch tensors and JAX arrays through DLPack.
+
+# Note [Memory sharing and copies]
+
+``torch_to_jax`` and ``jax_to_torch`` return a value that *shares memory* with the input
+whenever the layout allows it: the JAX array reads the torch tensor's storage, and the torch
+tensor reads the JAX array's buffer. Consequences, each pinned down by a test:
+
+* an in-place write on the torch side (``t.add_(1)``) is visible through the JAX array, even
+  though JAX treats arrays as immutable. Write to a converted value only if you own both
+  views, or convert with ``copy=True``;
+* the storage stays alive as long as either view does (the DLPack capsule holds a reference).
+
+A copy is made only when it is forced, and ``copy=False`` turns each such case into a
+``CopyRequiredError`` instead:
+
+* a layout JAX cannot import: steps (``x[:, ::2]``), expanded (stride 0) dimensions, or a data
+  pointer that is not 64-byte aligned (``t[1:]``); transposed / permuted tensors import
+  zero-copy;
+* a tensor with its conjugate or negative bit set (DLPack has no such bit);
+* a 64-bit tensor while JAX's x64 mode is off (see Note [64-bit values with x64 off]);
+* a different ``device=``.
+
+``copy=True`` always returns fresh memory (``jax.dlpack.from_dlpack(t, copy=True)`` does not
+copy on jax 0.10.2 CPU, so the copy is made on the torch side before the import).
+
+# Note [64-bit values with x64 off]
+
+While ``jax_enable_x64`` is off, JAX computes in 32 bits and ``jax.dlpack`` would silently
+truncate. ``torch_to_jax`` converts float64 / int64 / uint64 / complex128 tensors to the
+32-bit type JAX would use (a copy). Integers are range-checked first: a value that does not
+fit raises ``IntegerOverflowError`` (an ``OverflowError``) instead of wrapping around. Floats
+lose precision as ``jnp.asarray`` would. Turn x64 on (``jax.config.update("jax_enable_x64",
+True)``) for bit-exact 64-bit round trips.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import jax
+import torch
+
+from .._errors import CopyRequiredError, IntegerOverflowError, UnsupportedTensorError
+from .._pytree import tree_map
+from ._dtype_map import SUPPORTED_LIST, TORCH_NARROW, TORCH_TO_NAME, torch_dtype_info
+
+try:  # the public flag lives in jax._src.config; fall back to the documented reader
+    from jax._src.config import enable_x64 as _x64_state
+
+    def x64_enabled() -> bool:
+        """Whether JAX's x64 mode is on right now (context managers included)."""
+        return bool(_x64_state.value)
+except Exception:  # pragma: no cover - other jax versions
+
+    def x64_enabled() -> bool:
+        return bool(jax.config.read("jax_enable_x64"))
+
+
+try:  # jax's own from_dlpack calls this after ~25 us of Python; we call it directly
+    from jax._src.lib import _jax as _jaxlib
+    from jax._src.lib import jaxlib_extension_version as _JAXLIB_VERSION
+
+    _ArrayImpl: type = _jaxlib.ArrayImpl
+    _dlpack_to_buffer: Any = _jaxlib.dlpack_managed_tensor_to_buffer
+    _buffer_to_dlpack: Any = _jaxlib.buffer_to_dlpack_managed_tensor
+except Exception:  # pragma: no cover - other jaxlib versions
+    _JAXLIB_VERSION = 0
+    _ArrayImpl = jax.Array
+    _dlpack_to_buffer = None
+    _buffer_to_dlpack = None
+
+_torch_to_dlpack: Any = getattr(torch._C, "_to_dlpack", None)
+_torch_from_dlpack: Any = getattr(torch._C, "_from_dlpack", None) or torch.from_dlpack
+
+_Tensor = torch.Tensor
+_NARROWED = frozenset(TORCH_NARROW)  # 64-bit dtypes: the fast path never sees them
+_SUPPORTED_TORCH = frozenset(TORCH_TO_NAME)
+_KDL_CPU = 1
+
+
+class _FastPaths:
+    """Which lower-level DLPack entry points work with the installed jax (probed once)."""
+
+    cpu_device: Any = None
+    import_ok: bool = False
+    export_ok: bool = False
+    probed: bool = False
+
+    @classmethod
+    def probe(cls) -> None:
+        cls.probed = True
+        try:
+            cls.cpu_device = jax.devices("cpu")[0]
+        except RuntimeError:  # pragma: no cover - a jax without a CPU backend
+            return
+        sample = torch.arange(16, dtype=torch.float32)
+        try:
+            array = _import_lowlevel(sample)
+            cls.import_ok = (
+                isinstance(array, jax.Array)
+                and array.unsafe_buffer_pointer() == sample.data_ptr()
+                and float(array[3]) == 3.0
+            )
+        except Exception:
+            cls.import_ok = False
+        try:
+            back = _torch_from_dlpack(_buffer_to_dlpack(jax.numpy.arange(4.0), stream=None))
+            cls.export_ok = bool(back.tolist() == [0.0, 1.0, 2.0, 3.0])
+        except Exception:
+            cls.export_ok = False
+
+
+def _import_lowlevel(t: torch.Tensor) -> jax.Array:
+    capsule = _torch_to_dlpack(t)
+    if _JAXLIB_VERSION >= 467:
+        return _dlpack_to_buffer(capsule, _FastPaths.cpu_device, None, None, _KDL_CPU)
+    return _dlpack_to_buffer(capsule, _FastPaths.cpu_device, None, None)
+
+
+# ---------------------------------------------------------------------------------------
+# torch -> JAX
+
+
+def _tensor_to_jax(t: torch.Tensor, copy: bool | None = None, device: Any = None) -> jax.Array:
+    """One tensor to one array. Shares memory unless a copy is forced or asked for."""
+    if (
+        copy is None
+        and device is None
+        and t.is_cpu
+        and t.dtype not in _NARROWED
+        and not t.requires_grad
+        and t.is_contiguous()
+        and not (t.data_ptr() & 63)
+        and not t.is_conj()
+        and not t.is_neg()
+        and t.layout is torch.strided
+        and _FastPaths.import_ok
+    ):
+        return _import_lowlevel(t)
+    return _tensor_to_jax_checked(t, copy, device)
+
+
+def _tensor_to_jax_checked(t: torch.Tensor, copy: bool | None, device: Any) -> jax.Array:
+    if not _FastPaths.probed:
+        _FastPaths.probe()
+        return _tensor_to_jax(t, copy, device)
+    _check_tensor_supported(t)
+    if t.requires_grad:
+        t = t.detach()
+    copied = False
+
+    narrow = TORCH_NARROW.get(t.dtype)
+    if narrow is not None and not x64_enabled():
+        if copy is False:
+            raise CopyRequiredError(
+                f"`{t.dtype}` needs a copy to become `{narrow}` because JAX's x64 mode is off, "
+                "but copy=False. Enable x64 (jax.config.update('jax_enable_x64', True)) for "
+                "a zero-copy 64-bit import, or pass copy=None."
+            )
+        _check_fits(t, narrow)
+        t = t.to(narrow, memory_format=torch.contiguous_format)
+        copied = True
+
+    if t.is_conj() or t.is_neg():
+        if copy is False:
+            raise CopyRequiredError(
+                "the tensor has its conjugate or negative bit set, which DLPack cannot "
+                "express, so it must be copied, but copy=False. Call `.resolve_conj()` / "
+                "`.resolve_neg()` first, or pass copy=None."
+            )
+        t = t.resolve_conj().resolve_neg().contiguous()
+        copied = True
+
+    if copy and not copied:
+        t = t.clone(memory_format=torch.contiguous_format)
+        copied = True
+
+    if t.is_cpu and t.numel() and t.data_ptr() & 63:
+        if copy is False:
+            raise CopyRequiredError(
+                f"the tensor's data pointer is not 64-byte aligned (storage offset "
+                f"{t.storage_offset()}), and JAX on CPU can only import aligned buffers "
+                "without a copy, but copy=False. Pass copy=None, or slice at a multiple of "
+                "64 bytes."
+            )
+        t = t.clone(memory_format=torch.contiguous_format)
+
+    array = _import_any(t, copy)
+    return _place(array, device, copy)
+
+
+def _check_tensor_supported(t: torch.Tensor) -> None:
+    if t.layout is not torch.strided:
+        raise UnsupportedTensorError(
+            f"cannot convert a tensor with layout `{t.layout}`: JAX arrays are dense. "
+            "Call `.to_dense()` first (or use jax.experimental.sparse yourself)."
+        )
+    if t.is_meta:
+        raise UnsupportedTensorError(
+            "cannot convert a `meta` tensor: it has no data. Materialize it first, e.g. "
+            "`module.to_empty(device='cpu')` or `torch.empty_like(t, device='cpu')`."
+        )
+    if t.is_quantized:
+        raise UnsupportedTensorError(
+            "cannot convert a quantized tensor; call `.dequantize()` first."
+        )
+    if t.is_nested:
+        raise UnsupportedTensorError(
+            "cannot convert a nested tensor; convert its components (`t.unbind()`) instead."
+        )
+    if t.dtype not in _SUPPORTED_TORCH:
+        raise UnsupportedTensorError(
+            f"dtype `{t.dtype}` has no JAX counterpart that DLPack can carry. Supported: "
+            f"{SUPPORTED_LIST}. Cast first, e.g. `t.to(torch.int8)` for sub-byte integers."
+        )
+    if t.device.type not in ("cpu", "cuda"):
+        raise UnsupportedTensorError(
+            f"cannot convert a tensor on device `{t.device}`; only cpu and cuda tensors "
+            "are supported. Move it with `.cpu()` first."
+        )
+
+
+def _check_fits(t: torch.Tensor, narrow: torch.dtype) -> None:
+    info = torch_dtype_info(t.dtype)
+    if info is None or info.kind not in "iu" or t.numel() == 0:
+        return
+    limits = torch.iinfo(narrow)
+    low, high = int(t.min()), int(t.max())
+    if low < limits.min or high > limits.max:
+        bad = low if low < limits.min else high
+        raise IntegerOverflowError(
+            f"`{t.dtype}` value {bad} does not fit `{narrow}`, the type JAX uses while its "
+            "x64 mode is off. Enable x64 (jax.config.update('jax_enable_x64', True) before "
+            "creating arrays), or cast explicitly (e.g. `t.to(torch.float32)`) if you accept "
+            "the loss."
+        )
+
+
+def _import_any(t: torch.Tensor, copy: bool | None) -> jax.Array:
+    """DLPack import of an aligned tensor; a tensor JAX cannot stride is copied (or refused)."""
+    try:
+        if t.is_cpu and _FastPaths.import_ok:
+            return _import_lowlevel(t)
+        return _import_public(t)
+    except Exception as error:  # jaxlib raises JaxRuntimeError: UNIMPLEMENTED for strides
+        if "striding" not in str(error) and "stride" not in str(error):
+            raise
+        if copy is False:
+            raise CopyRequiredError(
+                f"JAX cannot import strides {tuple(t.stride())} for shape {tuple(t.shape)} "
+                "(steps or expanded dims) without a copy, but copy=False. Call "
+                "`.contiguous()` first, or pass copy=None."
+            ) from None
+        t = t.contiguous()
+        if t.is_cpu and _FastPaths.import_ok:
+            return _import_lowlevel(t)
+        return _import_public(t)
+
+
+def _import_public(t: torch.Tensor) -> jax.Array:
+    # The public path synchronises torch's current CUDA stream with JAX's (DLPack `stream=`).
+    return jax.dlpack.from_dlpack(t)
+
+
+def _place(array: jax.Array, device: Any, copy: bool | None) -> jax.Array:
+    if device is None:
+        return array
+    target = resolve_jax_device(device)
+    if target in array.devices():
+        return array
+    if copy is False:
+        raise CopyRequiredError(
+            f"moving the array to `{target}` needs a copy, but copy=False. Pass copy=None."
+        )
+    return jax.device_put(array, target)
+
+
+def resolve_jax_device(device: Any) -> Any:
+    """A jax.Device from a jax.Device, a torch.device, or a string like 'cpu' / 'cuda:1'."""
+    if isinstance(device, jax.Device):
+        return device
+    if isinstance(device, torch.device):
+        kind, index = device.type, device.index or 0
+    elif isinstance(device, str):
+        kind, _, idx = device.partition(":")
+        index = int(idx) if idx else 0
+    else:
+        raise TypeError(f"`device` must be a jax.Device, torch.device or str, got {device!r}")
+    platform = {"cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "cpu": "cpu"}.get(kind)
+    if platform is None:
+        raise ValueError(f"unknown device kind `{kind}`; use 'cpu', 'cuda:N' or a jax.Device")
+    for candidate in jax.local_devices(backend=platform):
+        hardware_id = getattr(candidate, "local_hardware_id", None)
+        if (hardware_id if hardware_id is not None else candidate.id) == index:
+            return candidate
+    raise ValueError(f"JAX has no {platform} device with local index {index}")
+
+
+# ---------------------------------------------------------------------------------------
+# JAX -> torch
+
+
+def _array_to_torch(a: Any, copy: bool | None = None, device: Any = None) -> torch.Tensor:
+    """One array to one tensor. Shares memory unless a copy is forced or asked for."""
+    if copy is None and device is None and type(a) is _ArrayImpl and _FastPaths.export_ok:
+        try:
+            if a.platform() == "cpu" and len(a._arrays) == 1:
+                return _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
+        except Exception:
+            pass  # the checked path below says what is wrong
+    return _array_to_torch_checked(a, copy, device)
+
+
+def _array_to_torch_checked(a: Any, copy: bool | None, device: Any) -> torch.Tensor:
+    if not _FastPaths.probed:
+        _FastPaths.probe()
+        return _array_to_torch(a, copy, device)
+    if isinstance(a, jax.core.Tracer):
+        raise UnsupportedTensorError(
+            f"cannot convert a traced value ({a.aval}) to torch: inside jax.jit / jax.grad / "
+            "jax.vmap there is no data yet. To call torch code from traced JAX code, wrap "
+            "the torch module with `torch_module_to_jax`."
+        )
+    if len(a.sharding.device_set) > 1:
+        raise UnsupportedTensorError(
+            f"cannot convert an array sharded over {len(a.sharding.device_set)} devices "
+            "through DLPack. Gather it first (`jax.device_get(a)` or "
+            "`jax.device_put(a, jax.devices()[0])`), or convert each shard "
+            "(`a.addressable_shards[i].data`)."
+        )
+    name = str(a.dtype)
+    if name not in _NAMES_FROM_JAX:
+        raise UnsupportedTensorError(
+            f"dtype `{a.dtype}` has no torch counterpart that DLPack can carry. Supported: "
+            f"{SUPPORTED_LIST}. Cast first with `a.astype(...)` (PRNG keys: "
+            "`jax.random.key_data(key)`)."
+        )
+    if a.is_deleted():
+        raise UnsupportedTensorError(
+            "the JAX array has been deleted (donated to a jitted call, or `.delete()`d)."
+        )
+    platform = a.platform()
+    if platform == "cpu" and _FastPaths.export_ok:
+        tensor = _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
+    else:
+        tensor = torch.from_dlpack(a)  # negotiates CUDA streams
+    target = None if device is None else torch.device(device)
+    if target is not None and target != tensor.device:
+        if copy is False:
+            raise CopyRequiredError(
+                f"moving the tensor to `{target}` needs a copy, but copy=False. "
+                "Pass copy=None."
+            )
+        return tensor.to(target)
+    if copy:
+        return tensor.clone()
+    return tensor
+
+
+_NAMES_FROM_JAX = frozenset(TORCH_TO_NAME.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_function(value: Any) -> bool:
+    return callable(value) and not isinstance(value, (type, torch.nn.Module, jax.Array))
+
+
+@overload
+def torch_to_jax(value: torch.Tensor, *, copy: bool | None = ..., device: Any = ...) -> jax.Array: ...
+@overload
+def torch_to_jax(value: F, *, copy: bool | None = ..., device: Any = ...) -> F: ...
+@overload
+def torch_to_jax(value: Any, *, copy: bool | None = ..., device: Any = ...) -> Any: ...
+
+
+def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) -> Any:
+    """Convert torch tensors to JAX arrays: a tensor, a pytree of them, or a JAX function.
+
+    * A tensor becomes a ``jax.Array`` that **shares memory** with it (DLPack), unless a copy
+      is forced (see Note [Memory sharing and copies] in this module) or ``copy=True``.
+      ``copy=False`` raises ``CopyRequiredError`` where a copy would be needed.
+    * A pytree (tuples, namedtuples, lists, dicts, dataclasses, ``None``) keeps its exact
+      structure; leaves that are not tensors pass through unchanged.
+    * A function is taken to be a JAX function: the result takes torch tensors, calls it
+      with JAX arrays and returns torch tensors (``@torch_to_jax`` as a decorator).
+
+    Tensors that require grad are converted detached: gradients do not flow through this
+    call. To differentiate through a JAX function from torch, use ``WrappedJaxFunction``.
+
+    ``device`` (a ``jax.Device``, ``torch.device`` or string like ``"cuda:0"``) places the
+    result there (a copy when it differs). A cuda:N tensor lands on the JAX GPU with local
+    hardware id N; torch's current stream is synchronised with JAX's before JAX reads.
+    64-bit tensors while JAX's x64 mode is off become 32-bit (see Note [64-bit values with
+    x64 off]); integers that do not fit raise ``IntegerOverflowError``.
+    """
+    if isinstance(value, _Tensor):
+        return _tensor_to_jax(value, copy, device)
+    if _is_function(value):
+        return _wrap_jax_function(value, copy, device)
+    return tree_map(
+        lambda leaf: _tensor_to_jax(leaf, copy, device) if isinstance(leaf, _Tensor) else leaf,
+        value,
+    )
+
+
+@overload
+def jax_to_torch(value: jax.Array, *, copy: bool | None = ..., device: Any = ...) -> torch.Tensor: ...
+@overload
+def jax_to_torch(value: F, *, copy: bool | None = ..., device: Any = ...) -> F: ...
+@overload
+def jax_to_torch(value: Any, *, copy: bool | None = ..., device: Any = ...) -> Any: ...
+
+
+def jax_to_torch(value: Any, *, copy: bool | None = None, device: Any = None) -> Any:
+    """Convert JAX arrays to torch tensors: an array, a pytree of them, or a torch function.
+
+    * An array becomes a ``torch.Tensor`` that **shares memory** with it (DLPack) unless
+      ``copy=True`` or ``device`` differs. Writing into that tensor in place changes the JAX
+      array too (JAX assumes arrays never change): convert with ``copy=True`` if you will
+      write to it.
+    * A pytree keeps its exact structure; leaves that are not JAX arrays pass through.
+    * A function is taken to be a torch function: the result takes JAX arrays, calls it with
+      torch tensors and returns JAX arrays (``@jax_to_torch`` as a decorator).
+
+    ``device`` (a ``torch.device`` or string) moves the result there (a copy). Arrays on the
+    JAX GPU with local hardware id N become ``cuda:N`` tensors, ordered after JAX's work on
+    torch's current stream. Sharded arrays, traced values, PRNG keys and sub-byte dtypes
+    raise ``UnsupportedTensorError`` with what to do instead.
+    """
+    if isinstance(value, jax.Array):
+        return _array_to_torch(value, copy, device)
+    if _is_function(value):
+        return _wrap_torch_function(value, copy, device)
+    return tree_map(
+        lambda leaf: _array_to_torch(leaf, copy, device) if isinstance(leaf, jax.Array) else leaf,
+        value,
+    )
+
+
+def _wrap_jax_function(fn: F, copy: bool | None, device: Any) -> F:
+    @functools.wraps(fn)
+    def takes_and_returns_torch(*args: Any, **kwargs: Any) -> Any:
+        jax_args, jax_kwargs = torch_to_jax((args, kwargs), copy=copy, device=device)
+        return jax_to_torch(fn(*jax_args, **jax_kwargs), copy=copy)
+
+    return takes_and_returns_torch  # type: ignore[return-value]
+
+
+def _wrap_torch_function(fn: F, copy: bool | None, device: Any) -> F:
+    @functools.wraps(fn)
+    def takes_and_returns_jax(*args: Any, **kwargs: Any) -> Any:
+        torch_args, torch_kwargs = jax_to_torch((args, kwargs), copy=copy, device=device)
+        return torch_to_jax(fn(*torch_args, **torch_kwargs), copy=copy)
+
+    return takes_and_returns_jax  # type: ignore[return-value]
