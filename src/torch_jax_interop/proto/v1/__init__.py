@@ -1,0 +1,1 @@
+"""torch_jax_interop.v1 messages and service stubs (generated)."""

@@ -1,0 +1,305 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    UINT16: _ClassVar[DType]
+    UINT32: _ClassVar[DType]
+    UINT64: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+    COMPLEX64: _ClassVar[DType]
+    COMPLEX128: _ClassVar[DType]
+    FLOAT8_E4M3FN: _ClassVar[DType]
+    FLOAT8_E5M2: _ClassVar[DType]
+    FLOAT8_E4M3FNUZ: _ClassVar[DType]
+    FLOAT8_E5M2FNUZ: _ClassVar[DType]
+
+class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
+    INLINE: _ClassVar[Transport]
+    SHARED_MEMORY: _ClassVar[Transport]
+    CUDA_IPC: _ClassVar[Transport]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+INT8: DType
+INT16: DType
+INT32: DType
+INT64: DType
+UINT8: DType
+UINT16: DType
+UINT32: DType
+UINT64: DType
+BOOL: DType
+COMPLEX64: DType
+COMPLEX128: DType
+FLOAT8_E4M3FN: DType
+FLOAT8_E5M2: DType
+FLOAT8_E4M3FNUZ: DType
+FLOAT8_E5M2FNUZ: DType
+TRANSPORT_UNSPECIFIED: Transport
+INLINE: Transport
+SHARED_MEMORY: Transport
+CUDA_IPC: Transport
+
+class SharedMemorySlice(_message.Message):
+    __slots__ = ("region_id", "generation", "offset", "nbytes")
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    region_id: int
+    generation: int
+    offset: int
+    nbytes: int
+    def __init__(self, region_id: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class CudaIpcSlice(_message.Message):
+    __slots__ = ("region_id", "generation", "offset", "nbytes", "device_uuid")
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    region_id: int
+    generation: int
+    offset: int
+    nbytes: int
+    device_uuid: str
+    def __init__(self, region_id: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "shm", "cuda_ipc", "inline_data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    shm: SharedMemorySlice
+    cuda_ipc: CudaIpcSlice
+    inline_data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[SharedMemorySlice, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcSlice, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
+
+class TreeNode(_message.Message):
+    __slots__ = ("kind", "num_children", "keys")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[TreeNode.Kind]
+        LEAF: _ClassVar[TreeNode.Kind]
+        NONE: _ClassVar[TreeNode.Kind]
+        TUPLE: _ClassVar[TreeNode.Kind]
+        LIST: _ClassVar[TreeNode.Kind]
+        DICT: _ClassVar[TreeNode.Kind]
+    KIND_UNSPECIFIED: TreeNode.Kind
+    LEAF: TreeNode.Kind
+    NONE: TreeNode.Kind
+    TUPLE: TreeNode.Kind
+    LIST: TreeNode.Kind
+    DICT: TreeNode.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    kind: TreeNode.Kind
+    num_children: int
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[TreeNode.Kind, str]] = ..., num_children: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Tree(_message.Message):
+    __slots__ = ("nodes", "leaves")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[TreeNode]
+    leaves: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[TreeNode, _Mapping]]] = ..., leaves: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class OutputArena(_message.Message):
+    __slots__ = ("shm", "cuda_ipc")
+    SHM_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    shm: SharedMemorySlice
+    cuda_ipc: CudaIpcSlice
+    def __init__(self, shm: _Optional[_Union[SharedMemorySlice, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcSlice, _Mapping]] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("client_name", "client_pid", "client_hostname", "boot_id", "transport", "protocol_version")
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    client_name: str
+    client_pid: int
+    client_hostname: str
+    boot_id: str
+    transport: Transport
+    protocol_version: int
+    def __init__(self, client_name: _Optional[str] = ..., client_pid: _Optional[int] = ..., client_hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("session_id", "worker_pid", "worker_hostname", "boot_id", "shm_directory", "max_inline_bytes", "max_tensor_bytes", "protocol_version", "shm_prefix")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_PID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    MAX_INLINE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHM_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    worker_pid: int
+    worker_hostname: str
+    boot_id: str
+    shm_directory: str
+    max_inline_bytes: int
+    max_tensor_bytes: int
+    protocol_version: int
+    shm_prefix: str
+    def __init__(self, session_id: _Optional[str] = ..., worker_pid: _Optional[int] = ..., worker_hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., shm_directory: _Optional[str] = ..., max_inline_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ..., shm_prefix: _Optional[str] = ...) -> None: ...
+
+class RegisterRegionRequest(_message.Message):
+    __slots__ = ("session_id", "name", "size", "kind", "cuda_ipc_handle", "device_uuid")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    name: str
+    size: int
+    kind: Transport
+    cuda_ipc_handle: bytes
+    device_uuid: str
+    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., kind: _Optional[_Union[Transport, str]] = ..., cuda_ipc_handle: _Optional[bytes] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+
+class RegisterRegionResponse(_message.Message):
+    __slots__ = ("region_id", "generation")
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    region_id: int
+    generation: int
+    def __init__(self, region_id: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class ReleaseRegionRequest(_message.Message):
+    __slots__ = ("session_id", "region_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    region_id: int
+    def __init__(self, session_id: _Optional[str] = ..., region_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseRegionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListFunctionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FunctionInfo(_message.Message):
+    __slots__ = ("name", "signature", "doc", "target")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    signature: str
+    doc: str
+    target: str
+    def __init__(self, name: _Optional[str] = ..., signature: _Optional[str] = ..., doc: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
+
+class ListFunctionsResponse(_message.Message):
+    __slots__ = ("functions",)
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    functions: _containers.RepeatedCompositeFieldContainer[FunctionInfo]
+    def __init__(self, functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ...) -> None: ...
+
+class CallRequest(_message.Message):
+    __slots__ = ("session_id", "function", "args", "kwargs", "keep_residuals", "has_aux", "output_arena")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    HAS_AUX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ARENA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    function: str
+    args: Tree
+    kwargs: Tree
+    keep_residuals: bool
+    has_aux: bool
+    output_arena: OutputArena
+    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args: _Optional[_Union[Tree, _Mapping]] = ..., kwargs: _Optional[_Union[Tree, _Mapping]] = ..., keep_residuals: bool = ..., has_aux: bool = ..., output_arena: _Optional[_Union[OutputArena, _Mapping]] = ...) -> None: ...
+
+class CallResponse(_message.Message):
+    __slots__ = ("outputs", "aux", "residual_id", "required_output_bytes")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    AUX_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    outputs: Tree
+    aux: Tree
+    residual_id: int
+    required_output_bytes: int
+    def __init__(self, outputs: _Optional[_Union[Tree, _Mapping]] = ..., aux: _Optional[_Union[Tree, _Mapping]] = ..., residual_id: _Optional[int] = ..., required_output_bytes: _Optional[int] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("session_id", "residual_id", "cotangents", "output_arena", "keep_residuals")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_ID_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ARENA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    residual_id: int
+    cotangents: Tree
+    output_arena: OutputArena
+    keep_residuals: bool
+    def __init__(self, session_id: _Optional[str] = ..., residual_id: _Optional[int] = ..., cotangents: _Optional[_Union[Tree, _Mapping]] = ..., output_arena: _Optional[_Union[OutputArena, _Mapping]] = ..., keep_residuals: bool = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_args", "grad_kwargs", "required_output_bytes")
+    GRAD_ARGS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_KWARGS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    grad_args: Tree
+    grad_kwargs: Tree
+    required_output_bytes: int
+    def __init__(self, grad_args: _Optional[_Union[Tree, _Mapping]] = ..., grad_kwargs: _Optional[_Union[Tree, _Mapping]] = ..., required_output_bytes: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("session_id", "residual_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    residual_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., residual_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
