@@ -1,1 +1,12 @@
-"""Filled in by its own issue."""
+"""The JAX worker: serves named JAX functions over gRPC. Imports JAX, never torch."""
+
+from ._compiled import CompiledFunction as CompiledFunction
+from ._server import create_server as create_server
+from ._server import load_function as load_function
+from ._server import serve as serve
+from ._server import shutdown as shutdown
+from ._servicer import WorkerConfig as WorkerConfig
+
+__all__ = [
+    "CompiledFunction", "WorkerConfig", "create_server", "load_function", "serve", "shutdown",
+]

@@ -1,0 +1,148 @@
+"""Wire codec shared by the worker and the client: dtypes, shapes and tree structures.
+
+Imports neither torch nor JAX. Everything read from the wire is validated here before any
+byte is touched: dtype values, shape products (no overflow, bounded), structure nodes
+(bounded count and depth, leaves and children consistent). Tensor *locations* are resolved
+by each side (``server/_codec.py`` / ``client/_codec.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _pytree
+from ._dtypes import BY_NAME, DTYPE_NAMES
+from ._errors import InvalidArgumentError
+from .proto.v1 import interop_pb2 as pb
+
+PROTOCOL_VERSION = 1
+ALIGNMENT = 64  # JAX on CPU imports only 64-byte aligned buffers without a copy
+MAX_TREE_NODES = 100_000
+MAX_TREE_DEPTH = 64
+MAX_NDIM = 32
+
+DTYPE_TO_ENUM: dict[str, int] = {name: index + 1 for index, name in enumerate(DTYPE_NAMES)}
+ENUM_TO_DTYPE: dict[int, str] = {value: name for name, value in DTYPE_TO_ENUM.items()}
+
+_KIND = pb.TreeNode.Kind
+
+
+def align(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def dtype_name(value: int) -> str:
+    """The dtype name of a wire enum value; INVALID_ARGUMENT for anything unknown."""
+    name = ENUM_TO_DTYPE.get(value)
+    if name is None:
+        raise InvalidArgumentError(
+            f"unknown dtype value {value}; this worker speaks protocol v{PROTOCOL_VERSION} "
+            f"with dtypes {', '.join(DTYPE_NAMES)}. Upgrade the older side."
+        )
+    return name
+
+
+def tensor_nbytes(dtype: str, shape: Any, *, limit: int) -> int:
+    """Bytes of a dense tensor; refuses shapes whose product overflows or exceeds ``limit``."""
+    if len(shape) > MAX_NDIM:
+        raise InvalidArgumentError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM}")
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgumentError(f"negative dimension in shape {list(shape)}")
+    if 0 in shape:
+        return 0
+    itemsize = BY_NAME[dtype].itemsize
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count * itemsize > limit:  # stop early: a product near 2**64 never gets built
+            raise InvalidArgumentError(
+                f"tensor of shape {list(shape)} and dtype {dtype} is larger than the "
+                f"worker's limit of {limit} bytes (--max-tensor-bytes)"
+            )
+    return count * BY_NAME[dtype].itemsize
+
+
+def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
+    """Append ``spec`` in pre-order to the repeated ``TreeNode`` field ``nodes``."""
+    kind = spec.kind
+    if kind == _pytree.LEAF:
+        nodes.add(kind=_KIND.LEAF)
+    elif kind == _pytree.NONE:
+        nodes.add(kind=_KIND.NONE)
+    elif kind in (_pytree.TUPLE, _pytree.NAMEDTUPLE):
+        nodes.add(kind=_KIND.TUPLE, num_children=len(spec.children))
+    elif kind == _pytree.LIST:
+        nodes.add(kind=_KIND.LIST, num_children=len(spec.children))
+    elif kind == _pytree.DICT:
+        keys = spec.meta[0]
+        if not all(isinstance(k, str) for k in keys):
+            raise TypeError(
+                f"dicts sent to a worker need str keys, got {[k for k in keys]!r}; "
+                "convert the keys to str"
+            )
+        nodes.add(kind=_KIND.DICT, keys=keys)
+    else:
+        raise TypeError(
+            f"a {kind} cannot be sent to a worker; use tuples, lists, dicts with str keys "
+            "and None"
+        )
+    for child in spec.children:
+        encode_spec(child, nodes)
+
+
+def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
+    """Rebuild a ``TreeSpec`` from pre-order nodes, validating every count and bound."""
+    if len(nodes) > MAX_TREE_NODES:
+        raise InvalidArgumentError(
+            f"structure has {len(nodes)} nodes; at most {MAX_TREE_NODES} are accepted"
+        )
+    if not nodes:
+        raise InvalidArgumentError("empty structure description: expected at least one node")
+    position = 0
+
+    def build(depth: int) -> _pytree.TreeSpec:
+        nonlocal position
+        if depth > MAX_TREE_DEPTH:
+            raise InvalidArgumentError(f"structure is nested deeper than {MAX_TREE_DEPTH}")
+        if position >= len(nodes):
+            raise InvalidArgumentError("structure description ends in the middle of a node")
+        node = nodes[position]
+        position += 1
+        kind = node.kind
+        if kind == _KIND.LEAF:
+            return _pytree.LEAF_SPEC
+        if kind == _KIND.NONE:
+            return _pytree.NONE_SPEC
+        if kind == _KIND.DICT:
+            keys = tuple(node.keys)
+            if len(set(keys)) != len(keys):
+                raise InvalidArgumentError("dict node has duplicate keys")
+            count = len(keys)
+        elif kind in (_KIND.TUPLE, _KIND.LIST):
+            if node.keys:
+                raise InvalidArgumentError("tuple/list node carries keys")
+            count = node.num_children
+        else:
+            raise InvalidArgumentError(f"unknown structure node kind {kind}")
+        if count > len(nodes) - position:
+            raise InvalidArgumentError(
+                f"node claims {count} children but only {len(nodes) - position} nodes follow"
+            )
+        children = tuple(build(depth + 1) for _ in range(count))
+        leaves = sum(c.num_leaves for c in children)
+        if kind == _KIND.DICT:
+            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None), leaves)
+        return _pytree.TreeSpec(
+            _pytree.TUPLE if kind == _KIND.TUPLE else _pytree.LIST, children, None, leaves
+        )
+
+    spec = build(0)
+    if position != len(nodes):
+        raise InvalidArgumentError(
+            f"structure description has {len(nodes) - position} trailing nodes"
+        )
+    if spec.num_leaves != num_leaves:
+        raise InvalidArgumentError(
+            f"structure has {spec.num_leaves} leaves but {num_leaves} tensors were sent"
+        )
+    return spec

@@ -1,0 +1,178 @@
+"""Client side of the wire codec: torch tensors -> descriptors, descriptors -> torch tensors.
+
+Inputs larger than the inline threshold are copied once into a slice of the client's
+shared-memory pool (the worker then reads them in place). Outputs the worker wrote into the
+client's output arena come back as tensors that *share* that memory: the arena slice returns
+to the pool when the last of those tensors is garbage-collected, so no copy is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import _pytree, _wire
+from .._dtypes import DTYPE_NAMES
+from .._errors import InvalidArgumentError, ResourceExhaustedError
+
+TORCH_TO_NAME: dict[torch.dtype, str] = {getattr(torch, n): n for n in DTYPE_NAMES}
+NAME_TO_TORCH: dict[str, torch.dtype] = {n: d for d, n in TORCH_TO_NAME.items()}
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def flatten_tensors(tree: Any, what: str) -> tuple[list[torch.Tensor], _pytree.TreeSpec]:
+    leaves, spec = _pytree.flatten(tree, is_leaf=_is_tensor)
+    for index, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{what}: leaf {index} is a {type(leaf).__name__}; remote functions take "
+                "pytrees of tensors (wrap numbers with torch.tensor(...))"
+            )
+    return leaves, spec
+
+
+def prepare(t: torch.Tensor) -> torch.Tensor:
+    """A detached, dense, CPU, C-contiguous tensor with no conj/neg bit, ready to ship."""
+    if t.dtype not in TORCH_TO_NAME:
+        raise TypeError(f"dtype `{t.dtype}` cannot be sent; supported: {', '.join(DTYPE_NAMES)}")
+    if t.layout is not torch.strided:
+        raise TypeError(f"cannot send a tensor with layout `{t.layout}`; call .to_dense()")
+    t = t.detach()
+    if not t.is_cpu:
+        t = t.cpu()  # CUDA tensors cross through host memory until the CUDA IPC transport
+    return t.resolve_conj().resolve_neg().contiguous()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class Encoder:
+    """Fills ``Tree`` messages; large tensors go to pool slices kept in ``leases``."""
+
+    def __init__(self, pool: Any, inline_threshold: int, max_inline_bytes: int) -> None:
+        self.pool = pool
+        self.inline_threshold = inline_threshold
+        self.max_inline_bytes = max_inline_bytes
+        self.leases: list[Any] = []
+
+    def tree(self, leaves: list[torch.Tensor], spec: _pytree.TreeSpec, out: Any) -> int:
+        """Encode; returns the bytes placed in shared memory."""
+        _wire.encode_spec(spec, out.nodes)
+        return sum(self.tensor(leaf, out.leaves.add()) for leaf in leaves)
+
+    def tensor(self, t: torch.Tensor, message: Any) -> int:
+        t = prepare(t)
+        message.dtype = _wire.DTYPE_TO_ENUM[TORCH_TO_NAME[t.dtype]]
+        message.shape.extend(t.shape)
+        nbytes = t.numel() * t.element_size()
+        if self.pool is None or nbytes <= self.inline_threshold:
+            if nbytes > self.max_inline_bytes:
+                raise ResourceExhaustedError(
+                    f"a tensor of {nbytes} bytes exceeds the inline limit of "
+                    f"{self.max_inline_bytes} bytes; use transport='shm' (same host) or "
+                    "raise the worker's --max-inline-bytes"
+                )
+            message.inline_data = tensor_bytes(t)
+            return 0
+        lease = self.pool.allocate(nbytes)
+        self.leases.append(lease)
+        target = torch.from_numpy(lease.numpy(np.uint8, (nbytes,)))
+        target.copy_(t.reshape(-1).view(torch.uint8))
+        message.shm.region_id = lease.region_id
+        message.shm.generation = lease.generation
+        message.shm.offset = lease.offset
+        message.shm.nbytes = nbytes
+        return nbytes
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
+        self.leases.clear()
+
+
+class Decoder:
+    """Reads ``Tree`` messages from the worker; arena tensors share the arena's memory."""
+
+    def __init__(self, arena: Any = None) -> None:
+        self.arena = arena
+        self._base: np.ndarray | None = None
+
+    def tree(self, message: Any) -> Any:
+        if not message.nodes:
+            return None
+        spec = _wire.decode_spec(message.nodes, len(message.leaves))
+        return spec.unflatten([self.tensor(leaf) for leaf in message.leaves])
+
+    def tensor(self, message: Any) -> torch.Tensor:
+        name = _wire.dtype_name(message.dtype)
+        dtype = NAME_TO_TORCH[name]
+        shape = tuple(message.shape)
+        nbytes = _wire.tensor_nbytes(name, shape, limit=1 << 62)
+        location = message.WhichOneof("location")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if location == "inline_data":
+            if len(message.inline_data) != nbytes:
+                raise InvalidArgumentError("worker sent an inline tensor of the wrong size")
+            raw = torch.frombuffer(bytearray(message.inline_data), dtype=torch.uint8)
+            return raw.view(dtype).reshape(shape)
+        if location == "shm" and self.arena is not None:
+            where = message.shm
+            start = where.offset - self.arena.offset
+            if (where.region_id != self.arena.region_id or where.nbytes != nbytes
+                    or start < 0 or start + nbytes > self.arena.nbytes):
+                raise InvalidArgumentError("worker pointed an output outside the output arena")
+            base = self._arena_array()
+            return torch.from_numpy(base[start:start + nbytes]).view(dtype).reshape(shape)
+        raise InvalidArgumentError(f"worker sent an output with location `{location}`")
+
+    def _arena_array(self) -> np.ndarray:
+        if self._base is None:
+            self._base = self.arena.numpy(np.uint8, (self.arena.nbytes,))
+            # The slice goes back to the pool once every tensor viewing it is gone.
+            self.arena.release_when_collected(self._base)
+        return self._base
+
+    def finish(self) -> None:
+        """Give the arena back now if no output landed in it."""
+        if self.arena is not None and self._base is None:
+            self.arena.release()
+        self._base = None
+
+
+def align_grads(inputs: Any, grads: Any) -> Any:
+    """Gradients shaped like ``inputs`` (dicts matched by key), ``None`` where there is none."""
+    if isinstance(inputs, torch.Tensor):
+        if not isinstance(grads, torch.Tensor):
+            return None
+        # A worker with x64 off computes 64-bit inputs in 32 bits; autograd wants the
+        # input's dtype back.
+        return grads if grads.dtype == inputs.dtype else grads.to(inputs.dtype)
+    if isinstance(inputs, dict):
+        grads = grads if isinstance(grads, dict) else {}
+        return type(inputs)((k, align_grads(v, grads.get(k))) for k, v in inputs.items())
+    if isinstance(inputs, (tuple, list)):
+        grads = grads if isinstance(grads, (tuple, list)) else [None] * len(inputs)
+        items = [align_grads(v, g) for v, g in zip(inputs, grads, strict=False)]
+        if hasattr(type(inputs), "_fields"):
+            return type(inputs)(*items)
+        return type(inputs)(items)
+    return None
+
+
+def arena_bytes(leaves: list[torch.Tensor], inline_threshold: int) -> int:
+    """Arena bytes needed to receive tensors like ``leaves`` (gradients of the inputs)."""
+    total = 0
+    for t in leaves:
+        nbytes = t.numel() * t.element_size()
+        if nbytes > inline_threshold:
+            total += _wire.align(nbytes)
+    return total

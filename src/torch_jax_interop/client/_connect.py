@@ -1,0 +1,432 @@
+"""``connect()``: a torch process calling JAX functions served by a worker.
+
+Imports torch and grpc, never JAX (except for ``connect("inproc", ...)``, which runs the
+functions in this process and therefore needs JAX).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from .. import _wire
+from .._errors import (
+    InvalidArgumentError,
+    RemoteError,
+    TransportError,
+    WorkerUnavailableError,
+)
+from ..proto.v1 import interop_pb2 as pb
+from ..proto.v1 import interop_pb2_grpc as pb_grpc
+from ..transport import SharedMemoryPool
+from ._codec import Decoder, Encoder, align_grads, arena_bytes, flatten_tensors
+from ._errors_map import to_remote_error
+
+log = logging.getLogger("torch_jax_interop.client")
+
+TOKEN_ENV = "TORCH_JAX_INTEROP_TOKEN"
+INLINE_THRESHOLD = 64 << 10  # smaller tensors travel inline: one RPC, no pool bookkeeping
+_MESSAGE_OVERHEAD = 16 << 20
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    """A function a worker serves."""
+
+    name: str
+    signature: str
+    doc: str
+    target: str
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class _Session:
+    id: str
+    stream: Any
+    pool: SharedMemoryPool | None
+    max_inline_bytes: int
+    alive: threading.Event
+    transport: str
+
+
+class ResidualHandle:
+    """Residuals the worker keeps for one forward; owns the input slices they may alias."""
+
+    def __init__(self, session: _Session, residual_id: int, leases: list[Any],
+                 args: tuple, kwargs: dict) -> None:
+        self.session = session
+        self.residual_id = residual_id
+        self.leases = leases
+        self.args = args
+        self.kwargs = kwargs
+        self.done = False
+
+    def drop_leases(self) -> None:
+        for lease in self.leases:
+            lease.release()
+        self.leases = []
+
+
+class Worker:
+    """A connection to one JAX worker. Use as a context manager; see ``connect``."""
+
+    def __init__(self, address: str, *, timeout: float, transport: str, token: str | None,
+                 client_name: str) -> None:
+        if transport not in ("auto", "shm", "inline"):
+            raise ValueError(f"transport must be 'auto', 'shm' or 'inline', got {transport!r}")
+        self.address = address
+        self.timeout = timeout
+        self.requested_transport = transport
+        self.client_name = client_name
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        limit = 256 << 20
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
+            ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
+        ])
+        self._stub = pb_grpc.JaxWorkerStub(self._channel)
+        self._lock = threading.Lock()
+        self._session: _Session | None = None
+        self._pending_release: list[tuple[_Session, int]] = []
+        self._arena_sizes: dict[Any, int] = {}
+        self._closed = False
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise WorkerUnavailableError(
+                f"no worker answered at {address} within {timeout:g} s. Start one with "
+                "`torch-jax-interop worker --listen ADDRESS --function NAME=module:attr`, "
+                "or check the address"
+            ) from None
+        self._open_session()
+
+    # -- session --------------------------------------------------------------------------
+
+    def _rpc(self, method: Callable[..., Any], request: Any, what: str) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as error:
+            exc = to_remote_error(error, what, self.address)
+            if isinstance(exc, WorkerUnavailableError) and self._session is not None:
+                self._session.alive.clear()
+            raise exc from None
+
+    def _open_session(self) -> _Session:
+        stream = self._stub.OpenSession(pb.OpenSessionRequest(
+            client_name=self.client_name, client_pid=os.getpid(),
+            client_hostname=socket.gethostname(), boot_id=_boot_id(),
+            transport=pb.INLINE if self.requested_transport == "inline" else pb.SHARED_MEMORY,
+            protocol_version=_wire.PROTOCOL_VERSION,
+        ), metadata=self._metadata)
+        try:
+            first = next(stream)
+        except grpc.RpcError as error:
+            raise to_remote_error(error, "opening a session", self.address) from None
+        alive = threading.Event()
+        alive.set()
+        session = _Session(first.session_id, stream, None, first.max_inline_bytes, alive,
+                           "inline")
+        self._session = session
+        threading.Thread(target=self._watch, args=(session,), daemon=True,
+                         name="tji-session-watch").start()
+        session.pool, session.transport = self._choose_transport(session, first)
+        log.info("connected to %s (worker pid %d), transport: %s", self.address,
+                 first.worker_pid, session.transport)
+        return session
+
+    def _watch(self, session: _Session) -> None:
+        try:
+            for _ in session.stream:
+                pass
+        except grpc.RpcError:
+            pass
+        session.alive.clear()
+
+    def _choose_transport(self, session: _Session, event: Any) -> tuple[Any, str]:
+        if self.requested_transport == "inline":
+            return None, "inline"
+        same_host = bool(event.boot_id) and event.boot_id == _boot_id()
+        if not same_host:
+            reason = "the worker runs on another host (different boot id)"
+        else:
+            directory = os.environ.get("TORCH_JAX_INTEROP_SHM_DIR") or event.shm_directory
+            pool = SharedMemoryPool(
+                lambda region: self._register(session, region), directory=directory,
+                min_region_bytes=8 << 20,
+            )
+            try:
+                pool.allocate(64).release()  # creates and registers a first region: a probe
+                return pool, "shared memory"
+            except (RemoteError, TransportError, OSError) as error:
+                pool.close()
+                reason = f"the worker cannot map this process's shared memory ({error})"
+        if self.requested_transport == "shm":
+            raise TransportError(f"transport='shm' is not possible: {reason}")
+        log.warning("falling back to inline bytes: %s", reason)
+        return None, "inline"
+
+    def _register(self, session: _Session, region: Any) -> tuple[int, int]:
+        response = self._rpc(self._stub.RegisterRegion, pb.RegisterRegionRequest(
+            session_id=session.id, name=region.name, size=region.size, kind=pb.SHARED_MEMORY,
+        ), "registering a shared-memory region")
+        return response.region_id, response.generation
+
+    def _current(self) -> _Session:
+        if self._closed:
+            raise RemoteError("this connection is closed")
+        with self._lock:
+            session = self._session
+            if session is None or not session.alive.is_set():
+                if session is not None:
+                    self._drop_session(session)
+                    log.warning("session with %s ended; reconnecting", self.address)
+                try:
+                    grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
+                except grpc.FutureTimeoutError:
+                    raise WorkerUnavailableError(
+                        f"worker at {self.address} is gone and did not come back within "
+                        f"{self.timeout:g} s"
+                    ) from None
+                session = self._open_session()
+            return session
+
+    def _drop_session(self, session: _Session) -> None:
+        session.alive.clear()
+        session.stream.cancel()
+        if session.pool is not None:
+            session.pool.close()
+        self._session = None
+
+    @property
+    def transport(self) -> str:
+        """``"shared memory"`` or ``"inline"``: what this session moves tensors with."""
+        return self._current().transport
+
+    # -- API ------------------------------------------------------------------------------
+
+    def functions(self) -> list[FunctionInfo]:
+        """Names, signatures and docs of the functions the worker serves."""
+        response = self._rpc(self._stub.ListFunctions, pb.ListFunctionsRequest(),
+                             "listing functions")
+        return [FunctionInfo(f.name, f.signature, f.doc, f.target) for f in response.functions]
+
+    def function(self, name: str) -> RemoteFunction:
+        """A callable running ``name`` in the worker (taking and returning torch tensors)."""
+        return RemoteFunction(self, name)
+
+    def close(self) -> None:
+        """End the session (the worker drops its mappings and residuals) and disconnect."""
+        if self._closed:
+            return
+        with self._lock:
+            if self._session is not None:
+                self._drop_session(self._session)
+            self._closed = True
+        self._channel.close()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls (used by RemoteFunction / RemoteBackend) -----------------------------------
+
+    def _flush_releases(self, session: _Session) -> None:
+        if not self._pending_release:
+            return
+        pending, self._pending_release = self._pending_release, []
+        ids = [rid for s, rid in pending if s is session]
+        if ids:
+            self._rpc(self._stub.Release, pb.ReleaseRequest(session_id=session.id,
+                                                            residual_ids=ids),
+                      "releasing residuals")
+
+    def call(self, name: str, args: tuple, kwargs: dict, *, keep_residuals: bool,
+             has_aux: bool) -> tuple[Any, Any, ResidualHandle | None]:
+        session = self._current()
+        self._flush_releases(session)
+        args_leaves, args_spec = flatten_tensors(args, f"arguments of `{name}`")
+        kwargs_leaves, kwargs_spec = flatten_tensors(kwargs, f"keyword arguments of `{name}`")
+        encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes)
+        request = pb.CallRequest(session_id=session.id, function=name,
+                                 keep_residuals=keep_residuals, has_aux=has_aux)
+        handle = None
+        try:
+            encoder.tree(args_leaves, args_spec, request.args)
+            encoder.tree(kwargs_leaves, kwargs_spec, request.kwargs)
+            key = (name, has_aux, args_spec, kwargs_spec,
+                   tuple((t.dtype, t.shape) for t in args_leaves),
+                   tuple((t.dtype, t.shape) for t in kwargs_leaves))
+            decoder = self._with_arena(session, request, self._arena_sizes.get(key, 0))
+            response = self._rpc(self._stub.Call, request, f"calling `{name}`")
+            if response.required_output_bytes:
+                decoder.finish()
+                self._arena_sizes[key] = response.required_output_bytes
+                decoder = self._with_arena(session, request, response.required_output_bytes)
+                response = self._rpc(self._stub.Call, request, f"calling `{name}`")
+            outputs = decoder.tree(response.outputs)
+            aux = decoder.tree(response.aux) if has_aux else None
+            decoder.finish()
+            if response.residual_id:
+                # The worker's residuals may view the input slices: keep them until release.
+                handle = ResidualHandle(session, response.residual_id, encoder.leases,
+                                        args, kwargs)
+                encoder.leases = []
+        finally:
+            encoder.release()
+        return outputs, aux, handle
+
+    def _with_arena(self, session: _Session, request: Any, nbytes: int) -> Decoder:
+        if session.pool is None or nbytes == 0:
+            request.ClearField("output_arena")
+            return Decoder(None)
+        arena = session.pool.allocate(nbytes)
+        request.output_arena.shm.region_id = arena.region_id
+        request.output_arena.shm.generation = arena.generation
+        request.output_arena.shm.offset = arena.offset
+        request.output_arena.shm.nbytes = arena.nbytes
+        return Decoder(arena)
+
+    def backward(self, handle: ResidualHandle, cotangents: Any, *,
+                 retain: bool) -> tuple[Any, Any]:
+        session = handle.session
+        if not session.alive.is_set() or session is not self._session:
+            raise WorkerUnavailableError(
+                "the worker session that ran this forward has ended (worker restarted?); "
+                "its residuals are gone: run the forward again"
+            )
+        leaves, spec = flatten_tensors(cotangents, "cotangents")
+        encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes)
+        request = pb.BackwardRequest(session_id=session.id, residual_id=handle.residual_id,
+                                     keep_residuals=retain)
+        try:
+            encoder.tree(leaves, spec, request.cotangents)
+            inputs, _ = flatten_tensors((handle.args, handle.kwargs), "inputs")
+            decoder = self._with_arena(session, request, arena_bytes(inputs, INLINE_THRESHOLD))
+            response = self._rpc(self._stub.Backward, request, "backward")
+            grad_args = decoder.tree(response.grad_args)
+            grad_kwargs = decoder.tree(response.grad_kwargs)
+            decoder.finish()
+        finally:
+            encoder.release()
+        if not retain:
+            handle.done = True
+            handle.drop_leases()
+        return align_grads(handle.args, grad_args), align_grads(handle.kwargs, grad_kwargs)
+
+    def release(self, handle: ResidualHandle) -> None:
+        """Queue the residuals for release (sent with the next call); safe from finalizers."""
+        if handle.done:
+            return
+        handle.done = True
+        self._pending_release.append((handle.session, handle.residual_id))
+        handle.drop_leases()
+
+
+class RemoteBackend:
+    """``VjpBackend`` of ``WrappedJaxFunction`` for a function served by a worker."""
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        self.worker = worker
+        self.name = name
+
+    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
+        outputs, aux, _ = self.worker.call(self.name, args, kwargs, keep_residuals=False,
+                                           has_aux=has_aux)
+        return outputs, aux
+
+    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
+        return self.worker.call(self.name, args, kwargs, keep_residuals=True, has_aux=has_aux)
+
+    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
+        return self.worker.backward(handle, cotangents, retain=retain)
+
+    def release(self, handle: Any) -> None:
+        self.worker.release(handle)
+
+
+class RemoteFunction:
+    """A JAX function served by a worker, called with pytrees of torch tensors.
+
+    Calling it returns new tensors (outputs in shared memory are *shared* with the pool
+    until they are garbage-collected; they are never overwritten while alive). Gradients do
+    not flow through a plain call: wrap it, ``WrappedJaxFunction(worker.function(name),
+    params)``, to train through it (forward and backward then run in the worker).
+    """
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        self.worker = worker
+        self.name = name
+        self.__name__ = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in flatten_tensors((args, kwargs), self.name)[0]
+        ):
+            from .._wrapped import apply_backend
+
+            return apply_backend(self.__torch_jax_interop_backend__(), args, kwargs)
+        outputs, _, _ = self.worker.call(self.name, args, kwargs, keep_residuals=False,
+                                         has_aux=False)
+        return outputs
+
+    def __torch_jax_interop_backend__(self) -> RemoteBackend:
+        return RemoteBackend(self.worker, self.name)
+
+    def __repr__(self) -> str:
+        return f"RemoteFunction({self.name!r} on {self.worker.address})"
+
+
+def connect(
+    address: str,
+    *,
+    timeout: float = 60.0,
+    transport: str = "auto",
+    token: str | None = None,
+    functions: Mapping[str, Callable[..., Any] | str] | None = None,
+    client_name: str = "torch-jax-interop",
+) -> Any:
+    """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
+
+    ``address``: ``unix:///path/worker.sock``, ``host:port`` (needs the worker's ``token``,
+    or ``TORCH_JAX_INTEROP_TOKEN``), or ``"inproc"`` to run ``functions`` (name -> JAX
+    callable or ``"package.module:attr"``) in this process through the zero-copy core —
+    the same API, so switching modes is one string.
+
+    ``transport``: ``"auto"`` uses shared memory when the worker can map this process's
+    segments (same host and IPC namespace) and inline bytes otherwise, logging why;
+    ``"shm"`` insists on shared memory; ``"inline"`` never uses it.
+    ``timeout`` bounds the connection and every call (deadline, seconds).
+    """
+    if address == "inproc" or address.startswith("inproc:"):
+        from ._inproc import InprocWorker
+
+        if not functions:
+            raise ValueError("connect('inproc') needs functions={name: jax_function, ...}")
+        return InprocWorker(functions)
+    if functions is not None:
+        raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
+    return Worker(address, timeout=timeout, transport=transport, token=token,
+                  client_name=client_name)
+
+
+__all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "Worker", "connect"]

@@ -1,0 +1,98 @@
+"""``connect("inproc", functions=...)``: the client API, with the functions run in-process.
+
+Tensors cross through the zero-copy DLPack core instead of a transport, so switching between
+a worker and in-process execution is one string. This module imports JAX.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import torch
+
+from ..interop_core import jax_to_torch, torch_to_jax
+from ._connect import FunctionInfo
+
+
+class InprocFunction:
+    """A JAX function called with torch tensors in this process (memory is shared)."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], target: str) -> None:
+        self.name = name
+        self.fn = fn
+        self.target = target
+        self.__name__ = name
+        self._jitted = jax.jit(fn)
+        self._backend: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in jax.tree_util.tree_leaves((args, kwargs))
+        ):
+            from .._wrapped import apply_backend
+
+            return apply_backend(self.__torch_jax_interop_backend__(), args, kwargs)
+        jax_args, jax_kwargs = torch_to_jax((args, kwargs))
+        return jax_to_torch(self._jitted(*jax_args, **jax_kwargs))
+
+    def __torch_jax_interop_backend__(self) -> Any:
+        if self._backend is None:
+            from ..interop_core._local_backend import LocalJaxBackend
+
+            self._backend = LocalJaxBackend(self.fn)
+        return self._backend
+
+    def __repr__(self) -> str:
+        return f"InprocFunction({self.name!r})"
+
+
+class InprocWorker:
+    """Same interface as ``Worker``, running the functions in this process."""
+
+    transport = "inproc"
+    address = "inproc"
+
+    def __init__(self, functions: Mapping[str, Callable[..., Any] | str]) -> None:
+        self._functions: dict[str, InprocFunction] = {}
+        for name, fn in functions.items():
+            target = ""
+            if isinstance(fn, str):
+                from ..server._server import load_function
+
+                _, fn, target = load_function(f"{name}={fn}")
+            self._functions[name] = InprocFunction(name, fn, target)
+
+    def functions(self) -> list[FunctionInfo]:
+        out = []
+        for name, f in sorted(self._functions.items()):
+            try:
+                signature = str(inspect.signature(f.fn))
+            except (TypeError, ValueError):
+                signature = "(...)"
+            doc = (inspect.getdoc(f.fn) or "").split("\n\n")[0]
+            out.append(FunctionInfo(name, signature, doc, f.target))
+        return out
+
+    def function(self, name: str) -> InprocFunction:
+        try:
+            return self._functions[name]
+        except KeyError:
+            from .._errors import FunctionNotFoundError
+
+            raise FunctionNotFoundError(
+                f"unknown function `{name}`; in-process functions: "
+                f"{', '.join(sorted(self._functions)) or 'none'}"
+            ) from None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> InprocWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,44 @@
+"""Small JAX functions for tests and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def identity(x: Any) -> Any:
+    """Returns its input (a pytree of arrays) unchanged."""
+    return x
+
+
+def add_one(x: jax.Array) -> jax.Array:
+    """``x + 1``."""
+    return x + 1
+
+
+def scale(params: jax.Array, x: jax.Array) -> jax.Array:
+    """``params * x`` (broadcasting): a one-parameter model for gradient tests."""
+    return params * x
+
+
+def mlp_apply(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """A 784-256-10 style MLP: ``relu(x @ w1 + b1) @ w2 + b2``."""
+    hidden = jax.nn.relu(x @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+def checksum(x: jax.Array) -> jax.Array:
+    """Sum of the input as float32 (for load tests that verify every byte arrived)."""
+    return jnp.sum(x.astype(jnp.float32))
+
+
+def with_aux(params: jax.Array, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Returns ``(params * x, {"norm": |x|})``: for ``has_aux=True``."""
+    return params * x, {"norm": jnp.linalg.norm(x)}
+
+
+def fails(x: jax.Array) -> jax.Array:
+    """Raises at trace time (a user error in the served function)."""
+    raise RuntimeError("this function always fails")

@@ -1,0 +1,1 @@
+"""Fallback copy of grpc.health.v1 (generated)."""

@@ -1,0 +1,216 @@
+"""Worker side of the wire codec: descriptors -> JAX arrays, JAX arrays -> descriptors.
+
+Inputs in shared memory are imported into JAX zero-copy (the slice is 64-byte aligned, so
+DLPack import needs no copy); inline inputs are copied once. Outputs are written into the
+client's output arena (one copy) or sent inline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _pytree, _wire
+from .._dtypes import BY_NAME
+from .._errors import InvalidArgumentError, ResourceExhaustedError
+from ..proto.v1 import interop_pb2 as pb
+from ..transport import check_slice, numpy_view
+from ._session import Session
+
+_NUMPY = {name: np.dtype(getattr(jnp, name)) for name in BY_NAME}
+_NUMPY_TO_NAME = {dt: name for name, dt in _NUMPY.items()}
+_NARROW = {name: info.narrow for name, info in BY_NAME.items() if info.narrow}
+
+try:
+    from jax._src.lib import _jax as _jaxlib
+    from jax._src.lib import jaxlib_extension_version as _JAXLIB_VERSION
+
+    _dlpack_to_buffer: Any = _jaxlib.dlpack_managed_tensor_to_buffer
+except Exception:  # pragma: no cover - other jaxlib versions
+    _dlpack_to_buffer = None
+    _JAXLIB_VERSION = 0
+
+
+def _x64() -> bool:
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+class Limits:
+    def __init__(self, max_tensor_bytes: int, max_inline_bytes: int) -> None:
+        self.max_tensor_bytes = max_tensor_bytes
+        self.max_inline_bytes = max_inline_bytes
+
+
+def import_numpy(array: np.ndarray) -> jax.Array:
+    """A JAX array viewing ``array``'s memory (CPU, aligned), or a copy if it cannot."""
+    if _dlpack_to_buffer is not None and array.ctypes.data % 64 == 0 and array.flags.c_contiguous:
+        device = jax.devices("cpu")[0]
+        try:
+            if _JAXLIB_VERSION >= 467:
+                return _dlpack_to_buffer(array.__dlpack__(), device, None, None, 1)
+            return _dlpack_to_buffer(array.__dlpack__(), device, None, None)
+        except Exception:
+            pass
+    return jnp.array(array)
+
+
+def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array:
+    name = _wire.dtype_name(message.dtype)
+    shape = tuple(message.shape)
+    nbytes = _wire.tensor_nbytes(name, shape, limit=limits.max_tensor_bytes)
+    location = message.WhichOneof("location")
+    if location == "inline_data":
+        data = message.inline_data
+        if len(data) != nbytes:
+            raise InvalidArgumentError(
+                f"inline tensor of shape {list(shape)} and dtype {name} needs {nbytes} bytes, "
+                f"got {len(data)}"
+            )
+        array = np.frombuffer(data, dtype=_NUMPY[name]).reshape(shape)
+    elif location == "shm":
+        where = message.shm
+        region = session.region(where.region_id, where.generation)
+        if where.nbytes != nbytes:
+            raise InvalidArgumentError(
+                f"slice holds {where.nbytes} bytes but shape {list(shape)} x {name} needs "
+                f"{nbytes}"
+            )
+        try:
+            check_slice(region.size, where.offset, where.nbytes)
+        except ValueError as error:
+            raise InvalidArgumentError(str(error)) from None
+        array = numpy_view(region.buffer, where.offset, _NUMPY[name], shape)
+    elif location == "cuda_ipc":
+        raise InvalidArgumentError(
+            "this worker has no CUDA IPC transport; send tensors in shared memory or inline"
+        )
+    else:
+        raise InvalidArgumentError("tensor has no location (shm, cuda_ipc or inline_data)")
+    narrow = _NARROW.get(name)
+    if narrow is not None and not _x64():
+        return jnp.asarray(_narrowed(array, name, narrow))
+    return import_numpy(array) if location == "shm" else jnp.array(array)
+
+
+def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
+    """Policy of Note [64-bit values with x64 off]: range-checked 32-bit copy."""
+    if BY_NAME[name].kind in "iu" and array.size:
+        info = np.iinfo(_NUMPY[narrow])
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            raise InvalidArgumentError(
+                f"{name} value {low if low < info.min else high} does not fit {narrow}, and "
+                "this worker runs with JAX's x64 mode off. Start the worker with "
+                "JAX_ENABLE_X64=1, or cast on the client."
+            )
+    return array.astype(_NUMPY[narrow])
+
+
+def decode_tree(tree: Any, session: Session, limits: Limits) -> Any:
+    spec = _wire.decode_spec(tree.nodes, len(tree.leaves))
+    return spec.unflatten([decode_tensor(leaf, session, limits) for leaf in tree.leaves])
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray))
+
+
+def flatten_outputs(value: Any) -> tuple[list[Any], _pytree.TreeSpec]:
+    """Outputs of a JAX function as (leaves, spec); leaves are arrays or None."""
+    leaves, spec = _pytree.flatten(value, is_leaf=_is_array)
+    for leaf in leaves:
+        if not _is_array(leaf):
+            raise InvalidArgumentError(
+                f"the function returned a {type(leaf).__name__} leaf; served functions must "
+                "return pytrees (tuples, lists, dicts with str keys) of arrays"
+            )
+    return leaves, spec
+
+
+def required_bytes(shapes: Any, max_inline: int) -> int:
+    """Arena bytes the outputs ``shapes`` (ShapeDtypeStructs) need beyond the inline ones."""
+    leaves = jax.tree_util.tree_leaves(shapes)
+    total = 0
+    for leaf in leaves:
+        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        if nbytes > max_inline:
+            total += _wire.align(nbytes)
+    return total
+
+
+class OutputWriter:
+    """Places output arrays into the client's arena (large) or inline (small)."""
+
+    def __init__(self, arena: Any, session: Session, inline_threshold: int, limits: Limits):
+        self.inline_threshold = inline_threshold
+        self.limits = limits
+        self.region = None
+        self.base = 0
+        self.capacity = 0
+        self.used = 0
+        self.region_id = 0
+        self.generation = 0
+        if arena is not None and arena.WhichOneof("location") == "shm":
+            where = arena.shm
+            self.region = session.region(where.region_id, where.generation)
+            try:
+                check_slice(self.region.size, where.offset, where.nbytes)
+            except ValueError as error:
+                raise InvalidArgumentError(f"output arena: {error}") from None
+            self.base, self.capacity = where.offset, where.nbytes
+            self.region_id, self.generation = where.region_id, where.generation
+
+    def write_tree(self, leaves: list[Any], spec: _pytree.TreeSpec, out: Any) -> None:
+        _wire.encode_spec(spec, out.nodes)
+        for leaf in leaves:
+            self.write(np.asarray(leaf), out.leaves.add())
+
+    def write(self, array: np.ndarray, message: Any) -> None:
+        name = _NUMPY_TO_NAME.get(array.dtype)
+        if name is None:
+            raise InvalidArgumentError(
+                f"the function returned dtype {array.dtype}, which torch cannot receive; "
+                "cast it in the function"
+            )
+        message.dtype = _wire.DTYPE_TO_ENUM[name]
+        message.shape.extend(array.shape)
+        nbytes = array.nbytes
+        if self.region is not None and nbytes > self.inline_threshold:
+            offset = _wire.align(self.used)
+            if offset + nbytes > self.capacity:
+                raise ResourceExhaustedError(
+                    f"output arena of {self.capacity} bytes is too small (the client sized it "
+                    "from an earlier call with other shapes); retry"
+                )
+            self.used = offset + nbytes
+            target = numpy_view(self.region.buffer, self.base + offset, array.dtype, array.shape)
+            np.copyto(target, array, casting="no")
+            message.shm.region_id = self.region_id
+            message.shm.generation = self.generation
+            message.shm.offset = self.base + offset
+            message.shm.nbytes = nbytes
+            return
+        if nbytes > self.limits.max_inline_bytes:
+            raise ResourceExhaustedError(
+                f"an output of {nbytes} bytes exceeds the inline limit of "
+                f"{self.limits.max_inline_bytes} bytes (--max-inline-bytes); use the "
+                "shared-memory transport (same host) for large tensors"
+            )
+        message.inline_data = np.ascontiguousarray(array).tobytes()
+
+
+def signature_key(request_args: Any, request_kwargs: Any, extra: Any) -> Any:
+    """Hashable key of a call's input signature, straight from the request messages."""
+    return (
+        tuple((n.kind, n.num_children, tuple(n.keys)) for n in request_args.nodes),
+        tuple((n.kind, n.num_children, tuple(n.keys)) for n in request_kwargs.nodes),
+        tuple((t.dtype, tuple(t.shape)) for t in request_args.leaves),
+        tuple((t.dtype, tuple(t.shape)) for t in request_kwargs.leaves),
+        extra,
+    )
+
+
+__all__ = ["Limits", "OutputWriter", "decode_tree", "flatten_outputs", "pb", "required_bytes"]

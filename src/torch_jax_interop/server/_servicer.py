@@ -1,0 +1,306 @@
+"""The ``JaxWorker`` gRPC service: sessions, regions, calls, backward, release."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import jax
+
+from .. import _pytree, _wire
+from .._errors import (
+    InteropError,
+    InvalidArgumentError,
+    RemoteError,
+    ResourceExhaustedError,
+    TransportError,
+)
+from ..proto.v1 import interop_pb2 as pb
+from ..proto.v1 import interop_pb2_grpc as pb_grpc
+from ..transport import SHM_PREFIX, SharedMemoryRegion, default_shm_dir
+from ._codec import (
+    Limits,
+    OutputWriter,
+    decode_tree,
+    flatten_outputs,
+    required_bytes,
+    signature_key,
+)
+from ._compiled import CompiledFunction, is_float0
+from ._session import Residual, Session
+
+log = logging.getLogger("torch_jax_interop.server")
+
+_TRANSPORT_NAMES = {pb.INLINE: "inline bytes", pb.SHARED_MEMORY: "shared memory",
+                    pb.CUDA_IPC: "CUDA IPC", pb.TRANSPORT_UNSPECIFIED: "unspecified"}
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class WorkerConfig:
+    """Limits and paths of one worker (the CLI flags)."""
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int = 64,
+        max_residuals: int = 1024,
+        max_regions: int = 256,
+        max_tensor_bytes: int = 4 << 30,
+        max_inline_bytes: int = 64 << 20,
+        inline_threshold: int = 64 << 10,
+        shm_dir: str | None = None,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.max_residuals = max_residuals
+        self.max_regions = max_regions
+        self.limits = Limits(max_tensor_bytes, max_inline_bytes)
+        self.inline_threshold = inline_threshold
+        self.shm_dir = shm_dir or default_shm_dir()
+
+
+def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Map the project's exceptions to gRPC status codes; the worker keeps serving."""
+
+    def wrapper(self: JaxWorkerServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        self.authorize(context)
+        try:
+            return method(self, request, context)
+        except InvalidArgumentError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except ResourceExhaustedError as error:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except _NotFound as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except (TransportError, ValueError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except (TypeError, InteropError) as error:
+            # Raised while tracing the user's function: wrong arity, dtype or shape.
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
+        except Exception as error:  # the function itself failed at run time
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class _NotFound(RemoteError):
+    pass
+
+
+class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
+    def __init__(
+        self, functions: dict[str, CompiledFunction], config: WorkerConfig,
+        token: str | None = None,
+    ) -> None:
+        self.functions = functions
+        self._token = f"Bearer {token}".encode() if token else None
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self.shutting_down = threading.Event()
+        self.hostname = socket.gethostname()
+        self.boot_id = boot_id()
+
+    def authorize(self, context: grpc.ServicerContext) -> None:
+        """TCP peers must send ``authorization: Bearer <token>``. Unix-socket peers are
+        trusted through the socket file's mode (0600: same user only)."""
+        if self._token is None or context.peer().startswith("unix"):
+            return
+        sent = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(sent.encode(), self._token):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong token: pass token=... to connect() or set "
+                "TORCH_JAX_INTEROP_TOKEN to the worker's token",
+            )
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        self.authorize(context)
+        client = f"pid {request.client_pid} on {request.client_hostname or '?'}"
+        with self._lock:
+            if len(self.sessions) >= self.config.max_sessions:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the worker is at its session cap ({self.config.max_sessions}, "
+                    "--max-sessions); close other clients or start another worker",
+                )
+            session = Session(
+                uuid.uuid4().hex, client, max_residuals=self.config.max_residuals,
+                max_regions=self.config.max_regions,
+            )
+            self.sessions[session.id] = session
+        ended = threading.Event()
+        context.add_callback(ended.set)
+        log.info("session %s opened by %s, transport: %s", session.id[:8], client,
+                 _TRANSPORT_NAMES.get(request.transport, "unspecified"))
+        try:
+            yield pb.SessionEvent(
+                session_id=session.id, worker_pid=os.getpid(), worker_hostname=self.hostname,
+                boot_id=self.boot_id, shm_directory=self.config.shm_dir,
+                max_inline_bytes=self.config.limits.max_inline_bytes,
+                max_tensor_bytes=self.config.limits.max_tensor_bytes,
+                protocol_version=_wire.PROTOCOL_VERSION, shm_prefix=SHM_PREFIX,
+            )
+            while not ended.wait(0.5):
+                if self.shutting_down.is_set():
+                    break
+        finally:
+            self.end_session(session.id)
+
+    def end_session(self, session_id: str) -> None:
+        with self._lock:
+            session = self.sessions.pop(session_id, None)
+        if session is not None:
+            session.close()
+            log.info("session %s ended: residuals and mappings dropped", session_id[:8])
+
+    def _session(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise InvalidArgumentError(
+                "unknown or ended session; open a session first (the client does this on "
+                "connect and again after a reconnect)"
+            )
+        return session
+
+    # -- regions --------------------------------------------------------------------------
+
+    @_handler
+    def RegisterRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        session = self._session(request.session_id)
+        if request.kind not in (pb.SHARED_MEMORY, pb.TRANSPORT_UNSPECIFIED):
+            raise InvalidArgumentError("this worker registers shared-memory regions only")
+        largest = self.config.limits.max_tensor_bytes * 2
+        if request.size <= 0 or request.size > largest:
+            raise ResourceExhaustedError(
+                f"region size {request.size} is outside 1..{largest} bytes (twice "
+                "--max-tensor-bytes)"
+            )
+        region = SharedMemoryRegion.attach(request.name, request.size,
+                                           directory=self.config.shm_dir)
+        region_id, generation = session.add_region(region)
+        if not session.transport_logged:
+            session.transport_logged = True
+            log.info("session %s uses shared memory in %s", session.id[:8], self.config.shm_dir)
+        return pb.RegisterRegionResponse(region_id=region_id, generation=generation)
+
+    @_handler
+    def ReleaseRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._session(request.session_id).release_region(request.region_id)
+        return pb.ReleaseRegionResponse()
+
+    # -- functions ------------------------------------------------------------------------
+
+    @_handler
+    def ListFunctions(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return pb.ListFunctionsResponse(functions=[
+            pb.FunctionInfo(name=name, signature=f.signature, doc=f.doc, target=f.target)
+            for name, f in sorted(self.functions.items())
+        ])
+
+    def _function(self, name: str) -> CompiledFunction:
+        function = self.functions.get(name)
+        if function is None:
+            available = ", ".join(sorted(self.functions)) or "none"
+            raise _NotFound(
+                f"unknown function `{name}`; this worker serves: {available}. Start the "
+                f"worker with --function {name}=package.module:attr to serve it"
+            )
+        return function
+
+    @_handler
+    def Call(self, request: Any, context: grpc.ServicerContext) -> Any:
+        session = self._session(request.session_id)
+        function = self._function(request.function)
+        limits = self.config.limits
+        args = decode_tree(request.args, session, limits)
+        kwargs = decode_tree(request.kwargs, session, limits) if request.kwargs.nodes else {}
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise InvalidArgumentError("args must be a tuple and kwargs a dict")
+        response = pb.CallResponse()
+        writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
+                              session, self.config.inline_threshold, limits)
+        if writer.region is not None or session.num_regions:
+            key = signature_key(request.args, request.kwargs, request.has_aux)
+            shapes = function.output_shapes(key, args, kwargs)
+            need = required_bytes(shapes, self.config.inline_threshold)
+            if need > writer.capacity and session.num_regions:
+                response.required_output_bytes = need
+                return response
+        if request.keep_residuals:
+            out, aux, vjp_fn = function.call_with_vjp(args, kwargs, request.has_aux)
+        else:
+            out = function.call(args, kwargs)
+            aux = None
+            if request.has_aux:
+                if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                    raise InvalidArgumentError(
+                        f"has_aux=True but `{request.function}` does not return (output, aux)"
+                    )
+                out, aux = out
+        out_leaves, out_spec = flatten_outputs(out)
+        jax.block_until_ready(out_leaves)
+        writer.write_tree(out_leaves, out_spec, response.outputs)
+        if request.has_aux:
+            aux_leaves, aux_spec = flatten_outputs(aux)
+            writer.write_tree(aux_leaves, aux_spec, response.aux)
+        if request.keep_residuals:
+            response.residual_id = session.residuals.put(
+                Residual(function, vjp_fn, request.args, request.kwargs)
+            )
+        return response
+
+    @_handler
+    def Backward(self, request: Any, context: grpc.ServicerContext) -> Any:
+        session = self._session(request.session_id)
+        residual = session.residuals.get(request.residual_id, pop=not request.keep_residuals)
+        cotangents = decode_tree(request.cotangents, session, self.config.limits)
+        grad_args, grad_kwargs = residual.function.backward(residual.vjp_fn, cotangents)
+        response = pb.BackwardResponse()
+        writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
+                              session, self.config.inline_threshold, self.config.limits)
+        for grads, out in ((grad_args, response.grad_args), (grad_kwargs, response.grad_kwargs)):
+            leaves, spec = _pytree.flatten(grads, is_leaf=lambda v: isinstance(v, jax.Array))
+            kept = [leaf for leaf in leaves if not is_float0(leaf)]
+            spec = _drop_float0(spec, leaves)
+            jax.block_until_ready(kept)
+            writer.write_tree(kept, spec, out)
+        return response
+
+    @_handler
+    def Release(self, request: Any, context: grpc.ServicerContext) -> Any:
+        session = self._session(request.session_id)
+        return pb.ReleaseResponse(released=session.residuals.release(list(request.residual_ids)))
+
+
+def _drop_float0(spec: _pytree.TreeSpec, leaves: list[Any]) -> _pytree.TreeSpec:
+    """The same structure with float0 leaves (no gradient) turned into ``None`` nodes."""
+    iterator = iter(leaves)
+
+    def rebuild(node: _pytree.TreeSpec) -> _pytree.TreeSpec:
+        if node.kind == _pytree.LEAF:
+            return _pytree.NONE_SPEC if is_float0(next(iterator)) else node
+        if not node.children:
+            return node
+        children = tuple(rebuild(child) for child in node.children)
+        return _pytree.TreeSpec(node.kind, children, node.meta,
+                                sum(c.num_leaves for c in children))
+
+    return rebuild(spec)
