@@ -30,8 +30,8 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
     functions = {}
     for spec in args.function:
-        name, fn, _target = load_function(spec)
-        functions[name] = fn
+        name, _fn, target = load_function(spec)  # fails early on a bad spec
+        functions[name] = target
     token = os.environ.get(args.token_env) if args.token_env else None
     config = WorkerConfig(
         max_sessions=args.max_sessions,

@@ -103,7 +103,7 @@ class Decoder:
 
     def __init__(self, arena: Any = None) -> None:
         self.arena = arena
-        self._base: np.ndarray | None = None
+        self._base: torch.Tensor | None = None
 
     def tree(self, message: Any) -> Any:
         if not message.nodes:
@@ -130,15 +130,18 @@ class Decoder:
             if (where.region_id != self.arena.region_id or where.nbytes != nbytes
                     or start < 0 or start + nbytes > self.arena.nbytes):
                 raise InvalidArgumentError("worker pointed an output outside the output arena")
-            base = self._arena_array()
-            return torch.from_numpy(base[start:start + nbytes]).view(dtype).reshape(shape)
+            return self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape)
         raise InvalidArgumentError(f"worker sent an output with location `{location}`")
 
-    def _arena_array(self) -> np.ndarray:
+    def _arena_tensor(self) -> torch.Tensor:
         if self._base is None:
-            self._base = self.arena.numpy(np.uint8, (self.arena.nbytes,))
-            # The slice goes back to the pool once every tensor viewing it is gone.
-            self.arena.release_when_collected(self._base)
+            array = self.arena.numpy(np.uint8, (self.arena.nbytes,))
+            # Every output is a torch view of one storage, and that storage keeps `array`
+            # alive: the slice goes back to the pool only once the last output is gone.
+            # (Slicing `array` in numpy would not do: a numpy view's base skips to the
+            # buffer's owner, so `array` could die while outputs still read the slice.)
+            self.arena.release_when_collected(array)
+            self._base = torch.from_numpy(array)
         return self._base
 
     def finish(self) -> None:

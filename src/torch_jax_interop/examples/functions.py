@@ -42,3 +42,14 @@ def with_aux(params: jax.Array, x: jax.Array) -> tuple[jax.Array, dict[str, jax.
 def fails(x: jax.Array) -> jax.Array:
     """Raises at trace time (a user error in the served function)."""
     raise RuntimeError("this function always fails")
+
+
+def slow_identity(x: jax.Array) -> jax.Array:
+    """Returns ``x`` after sleeping 2 s in the worker (for deadline and drain tests)."""
+    import time
+
+    def wait(value: Any) -> Any:
+        time.sleep(2.0)
+        return value
+
+    return jax.pure_callback(wait, jax.ShapeDtypeStruct(x.shape, x.dtype), x)

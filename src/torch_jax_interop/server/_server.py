@@ -80,7 +80,9 @@ def create_server(
         if isinstance(fn, str):
             _, fn, target = load_function(f"{name}={fn}")
         compiled[name] = CompiledFunction(name, fn, target)
-    removed = cleanup_orphans(config.shm_dir)
+    # min_age: pids in names mean nothing across PID namespaces (containers sharing only
+    # /dev/shm); a live client unlinks its names within a second of creating them.
+    removed = cleanup_orphans(config.shm_dir, min_age=60.0)
     if removed:
         log.info("removed %d shared-memory segments of dead processes", len(removed))
 
