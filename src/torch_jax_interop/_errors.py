@@ -13,7 +13,11 @@ type), the project's class derives from both, so ``except OverflowError`` and
     │                                        a 64-bit value does not fit 32 bits
     ├── DoubleBackwardError (RuntimeError)   second derivative through a wrapper
     ├── TransportError                       shared memory / CUDA IPC / inline bytes
-    │   └── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
+    │   ├── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
+    │   ├── RegionRejectedError (ValueError) a region failed the attach checks
+    │   ├── SliceOutOfBoundsError (ValueError)
+    │   │                                    a slice lies outside its region or is misaligned
+    │   └── PoolExhaustedError               the pool's ``max_total_bytes`` is reached
     └── RemoteError                          a call to a JAX worker failed
         ├── FunctionNotFoundError (LookupError)   unknown function name
         ├── InvalidArgumentError (ValueError)     bad input, descriptor or arity
@@ -60,6 +64,22 @@ class TransportError(InteropError):
 
 class SharedMemoryFullError(TransportError, OSError):
     """The shared-memory filesystem has no room for a region."""
+
+
+class RegionRejectedError(TransportError, ValueError):
+    """A shared-memory region failed the checks made before mapping it.
+
+    Bad name, not a regular file, a symbolic link, another user's file, group/other
+    permission bits, or smaller than the size it was registered with.
+    """
+
+
+class SliceOutOfBoundsError(TransportError, ValueError):
+    """A slice descriptor is negative, misaligned, or does not lie inside its region."""
+
+
+class PoolExhaustedError(TransportError):
+    """A shared-memory pool would grow past its ``max_total_bytes`` limit."""
 
 
 class RemoteError(InteropError):
