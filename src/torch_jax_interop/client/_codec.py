@@ -62,6 +62,8 @@ class Encoder:
         self.inline_threshold = inline_threshold
         self.max_inline_bytes = max_inline_bytes
         self.leases: list[Any] = []
+        self.inline_bytes = 0
+        self.shm_bytes = 0
 
     def tree(self, leaves: list[torch.Tensor], spec: _pytree.TreeSpec, out: Any) -> int:
         """Encode; returns the bytes placed in shared memory."""
@@ -81,6 +83,7 @@ class Encoder:
                     "raise the worker's --max-inline-bytes"
                 )
             message.inline_data = tensor_bytes(t)
+            self.inline_bytes += nbytes
             return 0
         lease = self.pool.allocate(nbytes)
         self.leases.append(lease)
@@ -90,6 +93,7 @@ class Encoder:
         message.shm.generation = lease.generation
         message.shm.offset = lease.offset
         message.shm.nbytes = nbytes
+        self.shm_bytes += nbytes
         return nbytes
 
     def release(self) -> None:

@@ -56,6 +56,24 @@ def _boot_id() -> str:
 
 
 @dataclass
+class TransferStats:
+    """Bytes this connection sent to the worker, by how they travelled."""
+
+    calls: int = 0
+    shared_memory_bytes: int = 0
+    inline_bytes: int = 0
+
+    def add(self, encoder: Encoder) -> None:
+        self.calls += 1
+        self.shared_memory_bytes += encoder.shm_bytes
+        self.inline_bytes += encoder.inline_bytes
+
+    def __str__(self) -> str:
+        return (f"{self.calls} calls, {self.shared_memory_bytes / 1e6:.1f} MB through shared "
+                f"memory, {self.inline_bytes / 1e6:.1f} MB inline")
+
+
+@dataclass
 class _Session:
     id: str
     stream: Any
@@ -107,6 +125,7 @@ class Worker:
         self._pending_release: list[tuple[_Session, int]] = []
         self._arena_sizes: dict[Any, int] = {}
         self._closed = False
+        self.stats = TransferStats()
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -286,6 +305,7 @@ class Worker:
             outputs = decoder.tree(response.outputs)
             aux = decoder.tree(response.aux) if has_aux else None
             decoder.finish()
+            self.stats.add(encoder)
             if response.residual_id:
                 # The worker's residuals may view the input slices: keep them until release.
                 handle = ResidualHandle(session, response.residual_id, encoder.leases,
@@ -326,6 +346,7 @@ class Worker:
             grad_args = decoder.tree(response.grad_args)
             grad_kwargs = decoder.tree(response.grad_kwargs)
             decoder.finish()
+            self.stats.add(encoder)
         finally:
             encoder.release()
         if not retain:

@@ -22,7 +22,8 @@ import torch
 from ..client import connect
 
 FUNCTION_SPEC = "torch_jax_interop.examples.mlp:apply"
-IN, HIDDEN, MID, OUT = 8, 32, 16, 1
+IN, HIDDEN, MID, OUT = 8, 128, 64, 1
+BATCH = 256  # activations of 256 x 128 float32 = 128 KiB: over the inline threshold
 
 
 def init_params_torch(seed: int) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def build_model(function: Any, seed: int) -> torch.nn.Module:
     )
 
 
-def synthetic_batch(step: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_batch(step: int, batch: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(10_000 + step)
     x = torch.randn(batch, IN, generator=g)
     y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * x[:, :1] ** 2
@@ -89,6 +90,7 @@ def train_remote(address: str, *, steps: int = 200, transport: str = "auto",
     with connect(address, timeout=timeout, transport=transport) as worker:
         print(f"connected to {address}; transport: {worker.transport}", flush=True)
         losses, _ = train(worker.function(function), steps=steps, label="remote")
+        print(f"moved: {worker.stats}", flush=True)
     print(f"remote training: {_summary(losses)}", flush=True)
     k = max(1, len(losses) // 10)
     return 0 if sum(losses[-k:]) < sum(losses[:k]) else 1
@@ -135,6 +137,7 @@ def run_local_demo(*, steps: int = 200, transport: str = "auto") -> int:
                       flush=True)
                 remote_losses, remote_state = train(worker.function("mlp"), steps=steps,
                                                     label="remote (worker process)")
+                print(f"moved: {worker.stats}", flush=True)
         finally:
             process.terminate()
             code = process.wait(timeout=60)
