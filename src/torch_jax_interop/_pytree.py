@@ -91,8 +91,8 @@ class TreeSpec:
         if self.kind == LIST:
             return f"[{inner}]"
         if self.kind == DICT:
-            keys = self.meta[0]
-            return "{" + ", ".join(f"{k!r}: {c!r}" for k, c in zip(keys, self.children)) + "}"
+            items = zip(self.meta[0], self.children, strict=True)
+            return "{" + ", ".join(f"{k!r}: {c!r}" for k, c in items) + "}"
         name = self.meta.__name__ if self.kind == NAMEDTUPLE else self.meta[0].__name__
         return f"{name}({inner})"
 
@@ -141,7 +141,8 @@ def _flatten(tree: Any, leaves: list[Any], is_leaf: Callable[[Any], bool] | None
     if isinstance(tree, (tuple, list)):
         # A subclass of tuple/list that is not a namedtuple: keep its items, lose the class.
         children = tuple(_flatten(x, leaves, is_leaf) for x in tree)
-        return TreeSpec(TUPLE if isinstance(tree, tuple) else LIST, children, None, _count(children))
+        kind = TUPLE if isinstance(tree, tuple) else LIST
+        return TreeSpec(kind, children, None, _count(children))
     leaves.append(tree)
     return LEAF_SPEC
 

@@ -63,7 +63,7 @@ try:  # jax's own from_dlpack calls this after ~25 us of Python; we call it dire
     from jax._src.lib import _jax as _jaxlib
     from jax._src.lib import jaxlib_extension_version as _JAXLIB_VERSION
 
-    _ArrayImpl: type = _jaxlib.ArrayImpl
+    _ArrayImpl: Any = _jaxlib.ArrayImpl
     _dlpack_to_buffer: Any = _jaxlib.dlpack_managed_tensor_to_buffer
     _buffer_to_dlpack: Any = _jaxlib.buffer_to_dlpack_managed_tensor
 except Exception:  # pragma: no cover - other jaxlib versions
@@ -76,8 +76,11 @@ _torch_to_dlpack: Any = getattr(torch._C, "_to_dlpack", None)
 _torch_from_dlpack: Any = getattr(torch._C, "_from_dlpack", None) or torch.from_dlpack
 
 _Tensor = torch.Tensor
-_NARROWED = frozenset(TORCH_NARROW)  # 64-bit dtypes: the fast path never sees them
+_STRIDED = torch.strided
 _SUPPORTED_TORCH = frozenset(TORCH_TO_NAME)
+# The fast path takes only supported dtypes that need no x64 decision: sub-byte and other
+# unsupported dtypes (torch.int4, float8_e8m0fnu, ...) must reach the checked path's error.
+_FAST_TORCH_DTYPES = _SUPPORTED_TORCH - frozenset(TORCH_NARROW)
 _KDL_CPU = 1
 
 
@@ -129,17 +132,20 @@ def _tensor_to_jax(t: torch.Tensor, copy: bool | None = None, device: Any = None
     if (
         copy is None
         and device is None
+        and t.layout is _STRIDED  # first: sparse tensors raise on is_contiguous()
         and t.is_cpu
-        and t.dtype not in _NARROWED
+        and t.dtype in _FAST_TORCH_DTYPES
         and not t.requires_grad
         and t.is_contiguous()
         and not (t.data_ptr() & 63)
         and not t.is_conj()
         and not t.is_neg()
-        and t.layout is torch.strided
         and _FastPaths.import_ok
     ):
-        return _import_lowlevel(t)
+        try:
+            return _import_lowlevel(t)
+        except Exception:
+            pass  # nested tensors (strided layout, no sizes): the checked path says why
     return _tensor_to_jax_checked(t, copy, device)
 
 
@@ -228,7 +234,14 @@ def _check_fits(t: torch.Tensor, narrow: torch.dtype) -> None:
     if info is None or info.kind not in "iu" or t.numel() == 0:
         return
     limits = torch.iinfo(narrow)
-    low, high = int(t.min()), int(t.max())
+    if t.dtype == torch.uint64:
+        # torch has no min/max kernels for uint64; its int64 view orders every value below
+        # 2**63 correctly and shows the ones above as negative (all of them too large).
+        low, high = (int(v) for v in torch.aminmax(t.view(torch.int64)))
+        if low < 0:
+            low, high = 0, low + 2**64
+    else:
+        low, high = (int(v) for v in torch.aminmax(t))
     if low < limits.min or high > limits.max:
         bad = low if low < limits.min else high
         raise IntegerOverflowError(
@@ -292,11 +305,45 @@ def resolve_jax_device(device: Any) -> Any:
     platform = {"cuda": "gpu", "gpu": "gpu", "rocm": "gpu", "cpu": "cpu"}.get(kind)
     if platform is None:
         raise ValueError(f"unknown device kind `{kind}`; use 'cpu', 'cuda:N' or a jax.Device")
-    for candidate in jax.local_devices(backend=platform):
+    try:
+        candidates = jax.local_devices(backend=platform)
+    except RuntimeError:
+        raise ValueError(
+            f"cannot place the array on `{device}`: JAX has no {platform} backend here "
+            f"(devices: {jax.devices()}). Install a jax with {platform} support, or pass "
+            "device=None."
+        ) from None
+    for candidate in candidates:
         hardware_id = getattr(candidate, "local_hardware_id", None)
         if (hardware_id if hardware_id is not None else candidate.id) == index:
             return candidate
     raise ValueError(f"JAX has no {platform} device with local index {index}")
+
+
+def resolve_torch_device(device: Any) -> torch.device:
+    """A torch.device from a torch.device, a string, or a jax.Device (JAX gpu N -> cuda:N)."""
+    if isinstance(device, jax.Device):
+        if device.platform == "cpu":
+            return torch.device("cpu")
+        if device.platform in ("gpu", "cuda", "rocm"):
+            hardware_id = getattr(device, "local_hardware_id", None)
+            return torch.device("cuda", hardware_id if hardware_id is not None else device.id)
+        raise ValueError(f"torch has no counterpart of the JAX device `{device}`")
+    if isinstance(device, (torch.device, str)):
+        return torch.device(device)
+    raise TypeError(f"`device` must be a torch.device, jax.Device or str, got {device!r}")
+
+
+def _same_torch_device(a: torch.device, b: torch.device) -> bool:
+    # torch.device("cpu:0") != torch.device("cpu"), yet both name the one CPU.
+    if a.type != b.type:
+        return False
+    if a.type == "cpu":
+        return True
+    index = a.index
+    if index is None and a.type == "cuda":  # "cuda" means torch's current device
+        index = torch.cuda.current_device()
+    return index == b.index
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,8 +354,12 @@ def _array_to_torch(a: Any, copy: bool | None = None, device: Any = None) -> tor
     """One array to one tensor. Shares memory unless a copy is forced or asked for."""
     if copy is None and device is None and type(a) is _ArrayImpl and _FastPaths.export_ok:
         try:
-            if a.platform() == "cpu" and len(a._arrays) == 1:
-                return _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
+            # is_deleted() first: ArrayImpl.platform() crashes the process (SIGSEGV) on a
+            # deleted or donated array in jaxlib 0.10.2.
+            if not a.is_deleted() and a.platform() == "cpu" and len(a._arrays) == 1:
+                tensor = _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
+                if tensor.dtype in _SUPPORTED_TORCH:
+                    return tensor
         except Exception:
             pass  # the checked path below says what is wrong
     return _array_to_torch_checked(a, copy, device)
@@ -324,6 +375,11 @@ def _array_to_torch_checked(a: Any, copy: bool | None, device: Any) -> torch.Ten
             "jax.vmap there is no data yet. To call torch code from traced JAX code, wrap "
             "the torch module with `torch_module_to_jax`."
         )
+    if a.is_deleted():
+        raise UnsupportedTensorError(
+            "the JAX array has been deleted (donated to a jitted call, or `.delete()`d); "
+            "convert the array before donating it, or convert the jitted call's result."
+        )
     if len(a.sharding.device_set) > 1:
         raise UnsupportedTensorError(
             f"cannot convert an array sharded over {len(a.sharding.device_set)} devices "
@@ -338,21 +394,16 @@ def _array_to_torch_checked(a: Any, copy: bool | None, device: Any) -> torch.Ten
             f"{SUPPORTED_LIST}. Cast first with `a.astype(...)` (PRNG keys: "
             "`jax.random.key_data(key)`)."
         )
-    if a.is_deleted():
-        raise UnsupportedTensorError(
-            "the JAX array has been deleted (donated to a jitted call, or `.delete()`d)."
-        )
     platform = a.platform()
     if platform == "cpu" and _FastPaths.export_ok:
         tensor = _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
     else:
         tensor = torch.from_dlpack(a)  # negotiates CUDA streams
-    target = None if device is None else torch.device(device)
-    if target is not None and target != tensor.device:
+    target = None if device is None else resolve_torch_device(device)
+    if target is not None and not _same_torch_device(target, tensor.device):
         if copy is False:
             raise CopyRequiredError(
-                f"moving the tensor to `{target}` needs a copy, but copy=False. "
-                "Pass copy=None."
+                f"moving the tensor to `{target}` needs a copy, but copy=False. Pass copy=None."
             )
         return tensor.to(target)
     if copy:
@@ -374,7 +425,9 @@ def _is_function(value: Any) -> bool:
 
 
 @overload
-def torch_to_jax(value: torch.Tensor, *, copy: bool | None = ..., device: Any = ...) -> jax.Array: ...
+def torch_to_jax(
+    value: torch.Tensor, *, copy: bool | None = ..., device: Any = ...
+) -> jax.Array: ...
 @overload
 def torch_to_jax(value: F, *, copy: bool | None = ..., device: Any = ...) -> F: ...
 @overload
@@ -412,7 +465,9 @@ def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) ->
 
 
 @overload
-def jax_to_torch(value: jax.Array, *, copy: bool | None = ..., device: Any = ...) -> torch.Tensor: ...
+def jax_to_torch(
+    value: jax.Array, *, copy: bool | None = ..., device: Any = ...
+) -> torch.Tensor: ...
 @overload
 def jax_to_torch(value: F, *, copy: bool | None = ..., device: Any = ...) -> F: ...
 @overload
@@ -430,7 +485,8 @@ def jax_to_torch(value: Any, *, copy: bool | None = None, device: Any = None) ->
     * A function is taken to be a torch function: the result takes JAX arrays, calls it with
       torch tensors and returns JAX arrays (``@jax_to_torch`` as a decorator).
 
-    ``device`` (a ``torch.device`` or string) moves the result there (a copy). Arrays on the
+    ``device`` (a ``torch.device``, ``jax.Device`` or string) moves the result there (a copy
+    when it differs; ``"cpu"`` for a CPU array is a zero-copy no-op). Arrays on the
     JAX GPU with local hardware id N become ``cuda:N`` tensors, ordered after JAX's work on
     torch's current stream. Sharded arrays, traced values, PRNG keys and sub-byte dtypes
     raise ``UnsupportedTensorError`` with what to do instead.
