@@ -57,7 +57,7 @@ def import_numpy(array: np.ndarray) -> jax.Array:
     return jnp.array(array)
 
 
-def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array:
+def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array | np.ndarray:
     name = _wire.dtype_name(message.dtype)
     shape = tuple(message.shape)
     nbytes = _wire.tensor_nbytes(name, shape, limit=limits.max_tensor_bytes)
@@ -91,8 +91,9 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array:
         raise InvalidArgumentError("tensor has no location (shm, cuda_ipc or inline_data)")
     narrow = _NARROW.get(name)
     if narrow is not None and not _x64():
-        return jnp.asarray(_narrowed(array, name, narrow))
-    return import_numpy(array) if location == "shm" else jnp.array(array)
+        return _narrowed(array, name, narrow)
+    # Inline bytes: jit takes the (read-only) numpy array as it is, faster than jnp.array.
+    return import_numpy(array) if location == "shm" else array
 
 
 def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:

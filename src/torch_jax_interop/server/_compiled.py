@@ -8,12 +8,27 @@ signature; the vjp residuals come back from the jitted forward as a ``jax.tree_u
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
 _FLOAT0 = jax.dtypes.float0
+
+
+@dataclass
+class CallPlan:
+    """Per input signature: output shapes / structure, and which outputs are inputs."""
+
+    shapes: Any
+    out_tree: Any
+    forwarded: tuple[int | None, ...]
+    arena_bytes: int | None = None  # filled in by the servicer on first use
+
+    @property
+    def all_forwarded(self) -> bool:
+        return all(i is not None for i in self.forwarded)
 
 
 class CompiledFunction:
@@ -23,14 +38,15 @@ class CompiledFunction:
         self.name = name
         self.fn = fn
         self.target = target
-        self._forward = jax.jit(lambda args, kwargs: fn(*args, **kwargs))
+        self._call_fn = lambda args, kwargs: fn(*args, **kwargs)
+        self._forward = jax.jit(self._call_fn)
 
         def vjp_forward(args: tuple, kwargs: dict, has_aux: bool) -> Any:
             return jax.vjp(lambda a, k: fn(*a, **k), args, kwargs, has_aux=has_aux)
 
         self._vjp_forward = jax.jit(vjp_forward, static_argnums=2)
         self._vjp_backward = jax.jit(lambda vjp_fn, cotangents: vjp_fn(cotangents))
-        self._output_shapes: dict[Any, Any] = {}
+        self._plans: dict[Any, CallPlan] = {}
 
     @property
     def signature(self) -> str:
@@ -43,15 +59,24 @@ class CompiledFunction:
     def doc(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n\n")[0]
 
-    def output_shapes(self, key: Any, args: tuple, kwargs: dict) -> Any:
-        """``jax.eval_shape`` of the forward, cached under ``key`` (the input signature)."""
-        shapes = self._output_shapes.get(key)
-        if shapes is None:
-            shapes = jax.eval_shape(self._forward, args, kwargs)
-            self._output_shapes[key] = shapes
-        return shapes
+    def plan(self, key: Any, args: tuple, kwargs: dict) -> CallPlan:
+        """What a call with this input signature returns, traced once and cached by ``key``."""
+        plan = self._plans.get(key)
+        if plan is None:
+            closed, shapes = jax.make_jaxpr(self._call_fn, return_shape=True)(args, kwargs)
+            position = {id(var): i for i, var in enumerate(closed.jaxpr.invars)}
+            forwarded = tuple(position.get(id(var)) for var in closed.jaxpr.outvars)
+            plan = CallPlan(shapes, jax.tree_util.tree_structure(shapes), forwarded)
+            self._plans[key] = plan
+        return plan
 
-    def call(self, args: tuple, kwargs: dict) -> Any:
+    def call(self, args: tuple, kwargs: dict, plan: CallPlan | None = None) -> Any:
+        """Run the forward. Outputs that are merely inputs passed through are returned as
+        those inputs: XLA would copy them (the whole cost of an identity function)."""
+        if plan is not None and plan.all_forwarded:
+            inputs = jax.tree_util.tree_leaves((args, kwargs))
+            return jax.tree_util.tree_unflatten(plan.out_tree,
+                                                [inputs[i] for i in plan.forwarded])
         return self._forward(args, kwargs)
 
     def call_with_vjp(self, args: tuple, kwargs: dict, has_aux: bool) -> tuple[Any, Any, Any]:

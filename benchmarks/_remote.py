@@ -1,0 +1,364 @@
+"""Group `remote`: service mode against one memcpy and a bare gRPC echo.
+
+Starts its own JAX worker and echo server as subprocesses on unix sockets in a short
+temporary directory, and stops both when the group ends (or fails). Checks that no
+``/dev/shm/tji-*`` segment it made outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import _models
+from ._processes import ServerProcess, shm_segments
+from ._suite import ERROR, OVER_LIMIT, Record, Suite, Target
+from ._timing import TimingConfig
+
+GROUP = "remote"
+ROUND_TRIP = "identity round trip"
+SMALL = "small call, 16 floats"
+MLP = "MLP 784-256-10 train step, batch 256"
+MEMCPY = "memcpy (np.copyto)"
+ECHO = "bare gRPC echo"
+LIBRARY = "library mode (WrappedJaxFunction)"
+KIB, MIB = 2**10, 2**20
+SIZES = (4 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB)
+QUICK_SIZES = (4 * KIB, 1 * MIB)
+TRANSPORTS = ("inproc", "shm", "inline")  # variants, in plot order
+TARGET_SIZE = 64 * MIB
+FUNCTIONS = {"identity": "benchmarks._models:identity", "mlp": "benchmarks._models:mlp_apply"}
+
+
+class RemoteState:
+    """Servers and connections shared by the group's cases; ``close()`` stops everything."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.ExitStack()
+        self.workers: dict[str, Any] = {}  # variant name -> connected client
+        self.errors: dict[str, str] = {}  # variant name -> why it has no connection
+        self.echo: Any = None
+        self.shm_before: set[str] = shm_segments()
+        self.directory: Path | None = None
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
+    state = RemoteState()
+    suite.resources.callback(state.close)  # a failure in any task still stops the servers
+    try:
+        from torch_jax_interop.client import connect
+    except ImportError as error:
+        connect = None
+        state.errors = {
+            variant: f"skipped: the service client is not available yet ({error})"
+            for variant in (*TRANSPORTS, "auto")
+        }
+
+    sizes = QUICK_SIZES if suite.quick else SIZES
+    work: list[tuple[str, Callable[[], None]]] = [
+        ("remote: start servers", lambda: start(suite, state, connect))
+    ]
+    for size in sizes:
+        work.append(
+            (f"remote round trip {_size_label(size)}", _bind(round_trip, suite, state, size))
+        )
+    work.append(("remote small call", lambda: small_call(suite, state)))
+    work.append(("remote MLP train step", lambda: mlp_step(suite, state)))
+    work.append(("remote: stop servers", lambda: stop(suite, state)))
+    return work
+
+
+def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    return lambda: fn(*args)
+
+
+def _size_label(nbytes: int) -> str:
+    return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // KIB} KiB"
+
+
+def start(suite: Suite, state: RemoteState, connect: Any) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="tjib-", dir="/tmp"))  # socket paths <= 107 B
+    state.directory = directory
+    state.stack.callback(shutil.rmtree, directory, True)
+
+    echo_server = ServerProcess(
+        "benchmarks._grpc_echo",
+        ["--listen", f"unix://{directory}/echo.sock"],
+        directory / "echo.ready",
+        directory / "echo.log",
+    )
+    state.stack.enter_context(echo_server)
+    from ._grpc_echo import EchoClient
+
+    state.echo = state.stack.enter_context(EchoClient(f"unix://{directory}/echo.sock"))
+
+    if connect is None:
+        return
+    functions: list[str] = []
+    for name, target in FUNCTIONS.items():
+        functions += ["--function", f"{name}={target}"]
+    address = f"unix://{directory}/w.sock"
+    worker = ServerProcess(
+        "torch_jax_interop.server",
+        ["--listen", address, "--grace", "2", *functions],
+        directory / "worker.ready",
+        directory / "worker.log",
+    )
+    try:
+        state.stack.enter_context(worker)
+    except Exception as error:
+        for variant in (*TRANSPORTS, "auto"):
+            state.errors[variant] = f"error: the worker did not start: {error}"[:400]
+        return
+    # the worker must be gone before the shm check (registered first, so it runs last)
+    state.stack.callback(_check_cleanup, suite, state, worker)
+
+    local_functions = {"identity": _models.identity, "mlp": _models.mlp_apply}
+    attempts: dict[str, Callable[[], Any]] = {
+        "inproc": lambda: connect("inproc", functions=local_functions),
+        "shm": lambda: connect(address, timeout=60.0, transport="shm"),
+        "inline": lambda: connect(address, timeout=60.0, transport="inline"),
+        "auto": lambda: connect(address, timeout=60.0),
+    }
+    for variant, open_connection in attempts.items():
+        try:
+            state.workers[variant] = state.stack.enter_context(open_connection())
+        except Exception as error:
+            state.errors[variant] = f"error: connect failed: {type(error).__name__}: {error}"[:400]
+    auto = state.workers.get("auto")
+    suite.extra.setdefault(GROUP, {})["auto_transport"] = getattr(auto, "transport", None)
+
+
+def _check_cleanup(suite: Suite, state: RemoteState, worker: ServerProcess) -> None:
+    facts = suite.extra.setdefault(GROUP, {})
+    facts["worker_exit_code"] = worker.stop()
+    left = sorted(shm_segments() - state.shm_before)
+    facts["shm_segments_left"] = left  # other engineers' tests on this machine may add some
+    if left:
+        print(f"warning: /dev/shm segments left after the remote group: {left}")
+
+
+def stop(suite: Suite, state: RemoteState) -> None:
+    state.close()
+
+
+def _is_over_limit(error: BaseException) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return any(
+        word in text for word in ("resourceexhausted", "resource_exhausted", "limit", "too large")
+    )
+
+
+def _remote_functions(
+    suite: Suite, state: RemoteState, name: str, nbytes: int, case: str
+) -> dict[str, Any]:
+    """The connected transports' `name` functions; a record says why each missing one is."""
+    functions = {}
+    for variant in (*TRANSPORTS, "auto"):
+        worker = state.workers.get(variant)
+        if worker is None:
+            if variant != "auto" or case == SMALL:
+                note = state.errors.get(variant, "skipped: no connection")
+                status = "skipped" if note.startswith("skipped") else ERROR
+                suite.add(Record(GROUP, case, variant, nbytes, status=status, note=note))
+            continue
+        try:
+            functions[variant] = worker.function(name)
+        except Exception as error:
+            suite.add(
+                Record(
+                    GROUP,
+                    case,
+                    variant,
+                    nbytes,
+                    status=ERROR,
+                    note=f"{type(error).__name__}: {error}"[:300],
+                )
+            )
+    return functions
+
+
+def _first_call(
+    suite: Suite,
+    case: str,
+    variant: str,
+    nbytes: int,
+    call: Callable[[], Any],
+    expected: Any,
+    group: str = GROUP,
+) -> bool:
+    """Call once: record an over-limit or failed transport instead of timing it."""
+    import torch
+
+    try:
+        out = call()
+    except Exception as error:
+        status = OVER_LIMIT if _is_over_limit(error) else ERROR
+        suite.add(
+            Record(
+                group,
+                case,
+                variant,
+                nbytes,
+                status=status,
+                note=f"{type(error).__name__}: {error}"[:300],
+            )
+        )
+        return False
+    if expected is not None and not (isinstance(out, torch.Tensor) and torch.equal(out, expected)):
+        suite.add(
+            Record(
+                group,
+                case,
+                variant,
+                nbytes,
+                status=ERROR,
+                note=f"wrong result: {type(out).__name__}",
+            )
+        )
+        return False
+    return True
+
+
+def _config_for(suite: Suite, nbytes: int) -> TimingConfig:
+    if nbytes >= 64 * MIB and not suite.quick:  # ~0.2-1 s per echo: fewer rounds
+        base = suite.config
+        return TimingConfig(
+            repeats=9, min_repeats=5, warmup=1, min_sample_s=base.min_sample_s, budget_s=20.0
+        )
+    return suite.config
+
+
+def round_trip(suite: Suite, state: RemoteState, nbytes: int) -> None:
+    import numpy as np
+    import torch
+
+    tensor = torch.randn(nbytes // 4)
+    source = tensor.numpy()
+    destination = np.empty_like(source)
+    payload = source.tobytes()
+    variants: dict[str, Callable[[], Any]] = {MEMCPY: lambda: np.copyto(destination, source)}
+    if state.echo is not None:
+        echo = state.echo
+        variants[ECHO] = lambda: echo(payload)
+    for variant, function in _remote_functions(
+        suite, state, "identity", nbytes, ROUND_TRIP
+    ).items():
+        if variant == "auto":
+            continue
+        if _first_call(suite, ROUND_TRIP, variant, nbytes, _bind1(function, tensor), tensor):
+            variants[variant] = _bind1(function, tensor)
+    suite.measure(
+        GROUP,
+        ROUND_TRIP,
+        nbytes,
+        variants,
+        references=(MEMCPY, ECHO),
+        config=_config_for(suite, nbytes),
+    )
+    if nbytes == TARGET_SIZE:
+        suite.compare(
+            GROUP,
+            ROUND_TRIP,
+            nbytes,
+            "shm",
+            "inline",
+            Target("<=", 0.1, "service-mode issue", "shm ≥10× faster than inline"),
+        )
+        suite.compare(
+            GROUP, ROUND_TRIP, nbytes, "shm", MEMCPY, Target("<=", 4.0, "service-mode issue")
+        )
+
+
+def _bind1(fn: Callable[[Any], Any], value: Any) -> Callable[[], Any]:
+    return lambda: fn(value)
+
+
+def small_call(suite: Suite, state: RemoteState) -> None:
+    import torch
+
+    tensor = torch.randn(16)
+    nbytes = tensor.numel() * 4
+    payload = tensor.numpy().tobytes()
+    variants: dict[str, Callable[[], Any]] = {}
+    if state.echo is not None:
+        echo = state.echo
+        variants[ECHO] = lambda: echo(payload)
+    for variant, function in _remote_functions(suite, state, "identity", nbytes, SMALL).items():
+        if _first_call(suite, SMALL, variant, nbytes, _bind1(function, tensor), tensor):
+            variants[variant] = _bind1(function, tensor)
+    suite.measure(GROUP, SMALL, nbytes, variants, references=(ECHO,))
+    target = Target("<=", 1.5, "service-mode issue")
+    suite.compare(GROUP, SMALL, nbytes, "auto" if "auto" in variants else "shm", ECHO, target)
+    for variant in TRANSPORTS:
+        if variant in variants and variant != "auto":
+            suite.compare(GROUP, SMALL, nbytes, variant, ECHO)
+
+
+def mlp_step(suite: Suite, state: RemoteState) -> None:
+    from ._autograd import make_torch_training_step, wrapped_jax_function
+
+    x_np, _ = _models.mlp_batch()
+    nbytes = x_np.nbytes
+    try:
+        wrapper_class = wrapped_jax_function()
+    except ImportError as error:
+        suite.skip(GROUP, MLP, f"skipped: {error}", variant=LIBRARY, nbytes=nbytes)
+        return
+    variants: dict[str, Callable[[], Any]] = {
+        LIBRARY: make_torch_training_step(lambda params: wrapper_class(_models.mlp_apply, params))
+    }
+    for variant in ("auto", "shm", "inline"):
+        worker = state.workers.get(variant)
+        if worker is None:
+            note = state.errors.get(variant, "skipped: no connection")
+            suite.add(
+                Record(
+                    GROUP,
+                    MLP,
+                    variant,
+                    nbytes,
+                    status="skipped" if note.startswith("skipped") else ERROR,
+                    note=note,
+                )
+            )
+            continue
+        try:
+            step = make_torch_training_step(
+                lambda params, w=worker: remote_module(w, "mlp", params)
+            )
+            step()
+        except Exception as error:
+            suite.add(
+                Record(
+                    GROUP,
+                    MLP,
+                    variant,
+                    nbytes,
+                    status=ERROR,
+                    note=f"{type(error).__name__}: {error}"[:300],
+                )
+            )
+            continue
+        variants[variant] = step
+    suite.measure(GROUP, MLP, nbytes, variants, references=(LIBRARY,))
+    suite.compare(GROUP, MLP, nbytes, "auto", LIBRARY, Target("<=", 2.0, "service-mode issue"))
+
+
+def remote_module(worker: Any, name: str, jax_params: Any) -> Any:
+    """``WrappedJaxFunction(worker.function(name), params)``: forward and backward run in
+    the worker; the parameters are torch tensors in this process."""
+    import numpy as np
+    import torch
+
+    from ._autograd import wrapped_jax_function
+
+    params = {key: torch.tensor(np.asarray(value)) for key, value in jax_params.items()}
+    return wrapped_jax_function()(worker.function(name), params)

@@ -1,0 +1,118 @@
+"""Timing: medians of repeated samples, variants interleaved, tiny calls looped.
+
+Standard library only: ``_original_runner.py`` imports this file by path from another
+virtual environment (the original torch-jax-interop's), which has none of our code.
+
+How a measurement runs (``measure``):
+
+1. every variant is called ``warmup`` times (compilation, caches, page faults);
+2. each variant is timed once to size its inner loop so that one *sample* lasts at least
+   ``min_sample_s`` (a 3 us call is looped ~300 times for a 1 ms sample; a 100 ms call is
+   not looped). A sample's value is its wall time divided by its loop count;
+3. samples are taken round-robin (variant A, B, C, A, B, C, ...), so that a burst of load
+   from the other processes on this shared machine hits every variant alike instead of
+   skewing one of them;
+4. it stops after ``repeats`` rounds, or earlier once ``budget_s`` is spent and at least
+   ``min_repeats`` rounds are in.
+
+The result per variant is the median and the 10th / 90th percentiles of the samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    repeats: int = 25
+    min_repeats: int = 5
+    warmup: int = 3
+    min_sample_s: float = 1e-3
+    budget_s: float = 8.0
+    max_loops: int = 100_000
+
+    @classmethod
+    def quick(cls) -> TimingConfig:
+        return cls(repeats=3, min_repeats=3, warmup=1, min_sample_s=1e-4, budget_s=1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "repeats": self.repeats,
+            "min_repeats": self.min_repeats,
+            "warmup": self.warmup,
+            "min_sample_s": self.min_sample_s,
+            "budget_s": self.budget_s,
+        }
+
+
+@dataclass(frozen=True)
+class Stats:
+    median_s: float
+    p10_s: float
+    p90_s: float
+    repetitions: int  # number of samples the statistics come from
+    loops: int  # calls per sample
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "median_s": self.median_s,
+            "p10_s": self.p10_s,
+            "p90_s": self.p90_s,
+            "repetitions": self.repetitions,
+            "loops": self.loops,
+        }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
+    if not sorted_values:
+        raise ValueError("no samples")
+    position = (len(sorted_values) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    fraction = position - low
+    return sorted_values[low] * (1.0 - fraction) + sorted_values[high] * fraction
+
+
+def summarize(samples: list[float], loops: int) -> Stats:
+    ordered = sorted(samples)
+    return Stats(
+        median_s=percentile(ordered, 50),
+        p10_s=percentile(ordered, 10),
+        p90_s=percentile(ordered, 90),
+        repetitions=len(ordered),
+        loops=loops,
+    )
+
+
+def _time_loop(fn: Callable[[], Any], loops: int) -> float:
+    clock = time.perf_counter_ns
+    start = clock()
+    for _ in range(loops):
+        fn()
+    return (clock() - start) / 1e9
+
+
+def measure(variants: dict[str, Callable[[], Any]], config: TimingConfig) -> dict[str, Stats]:
+    """Time each zero-argument callable; see the module docstring for the method."""
+    for fn in variants.values():
+        for _ in range(config.warmup):
+            fn()
+    loops: dict[str, int] = {}
+    for name, fn in variants.items():
+        once = max(_time_loop(fn, 1), 1e-9)
+        loops[name] = max(1, min(config.max_loops, math.ceil(config.min_sample_s / once)))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    started = time.perf_counter()
+    for round_index in range(config.repeats):
+        for name, fn in variants.items():
+            samples[name].append(_time_loop(fn, loops[name]) / loops[name])
+        spent = time.perf_counter() - started
+        if round_index + 1 >= config.min_repeats and spent > config.budget_s:
+            break
+    return {name: summarize(samples[name], loops[name]) for name in variants}
