@@ -12,7 +12,7 @@ from typing import Any
 
 from . import _pytree
 from ._dtypes import BY_NAME, DTYPE_NAMES
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentError, ResourceExhaustedError
 from .proto.v1 import interop_pb2 as pb
 
 PROTOCOL_VERSION = 1
@@ -53,13 +53,20 @@ def tensor_nbytes(dtype: str, shape: Any, *, limit: int) -> int:
     itemsize = BY_NAME[dtype].itemsize
     count = 1
     for dim in shape:
-        count *= dim
-        if count * itemsize > limit:  # stop early: a product near 2**64 never gets built
-            raise InvalidArgumentError(
-                f"tensor of shape {list(shape)} and dtype {dtype} is larger than the "
-                f"worker's limit of {limit} bytes (--max-tensor-bytes)"
-            )
-    return count * BY_NAME[dtype].itemsize
+        count *= dim  # Python ints: at most MAX_NDIM factors below 2**64, no wrap-around
+    nbytes = count * itemsize
+    if nbytes >= 2**64:
+        # Not a size limit: no uint64 byte count can describe it, so the shape is bogus.
+        raise InvalidArgumentError(
+            f"tensor of shape {list(shape)} and dtype {dtype} is larger than any tensor can "
+            "be: its byte size overflows 64 bits"
+        )
+    if nbytes > limit:
+        raise ResourceExhaustedError(
+            f"tensor of shape {list(shape)} and dtype {dtype} needs {nbytes} bytes, larger "
+            f"than the worker's limit of {limit} bytes (--max-tensor-bytes)"
+        )
+    return nbytes
 
 
 def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:

@@ -17,7 +17,7 @@ from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import cleanup_orphans
 from ._compiled import CompiledFunction
 from ._health import add_health_service
-from ._servicer import JaxWorkerServicer, WorkerConfig
+from ._servicer import JaxWorkerServicer, LenientDecoding, WorkerConfig
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -97,6 +97,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=None,
+        interceptors=[LenientDecoding()],
     )
     pb_grpc.add_JaxWorkerServicer_to_server(servicer, server)
     health = add_health_service(server)

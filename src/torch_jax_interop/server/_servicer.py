@@ -72,11 +72,58 @@ class WorkerConfig:
         self.shm_dir = shm_dir or default_shm_dir()
 
 
+_SERVICE_PREFIX = "/torch_jax_interop.v1.JaxWorker/"
+_MIN_REGION_LIMIT = 64 << 20
+
+
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a valid protobuf message.
+
+    grpcio answers a request it cannot deserialize with INTERNAL ("Exception deserializing
+    request!") and logs a traceback; a malformed request is the peer's fault, so
+    :class:`LenientDecoding` hands the servicer this object instead, and the servicer
+    answers INVALID_ARGUMENT (after the token check).
+    """
+
+    def __init__(self, method: str, error: Exception) -> None:
+        self.method = method
+        self.error = error
+
+    def abort(self, context: grpc.ServicerContext) -> None:
+        context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request to {self.method} is not a valid protobuf message of "
+            f"torch_jax_interop.v1 protocol v{_wire.PROTOCOL_VERSION} ({self.error}); "
+            "use the client of the same torch-jax-interop version as the worker",
+        )
+
+
+class LenientDecoding(grpc.ServerInterceptor):
+    """Server interceptor: undecodable JaxWorker requests become ``UndecodableRequest``."""
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        handler = continuation(details)
+        decode = getattr(handler, "request_deserializer", None)
+        if decode is None or not details.method.startswith(_SERVICE_PREFIX):
+            return handler
+        method = details.method
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as error:  # DecodeError, and anything protobuf adds later
+                return UndecodableRequest(method, error)
+
+        return handler._replace(request_deserializer=lenient)
+
+
 def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map the project's exceptions to gRPC status codes; the worker keeps serving."""
 
     def wrapper(self: JaxWorkerServicer, request: Any, context: grpc.ServicerContext) -> Any:
         self.authorize(context)
+        if isinstance(request, UndecodableRequest):
+            request.abort(context)
         try:
             return method(self, request, context)
         except InvalidArgumentError as error:
@@ -133,6 +180,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
 
     def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self.authorize(context)
+        if isinstance(request, UndecodableRequest):
+            request.abort(context)
         client = f"pid {request.client_pid} on {request.client_hostname or '?'}"
         with self._lock:
             if len(self.sessions) >= self.config.max_sessions:
@@ -187,11 +236,13 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         session = self._session(request.session_id)
         if request.kind not in (pb.SHARED_MEMORY, pb.TRANSPORT_UNSPECIFIED):
             raise InvalidArgumentError("this worker registers shared-memory regions only")
-        largest = self.config.limits.max_tensor_bytes * 2
+        # A pool region holds many tensors and is at least 8 MiB (the client's minimum):
+        # a small --max-tensor-bytes must not turn shared memory off for every client.
+        largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
         if request.size <= 0 or request.size > largest:
             raise ResourceExhaustedError(
                 f"region size {request.size} is outside 1..{largest} bytes (twice "
-                "--max-tensor-bytes)"
+                "--max-tensor-bytes, at least 64 MiB)"
             )
         region = SharedMemoryRegion.attach(request.name, request.size,
                                            directory=self.config.shm_dir)
@@ -237,17 +288,19 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         response = pb.CallResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
                               session, self.config.inline_threshold, limits)
-        if writer.region is not None or session.num_regions:
-            key = signature_key(request.args, request.kwargs, request.has_aux)
-            shapes = function.output_shapes(key, args, kwargs)
-            need = required_bytes(shapes, self.config.inline_threshold)
-            if need > writer.capacity and session.num_regions:
+        plan = function.plan(signature_key(request.args, request.kwargs, request.has_aux),
+                             args, kwargs)
+        if session.num_regions:
+            if plan.arena_bytes is None:
+                plan.arena_bytes = required_bytes(plan.shapes, self.config.inline_threshold)
+            need = plan.arena_bytes
+            if need > writer.capacity:
                 response.required_output_bytes = need
                 return response
         if request.keep_residuals:
             out, aux, vjp_fn = function.call_with_vjp(args, kwargs, request.has_aux)
         else:
-            out = function.call(args, kwargs)
+            out = function.call(args, kwargs, plan)
             aux = None
             if request.has_aux:
                 if not (isinstance(out, (tuple, list)) and len(out) == 2):
