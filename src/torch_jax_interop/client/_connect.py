@@ -280,11 +280,15 @@ class Worker:
                       "releasing residuals")
 
     def call(self, name: str, args: tuple, kwargs: dict, *, keep_residuals: bool,
-             has_aux: bool) -> tuple[Any, Any, ResidualHandle | None]:
+             has_aux: bool, flat: Any = None) -> tuple[Any, Any, ResidualHandle | None]:
+        """One forward in the worker. ``flat``: ``flatten_tensors`` of args and kwargs, when
+        the caller has it already."""
         session = self._current()
         self._flush_releases(session)
-        args_leaves, args_spec = flatten_tensors(args, f"arguments of `{name}`")
-        kwargs_leaves, kwargs_spec = flatten_tensors(kwargs, f"keyword arguments of `{name}`")
+        if flat is None:
+            flat = (flatten_tensors(args, f"arguments of `{name}`"),
+                    flatten_tensors(kwargs, f"keyword arguments of `{name}`"))
+        (args_leaves, args_spec), (kwargs_leaves, kwargs_spec) = flat
         encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes)
         request = pb.CallRequest(session_id=session.id, function=name,
                                  keep_residuals=keep_residuals, has_aux=has_aux)
@@ -400,14 +404,16 @@ class RemoteFunction:
         self.__name__ = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = (flatten_tensors(args, f"arguments of `{self.name}`"),
+                flatten_tensors(kwargs, f"keyword arguments of `{self.name}`"))
         if torch.is_grad_enabled() and any(
-            t.requires_grad for t in flatten_tensors((args, kwargs), self.name)[0]
+            t.requires_grad for t in (*flat[0][0], *flat[1][0])
         ):
             from .._wrapped import apply_backend
 
             return apply_backend(self.__torch_jax_interop_backend__(), args, kwargs)
         outputs, _, _ = self.worker.call(self.name, args, kwargs, keep_residuals=False,
-                                         has_aux=False)
+                                         has_aux=False, flat=flat)
         return outputs
 
     def __torch_jax_interop_backend__(self) -> RemoteBackend:

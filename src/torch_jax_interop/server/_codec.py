@@ -148,6 +148,7 @@ class OutputWriter:
     def __init__(self, arena: Any, session: Session, inline_threshold: int, limits: Limits):
         self.inline_threshold = inline_threshold
         self.limits = limits
+        self.session = session
         self.region = None
         self.base = 0
         self.capacity = 0
@@ -187,8 +188,10 @@ class OutputWriter:
                     "from an earlier call with other shapes); retry"
                 )
             self.used = offset + nbytes
-            target = numpy_view(self.region.buffer, self.base + offset, array.dtype, array.shape)
-            np.copyto(target, array, casting="no")
+            with self.session.writing(self.region_id, self.generation) as region:
+                target = numpy_view(region.buffer, self.base + offset, array.dtype, array.shape)
+                np.copyto(target, array, casting="no")
+                del target
             message.shm.region_id = self.region_id
             message.shm.generation = self.generation
             message.shm.offset = self.base + offset

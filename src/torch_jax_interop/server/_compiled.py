@@ -8,8 +8,8 @@ signature; the vjp residuals come back from the jitted forward as a ``jax.tree_u
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax

@@ -13,11 +13,10 @@ from typing import Any
 
 import grpc
 
-from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import cleanup_orphans
 from ._compiled import CompiledFunction
 from ._health import add_health_service
-from ._servicer import JaxWorkerServicer, LenientDecoding, WorkerConfig
+from ._servicer import JaxWorkerServicer, LenientHandlers, WorkerConfig
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -97,9 +96,8 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=None,
-        interceptors=[LenientDecoding()],
     )
-    pb_grpc.add_JaxWorkerServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((LenientHandlers(servicer),))
     health = add_health_service(server)
     bound: list[str] = []
     old_umask = os.umask(0o177)  # the unix socket file is created 0600

@@ -81,7 +81,7 @@ class UndecodableRequest:
 
     grpcio answers a request it cannot deserialize with INTERNAL ("Exception deserializing
     request!") and logs a traceback; a malformed request is the peer's fault, so
-    :class:`LenientDecoding` hands the servicer this object instead, and the servicer
+    :class:`LenientHandlers` hands the servicer this object instead, and the servicer
     answers INVALID_ARGUMENT (after the token check).
     """
 
@@ -98,23 +98,46 @@ class UndecodableRequest:
         )
 
 
-class LenientDecoding(grpc.ServerInterceptor):
-    """Server interceptor: undecodable JaxWorker requests become ``UndecodableRequest``."""
+class LenientHandlers(grpc.GenericRpcHandler):
+    """The generated JaxWorker handlers, with deserializers that never raise: undecodable
+    request bytes become ``UndecodableRequest``. Built once per method (a server
+    interceptor would do the same work on every call)."""
 
-    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
-        handler = continuation(details)
-        decode = getattr(handler, "request_deserializer", None)
-        if decode is None or not details.method.startswith(_SERVICE_PREFIX):
-            return handler
+    def __init__(self, servicer: Any) -> None:
+        captured: list[Any] = []
+
+        class _Capture:
+            def add_generic_rpc_handlers(self, handlers: Any) -> None:
+                captured.extend(handlers)
+
+            def add_registered_method_handlers(self, *args: Any) -> None:
+                pass
+
+        pb_grpc.add_JaxWorkerServicer_to_server(servicer, _Capture())
+        self._generated = captured
+        self._cache: dict[str, Any] = {}
+
+    def service(self, details: Any) -> Any:
         method = details.method
+        handler = self._cache.get(method)
+        if handler is None:
+            for generated in self._generated:
+                handler = generated.service(details)
+                if handler is not None:
+                    break
+            if handler is None:
+                return None
+            decode = handler.request_deserializer
 
-        def lenient(data: bytes) -> Any:
-            try:
-                return decode(data)
-            except Exception as error:  # DecodeError, and anything protobuf adds later
-                return UndecodableRequest(method, error)
+            def lenient(data: bytes, decode: Any = decode) -> Any:
+                try:
+                    return decode(data)
+                except Exception as error:  # DecodeError, and anything protobuf adds later
+                    return UndecodableRequest(method, error)
 
-        return handler._replace(request_deserializer=lenient)
+            handler = handler._replace(request_deserializer=lenient)
+            self._cache[method] = handler
+        return handler
 
 
 def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -323,8 +346,9 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
     @_handler
     def Backward(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
-        residual = session.residuals.get(request.residual_id, pop=not request.keep_residuals)
+        # Decode first: a malformed request is refused without consuming the residuals.
         cotangents = decode_tree(request.cotangents, session, self.config.limits)
+        residual = session.residuals.get(request.residual_id, pop=not request.keep_residuals)
         grad_args, grad_kwargs = residual.function.backward(residual.vjp_fn, cotangents)
         response = pb.BackwardResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,

@@ -8,11 +8,13 @@ the client closed it or died), the worker drops the residuals and its mappings.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +126,20 @@ class Session:
                 f"{mapped.generation}): the region was released and re-registered"
             )
         return mapped.region
+
+    @contextlib.contextmanager
+    def writing(self, region_id: int, generation: int) -> Iterator[SharedMemoryRegion]:
+        """The region, held for one output write. Generation fencing: a region released (or
+        a session ended) before the write is refused, and ``release_region`` waits for a
+        write in progress, so nothing is written into a region after it was given back."""
+        with self._lock:
+            mapped = self._regions.get(region_id)
+            if mapped is None or mapped.generation != generation:
+                raise InvalidArgumentError(
+                    f"output region {region_id} was released while the call ran; nothing was "
+                    "written to it. Keep a region registered until its calls have returned"
+                )
+            yield mapped.region
 
     def release_region(self, region_id: int) -> None:
         with self._lock:
