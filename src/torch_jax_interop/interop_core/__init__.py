@@ -3,7 +3,9 @@
 Imports both torch and JAX.
 """
 
+from .._wrapped import WrappedJaxFunction as WrappedJaxFunction
 from ._convert import jax_to_torch as jax_to_torch
 from ._convert import torch_to_jax as torch_to_jax
+from ._torch_module import torch_module_to_jax as torch_module_to_jax
 
-__all__ = ["jax_to_torch", "torch_to_jax"]
+__all__ = ["WrappedJaxFunction", "jax_to_torch", "torch_module_to_jax", "torch_to_jax"]

@@ -42,7 +42,9 @@ class CompiledFunction:
         self._forward = jax.jit(self._call_fn)
 
         def vjp_forward(args: tuple, kwargs: dict, has_aux: bool) -> Any:
-            return jax.vjp(lambda a, k: fn(*a, **k), args, kwargs, has_aux=has_aux)
+            if has_aux:
+                return jax.vjp(lambda a, k: fn(*a, **k), args, kwargs, has_aux=True)
+            return jax.vjp(lambda a, k: fn(*a, **k), args, kwargs)
 
         self._vjp_forward = jax.jit(vjp_forward, static_argnums=2)
         self._vjp_backward = jax.jit(lambda vjp_fn, cotangents: vjp_fn(cotangents))
@@ -76,7 +78,7 @@ class CompiledFunction:
         if plan is not None and plan.all_forwarded:
             inputs = jax.tree_util.tree_leaves((args, kwargs))
             return jax.tree_util.tree_unflatten(plan.out_tree,
-                                                [inputs[i] for i in plan.forwarded])
+                                                [inputs[i or 0] for i in plan.forwarded])
         return self._forward(args, kwargs)
 
     def call_with_vjp(self, args: tuple, kwargs: dict, has_aux: bool) -> tuple[Any, Any, Any]:

@@ -1,0 +1,435 @@
+"""``WrappedJaxFunction``: a JAX function with learnable parameters, as a ``torch.nn.Module``.
+
+This module imports torch only, never JAX: a torch process without JAX wraps a remote
+function (``WrappedJaxFunction(worker.function("mlp"), params)``) with the same class. The
+JAX side is a *backend* (the ``VjpBackend`` protocol below): ``LocalJaxBackend`` runs the
+function in this process; a remote function supplies its own backend through a
+``__torch_jax_interop_backend__()`` method.
+
+# Note [Residuals and the torch graph]
+
+With gradients on, the forward pass runs ``jax.vjp`` and the backend keeps the residuals
+under a handle. The handle lives in a ``_Residuals`` object stored on the autograd node's
+``ctx``, so it lives exactly as long as the torch graph does:
+
+* ``backward`` without ``retain_graph`` asks the backend to free the residuals
+  (``retain=False``); with ``retain_graph=True`` they stay for the next backward;
+* a graph dropped without (another) backward frees the ``ctx``, whose ``_Residuals``
+  finalizer calls ``backend.release(handle)`` (cheap: a remote backend only queues the id);
+* under ``torch.no_grad()``, or when no parameter or input requires grad, the backend runs
+  the plain function and keeps nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ._errors import DoubleBackwardError
+from ._pytree import DATACLASS, DICT, LEAF, LEAF_SPEC, NONE, TreeSpec, flatten
+
+__all__ = ["VjpBackend", "WrappedJaxFunction"]
+
+_Tensor = torch.Tensor
+_is_grad_enabled = torch.is_grad_enabled
+_keep_graph: Callable[[], bool] = getattr(
+    torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
+)
+
+
+@runtime_checkable
+class VjpBackend(Protocol):
+    """Where a wrapped JAX function runs: in this process, or in a JAX worker.
+
+    ``args`` is ``(params, *user_args)``; the function is called as
+    ``jax_function(params, *user_args, **kwargs)``. Pytrees hold torch tensors; a backend
+    may differentiate only the tensors that have ``requires_grad`` set.
+    """
+
+    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
+        """Run without keeping residuals; return ``(outputs, aux or None)`` (torch)."""
+        ...
+
+    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
+        """Run and keep residuals; return ``(outputs, aux or None, handle)``."""
+        ...
+
+    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
+        """Cotangents shaped like the outputs -> ``(grad_args, grad_kwargs)``.
+
+        Gradients are torch tensors, or ``None`` where a leaf has none. With
+        ``retain=False`` the residuals may be freed.
+        """
+        ...
+
+    def release(self, handle: Any) -> None:
+        """The torch graph was freed without (another) backward: drop the residuals.
+
+        Called from a finalizer: must be cheap and must not raise.
+        """
+        ...
+
+
+def _select_backend(jax_function: Any) -> VjpBackend:
+    provider = getattr(jax_function, "__torch_jax_interop_backend__", None)
+    if provider is not None:
+        return provider()  # type: ignore[no-any-return]
+    from .interop_core._local_backend import LocalJaxBackend  # imports jax
+
+    return LocalJaxBackend(jax_function)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters: a pytree of arrays becomes nested modules with readable state_dict keys
+
+
+class ParameterTree(torch.nn.Module):
+    """Holds the wrapped function's parameters; one child module per pytree level.
+
+    Keys come from the pytree paths (dict keys, sequence indices, dataclass fields), so a
+    Flax-style ``{"params": {"Dense_0": {"kernel": k}}}`` gives the state_dict key
+    ``params.params.Dense_0.kernel``, and a single array gives ``params.0``. ``tree[key]``
+    returns a child or a parameter.
+    """
+
+    def __getitem__(self, key: Any) -> Any:
+        return getattr(self, _attribute_name(key))
+
+
+_BAD_CHARS = re.compile(r"[.\s]")
+
+
+def _attribute_name(key: Any) -> str:
+    name = _BAD_CHARS.sub("_", str(key)) or "_"
+    if hasattr(torch.nn.Module, name):  # `training`, `forward`, `to`, ... would clash
+        name += "_"
+    return name
+
+
+def _leaf_paths(spec: TreeSpec, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """One path of attribute names per leaf, in ``flatten`` order."""
+    kind = spec.kind
+    if kind == LEAF:
+        return [prefix]
+    if kind == NONE:
+        return []
+    if kind == DICT:
+        keys = spec.meta[0]
+    elif kind == DATACLASS:
+        keys = spec.meta[1]
+    else:
+        keys = range(len(spec.children))
+    paths: list[tuple[str, ...]] = []
+    for key, child in zip(keys, spec.children, strict=True):
+        paths.extend(_leaf_paths(child, (*prefix, _attribute_name(key))))
+    return paths
+
+
+def _as_tensor(leaf: Any, clone: bool) -> torch.Tensor:
+    if isinstance(leaf, _Tensor):
+        leaf = leaf.detach()
+        return leaf.clone() if clone else leaf
+    if hasattr(leaf, "__dlpack__") and type(leaf).__module__.startswith(("jax", "jaxlib")):
+        from .interop_core._convert import _array_to_torch  # imports jax
+
+        return _array_to_torch(leaf, copy=True if clone else None)
+    return torch.as_tensor(leaf).clone()
+
+
+# ---------------------------------------------------------------------------------------
+# The autograd function
+
+
+class _Residuals:
+    """Owns a backend handle; releases it when the torch graph is freed. See the Note."""
+
+    __slots__ = ("backend", "handle")
+
+    def __init__(self, backend: VjpBackend, handle: Any) -> None:
+        self.backend = backend
+        self.handle = handle
+
+    def __del__(self) -> None:
+        handle = self.handle
+        if handle is not None:
+            self.handle = None
+            try:
+                self.backend.release(handle)
+            except Exception:  # pragma: no cover - never raise from a finalizer
+                pass
+
+
+class _Call:
+    """One forward call: how to rebuild the arguments from the flat tensors, and back."""
+
+    __slots__ = (
+        "aux",
+        "backend",
+        "has_aux",
+        "in_spec",
+        "leaves",
+        "num_params",
+        "out_spec",
+        "params_spec",
+        "tensor_positions",
+    )
+
+    def __init__(
+        self,
+        backend: VjpBackend,
+        has_aux: bool,
+        params_spec: TreeSpec,
+        num_params: int,
+        in_spec: TreeSpec,
+        leaves: list[Any],
+        tensor_positions: list[int],
+    ) -> None:
+        self.backend = backend
+        self.has_aux = has_aux
+        self.params_spec = params_spec
+        self.num_params = num_params
+        self.in_spec = in_spec
+        self.leaves = leaves
+        self.tensor_positions = tensor_positions
+        self.out_spec: TreeSpec = LEAF_SPEC
+        self.aux: Any = None
+
+    def arguments(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
+        num_params = self.num_params
+        params = self.params_spec.unflatten(tensors[:num_params])
+        leaves = self.leaves
+        for position, tensor in zip(self.tensor_positions, tensors[num_params:], strict=True):
+            leaves[position] = tensor
+        user_args, kwargs = self.in_spec.unflatten(leaves)
+        return (params, *user_args), kwargs
+
+    def input_gradients(self, grad_args: Any, grad_kwargs: Any) -> list[Any]:
+        if grad_args is None:
+            return [None] * (self.num_params + len(self.tensor_positions))
+        grads = _leaves_like(self.params_spec, grad_args[0])
+        user = _leaves_like(self.in_spec, (tuple(grad_args[1:]), grad_kwargs))
+        grads.extend(user[i] for i in self.tensor_positions)
+        return grads
+
+
+def _leaves_like(spec: TreeSpec, tree: Any) -> list[Any]:
+    """The leaves of ``tree`` at the leaf positions of ``spec``; ``None`` subtrees -> None."""
+    kind = spec.kind
+    if kind == LEAF:
+        return [tree]
+    if tree is None:
+        return [None] * spec.num_leaves
+    if kind == NONE:
+        return []
+    if kind == DICT:
+        children = [tree.get(key) for key in spec.meta[0]]
+    elif kind == DATACLASS:
+        children = [getattr(tree, name, None) for name in spec.meta[1]]
+    else:
+        children = list(tree)
+    out: list[Any] = []
+    for child_spec, child in zip(spec.children, children, strict=True):
+        out.extend(_leaves_like(child_spec, child))
+    return out
+
+
+class _JaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        args, kwargs = call.arguments(tensors)
+        outputs, aux, handle = call.backend.call_with_vjp(args, kwargs, has_aux=call.has_aux)
+        ctx.call = call
+        ctx.residuals = _Residuals(call.backend, handle)
+        # for create_graph only (see backward); a plain reference, not a saved tensor
+        ctx.anchor = next((t for t in tensors if t.requires_grad), None)
+        call.aux = aux
+        if isinstance(outputs, _Tensor):
+            flat = [outputs]
+        else:
+            flat, call.out_spec = flatten(outputs)
+        frozen = [
+            t
+            for t in flat
+            if isinstance(t, _Tensor) and not (t.is_floating_point() or t.is_complex())
+        ]
+        if frozen:
+            ctx.mark_non_differentiable(*frozen)
+        return tuple(flat)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        call: _Call = ctx.call
+        residuals: _Residuals = ctx.residuals
+        handle = residuals.handle
+        if handle is None:
+            raise RuntimeError(
+                "Trying to backward through a WrappedJaxFunction a second time, but its "
+                "residuals were freed after the first backward. Specify retain_graph=True "
+                "on the first backward call if you need to backward twice."
+            )
+        retain = _keep_graph()
+        create_graph = _is_grad_enabled()
+        tree = call.out_spec.unflatten(cotangents)
+        if create_graph:
+            with torch.no_grad():
+                grad_args, grad_kwargs = call.backend.backward(handle, tree, retain=retain)
+        else:
+            grad_args, grad_kwargs = call.backend.backward(handle, tree, retain=retain)
+        if not retain:
+            residuals.handle = None
+        grads = call.input_gradients(grad_args, grad_kwargs)
+        if create_graph:
+            # The gradients are constants to torch; tie them to the inputs so that
+            # differentiating them again reaches a node that says why it cannot work.
+            anchor = ctx.anchor
+            if anchor is not None:
+                grads = [None if g is None else _NoSecondDerivative.apply(g, anchor) for g in grads]
+        return (None, *grads)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity whose backward raises: marks first-order gradients of a wrapped function."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx: Any, _: torch.Tensor) -> Any:  # type: ignore[override]
+        raise DoubleBackwardError(
+            "WrappedJaxFunction supports first derivatives only: the gradient it returns "
+            "cannot be differentiated again (double backward, e.g. a gradient penalty "
+            "through `create_graph=True`). Compute higher derivatives inside the JAX "
+            "function (jax.grad / jax.hessian) and return them as outputs."
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The module
+
+
+class WrappedJaxFunction(torch.nn.Module):
+    """A JAX function ``f(params, *args, **kwargs)`` as a module whose parameters are torch's.
+
+    ``jax_params`` (a single array, or a pytree of arrays: lists, tuples, dicts, Flax-style
+    nested variables) becomes torch ``Parameter`` s under ``self.params`` with keys from the
+    pytree paths: ``state_dict()`` gives ``params.0`` for a single array and readable nested
+    keys (``params.dense.kernel``) for dicts. Integer leaves become buffers.
+
+    Memory: with ``clone_params=False`` (the default) each parameter **shares memory** with
+    the JAX array it came from (DLPack), so a torch optimiser's in-place update is visible
+    through that array too; pass ``clone_params=True`` to own fresh copies. On every call
+    the parameters and tensor arguments reach JAX zero-copy where their layout allows, and
+    the outputs share the buffers JAX produced.
+
+    ``forward(*args, **kwargs)`` takes pytrees of tensors (other leaves are passed to JAX
+    as static, hashable values) and returns the function's output pytree with every
+    floating-point output differentiable. With ``has_aux=True`` the function returns
+    ``(output, aux)`` and so does ``forward``; ``aux`` carries no gradient.
+
+    Gradients flow to parameters and to inputs that require grad through a jitted
+    ``jax.vjp`` compiled once per input signature. Under ``torch.no_grad()`` (or when
+    nothing requires grad) no residuals are kept. Second derivatives raise
+    ``DoubleBackwardError``.
+    """
+
+    def __init__(
+        self,
+        jax_function: Callable[..., Any],
+        jax_params: Any,
+        has_aux: bool = False,
+        clone_params: bool = False,
+    ) -> None:
+        super().__init__()
+        self.jax_function = jax_function
+        self.has_aux = has_aux
+        self.backend: VjpBackend = _select_backend(jax_function)
+        leaves, spec = flatten(jax_params)
+        paths = _leaf_paths(spec) if spec.kind != LEAF else [("0",)]
+        self.params = ParameterTree()
+        slots: list[tuple[dict[str, Any], str]] = []
+        for path, leaf in zip(paths, leaves, strict=True):
+            tensor = _as_tensor(leaf, clone_params)
+            owner = self.params
+            for name in path[:-1]:
+                child = owner._modules.get(name)
+                if child is None:
+                    child = ParameterTree()
+                    owner.register_module(name, child)
+                owner = child  # type: ignore[assignment]
+            name = path[-1]
+            if tensor.is_floating_point() or tensor.is_complex():
+                owner.register_parameter(name, torch.nn.Parameter(tensor))
+                slots.append((owner._parameters, name))
+            else:
+                owner.register_buffer(name, tensor)
+                slots.append((owner._buffers, name))
+        # The dicts are stable: `.to()`, `load_state_dict` and optimisers update their
+        # entries (or the tensors in place), so reading through them sees every update.
+        self._slots = slots
+        self._params_spec = spec
+        self._arg_specs: dict[int, TreeSpec] = {}
+
+    def parameter_tree(self) -> Any:
+        """The current parameters, as a pytree shaped like ``jax_params`` (torch tensors)."""
+        return self._params_spec.unflatten([d[name] for d, name in self._slots])
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return _run_outside_dynamo(self, args, kwargs)
+        return self._run(args, kwargs)
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        params = [d[name] for d, name in self._slots]
+        if not kwargs and all(isinstance(a, _Tensor) for a in args):
+            # fast path: only tensor arguments
+            spec = self._arg_specs.get(len(args))
+            if spec is None:
+                spec = flatten((args, {}))[1]
+                self._arg_specs[len(args)] = spec
+            leaves: list[Any] = list(args)
+            tensor_positions = list(range(len(args)))
+            user_tensors = leaves
+        else:
+            leaves, spec = flatten((args, kwargs))
+            tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tensor)]
+            user_tensors = [leaves[i] for i in tensor_positions]
+
+        if not (
+            _is_grad_enabled()
+            and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
+        ):
+            outputs, aux = self.backend.call(
+                (self._params_spec.unflatten(params), *args), kwargs, has_aux=self.has_aux
+            )
+            return (outputs, aux) if self.has_aux else outputs
+
+        call = _Call(
+            self.backend,
+            self.has_aux,
+            self._params_spec,
+            len(params),
+            spec,
+            list(leaves),
+            tensor_positions,
+        )
+        flat = _JaxFunction.apply(call, *params, *user_tensors)
+        outputs = call.out_spec.unflatten(flat)
+        return (outputs, call.aux) if self.has_aux else outputs
+
+    def extra_repr(self) -> str:
+        name = getattr(self.jax_function, "__qualname__", None) or repr(self.jax_function)
+        return f"jax_function={name}, has_aux={self.has_aux}"
+
+
+def _run_outside_dynamo(module: WrappedJaxFunction, args: tuple, kwargs: dict) -> Any:
+    return module._run(args, kwargs)
+
+
+# torch.compile: dynamo must not trace into JAX; it graph-breaks around this call instead.
+# `torch._disable_dynamo` imports torch._dynamo only when first called (under compile, where
+# it is already imported), so importing this module stays cheap.
+_run_outside_dynamo = torch._disable_dynamo(_run_outside_dynamo)  # type: ignore[attr-defined]
