@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "torch_to_jax": "torch_jax_interop.interop_core",
     "jax_to_torch": "torch_jax_interop.interop_core",
-    "WrappedJaxFunction": "torch_jax_interop.interop_core",
+    "WrappedJaxFunction": "torch_jax_interop._wrapped",  # torch only: usable without jax
     "torch_module_to_jax": "torch_jax_interop.interop_core",
 }
 

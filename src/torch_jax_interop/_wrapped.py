@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ._errors import DoubleBackwardError
-from ._pytree import DATACLASS, DICT, LEAF, LEAF_SPEC, NONE, TreeSpec, flatten
+from ._pytree import DATACLASS, DICT, LEAF, LEAF_SPEC, NONE, NONE_SPEC, TreeSpec, flatten
 
 __all__ = ["VjpBackend", "WrappedJaxFunction"]
 
@@ -433,3 +433,41 @@ def _run_outside_dynamo(module: WrappedJaxFunction, args: tuple, kwargs: dict) -
 # `torch._disable_dynamo` imports torch._dynamo only when first called (under compile, where
 # it is already imported), so importing this module stays cheap.
 _run_outside_dynamo = torch._disable_dynamo(_run_outside_dynamo)  # type: ignore[attr-defined]
+
+
+class _WithoutParams:
+    """Adapts a backend of ``f(*args, **kwargs)`` to the ``(params, *args)`` calling
+    convention of ``_JaxFunction`` (params are ``None`` here)."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: VjpBackend) -> None:
+        self.backend = backend
+
+    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
+        return self.backend.call(args[1:], kwargs, has_aux=has_aux)
+
+    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
+        return self.backend.call_with_vjp(args[1:], kwargs, has_aux=has_aux)
+
+    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
+        grad_args, grad_kwargs = self.backend.backward(handle, cotangents, retain=retain)
+        return (None, *(grad_args or ())), grad_kwargs
+
+    def release(self, handle: Any) -> None:
+        self.backend.release(handle)
+
+
+def apply_backend(backend: VjpBackend, args: tuple, kwargs: dict, *,
+                  has_aux: bool = False) -> Any:
+    """Call ``f(*args, **kwargs)`` through ``backend`` with torch autograd: gradients flow to
+    every input tensor that requires grad (the function has no parameters of its own).
+
+    What ``worker.function(name)(x)`` does when ``x`` requires grad.
+    """
+    leaves, spec = flatten((args, kwargs))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tensor)]
+    call = _Call(_WithoutParams(backend), has_aux, NONE_SPEC, 0, spec, list(leaves), positions)
+    flat = _JaxFunction.apply(call, *(leaves[i] for i in positions))
+    outputs = call.out_spec.unflatten(flat)
+    return (outputs, call.aux) if has_aux else outputs

@@ -1,0 +1,34 @@
+"""Counts behind the README's Reliability table, written by the reliability tests.
+
+Each test module records its figures under its own key in ``.cache/reliability.json`` (at the
+repository root, git-ignored), together with the command line that produced them, so the
+table can be refreshed from a test run: ``cat .cache/reliability.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PATH = Path(__file__).resolve().parents[2] / ".cache" / "reliability.json"
+
+
+def record(section: str, **counts: Any) -> None:
+    """Merge ``counts`` into the JSON file under ``section`` (replacing the old entry)."""
+    PATH.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(PATH.read_text())
+    except (FileNotFoundError, ValueError):
+        data = {}
+    data[section] = {
+        **counts,
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    tmp = PATH.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, PATH)
