@@ -28,7 +28,8 @@ def ensure_tool() -> None:
         return
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "--no-compile", "--no-warn-conflicts", "--upgrade", "--target", str(TOOL_DIR), GRPCIO_TOOLS],
+         "--no-compile", "--no-warn-conflicts", "--upgrade", "--target", str(TOOL_DIR),
+         GRPCIO_TOOLS],
         check=True,
     )
     marker.write_text(GRPCIO_TOOLS)
