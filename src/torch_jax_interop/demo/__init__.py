@@ -10,6 +10,7 @@ trainer (torch only: the docker trainer image has no JAX).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,8 +93,14 @@ def train_remote(address: str, *, steps: int = 200, transport: str = "auto",
         losses, _ = train(worker.function(function), steps=steps, label="remote")
         print(f"moved: {worker.stats}", flush=True)
     print(f"remote training: {_summary(losses)}", flush=True)
+    if not all(math.isfinite(loss) for loss in losses):
+        print("error: the loss is not finite", file=sys.stderr)
+        return 1
     k = max(1, len(losses) // 10)
-    return 0 if sum(losses[-k:]) < sum(losses[:k]) else 1
+    if steps >= 50 and sum(losses[-k:]) >= sum(losses[:k]):
+        print("error: the loss did not fall", file=sys.stderr)  # a few steps are noise
+        return 1
+    return 0
 
 
 def _our_segments() -> set[str]:
