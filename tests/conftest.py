@@ -118,3 +118,107 @@ def _jax_config_unchanged() -> Iterator[None]:
     yield
     after = {name: config.values.get(name) for name in _WATCHED_JAX_FLAGS}
     assert after == before, "the test changed JAX's global config and did not restore it"
+
+
+# -- Cleanup check after the whole run (issue 5, item 6) ---------------------------------
+# No shared-memory segment with the project's prefix and no worker process started by this
+# run may outlive it, kill tests included. Other runs share the machine, so only this run's
+# leftovers count: processes below this pytest process or in its process group, and
+# segments that appeared since the run started and were made by one of those processes or
+# by a process that is gone (what a SIGKILLed owner would leak).
+
+_CLEANUP: dict[str, Any] = {}
+_SEGMENT_NAME = r"tji-([1-9][0-9]{0,9})-[0-9a-f]{16}"
+
+
+def _shm_entries() -> dict[str, float]:
+    """``path -> ctime`` of every project-prefixed entry in the shared-memory directories."""
+    import re
+
+    found: dict[str, float] = {}
+    for directory in {"/dev/shm", os.environ.get("TORCH_JAX_INTEROP_SHM_DIR") or "/dev/shm"}:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if re.fullmatch(_SEGMENT_NAME, name):
+                path = os.path.join(directory, name)
+                try:
+                    found[path] = os.lstat(path).st_ctime
+                except FileNotFoundError:
+                    pass
+    return found
+
+
+def _processes() -> dict[int, tuple[int, int, str, str]]:
+    """``pid -> (ppid, process group, state, command line)`` from /proc."""
+    table: dict[int, tuple[int, int, str, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0], command)
+    return table
+
+
+def _leftovers() -> list[str]:
+    table = _processes()
+    me, group = os.getpid(), os.getpgid(0)
+    ours = {pid for pid, (_, pgid, _, _) in table.items() if pgid == group} | {me}
+    grew = True
+    while grew:  # descendants, also those that moved to a process group of their own
+        below = {pid for pid, (ppid, _, _, _) in table.items() if ppid in ours}
+        grew = not below <= ours
+        ours |= below
+    problems = []
+    for pid in sorted(ours - {me}):
+        _, _, state, command = table[pid]
+        if state not in "ZX" and ("torch_jax_interop.server" in command
+                                  or "torch-jax-interop worker" in command):
+            problems.append(f"worker process {pid} is still running: {command.strip()}")
+    for path, ctime in sorted(_shm_entries().items()):
+        if path in _CLEANUP["before"]:
+            continue
+        owner = int(os.path.basename(path).split("-")[1])
+        alive = owner in table and table[owner][2] not in "ZX"
+        if owner in ours or (not alive and ctime >= _CLEANUP["start"] - 1):
+            problems.append(f"{path} is left behind (owner pid {owner}, "
+                            f"{'still running' if alive else 'gone'})")
+    return problems
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if sys.platform.startswith("linux"):
+        import time
+
+        _CLEANUP["start"] = time.time()
+        _CLEANUP["before"] = set(_shm_entries())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when it leaves a worker process or a shared-memory segment behind."""
+    if "start" not in _CLEANUP:
+        return
+    import time
+
+    deadline = time.monotonic() + 15  # a worker still draining, a finalizer still running
+    while (problems := _leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    if not problems:
+        return
+    text = "\n".join(["this test run left processes or shared memory behind:", *problems])
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_sep("=", "cleanup check failed", red=True)
+        reporter.write_line(text)
+    else:
+        print(text, file=sys.stderr)
+    if session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

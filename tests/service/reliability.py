@@ -17,6 +17,12 @@ from typing import Any
 PATH = Path(__file__).resolve().parents[2] / ".cache" / "reliability.json"
 
 
+def _command() -> str:
+    if sys.argv and sys.argv[0].endswith(("pytest", os.path.join("pytest", "__main__.py"))):
+        return " ".join(["python -m pytest", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def record(section: str, **counts: Any) -> None:
     """Merge ``counts`` into the JSON file under ``section`` (replacing the old entry)."""
     PATH.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +32,7 @@ def record(section: str, **counts: Any) -> None:
         data = {}
     data[section] = {
         **counts,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "command": _command(),
         "recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     tmp = PATH.with_suffix(f".{os.getpid()}.tmp")

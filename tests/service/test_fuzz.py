@@ -213,6 +213,7 @@ u64 = st.one_of(st.sampled_from(BOUNDARY), st.integers(0, 2**64 - 1),
 small_dim = st.sampled_from([0, 1, 2, 3, 16])
 shapes = st.one_of(
     st.lists(small_dim, max_size=3),
+    st.lists(small_dim, max_size=3),
     st.lists(st.one_of(small_dim, u64), max_size=4),
     st.lists(st.sampled_from([1, 2]), min_size=MAX_NDIM - 1, max_size=MAX_NDIM + 3),
 )

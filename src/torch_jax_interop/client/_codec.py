@@ -36,15 +36,16 @@ def flatten_tensors(tree: Any, what: str) -> tuple[list[torch.Tensor], _pytree.T
     return leaves, spec
 
 
-def prepare(t: torch.Tensor) -> torch.Tensor:
-    """A detached, dense, CPU, C-contiguous tensor with no conj/neg bit, ready to ship."""
+def prepare(t: torch.Tensor, *, keep_device: bool = False) -> torch.Tensor:
+    """A detached, dense, CPU (or, with ``keep_device``, same-device), C-contiguous tensor
+    with no conj/neg bit, ready to ship."""
     if t.dtype not in TORCH_TO_NAME:
         raise TypeError(f"dtype `{t.dtype}` cannot be sent; supported: {', '.join(DTYPE_NAMES)}")
     if t.layout is not torch.strided:
         raise TypeError(f"cannot send a tensor with layout `{t.layout}`; call .to_dense()")
     t = t.detach()
-    if not t.is_cpu:
-        t = t.cpu()  # CUDA tensors cross through host memory until the CUDA IPC transport
+    if not t.is_cpu and not keep_device:
+        t = t.cpu()  # the host path for CUDA tensors (no CUDA IPC with this worker)
     return t.resolve_conj().resolve_neg().contiguous()
 
 
@@ -57,20 +58,38 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 class Encoder:
     """Fills ``Tree`` messages; large tensors go to pool slices kept in ``leases``."""
 
-    def __init__(self, pool: Any, inline_threshold: int, max_inline_bytes: int) -> None:
+    def __init__(self, pool: Any, inline_threshold: int, max_inline_bytes: int, *,
+                 cuda: Any = None) -> None:
         self.pool = pool
         self.inline_threshold = inline_threshold
         self.max_inline_bytes = max_inline_bytes
         self.leases: list[Any] = []
         self.inline_bytes = 0
         self.shm_bytes = 0
+        # CUDA IPC (transport/_cuda_ipc.py): the session's CudaIpcChannel, or None.
+        self.cuda = cuda
+        self.cuda_ipc_bytes = 0
+        self.cuda_pool: Any = None  # pool of the first CUDA IPC input: the output arena's
+        self.device: torch.device | None = None  # first CUDA input's device: outputs go there
+        self._unsynced: list[torch.device] = []
 
     def tree(self, leaves: list[torch.Tensor], spec: _pytree.TreeSpec, out: Any) -> int:
         """Encode; returns the bytes placed in shared memory."""
         _wire.encode_spec(spec, out.nodes)
-        return sum(self.tensor(leaf, out.leaves.add()) for leaf in leaves)
+        placed = sum(self.tensor(leaf, out.leaves.add()) for leaf in leaves)
+        # Stream ordering (Note [CUDA IPC ownership]): copies done before the request leaves.
+        for device in self._unsynced:
+            torch.cuda.current_stream(device).synchronize()
+        self._unsynced.clear()
+        return placed
 
     def tensor(self, t: torch.Tensor, message: Any) -> int:
+        if t.is_cuda:
+            if self.device is None:
+                self.device = t.device
+            pool = self.cuda.pool_for(t.device.index) if self.cuda is not None else None
+            if pool is not None:
+                return self._cuda_tensor(t, pool, message)
         t = prepare(t)
         message.dtype = _wire.DTYPE_TO_ENUM[TORCH_TO_NAME[t.dtype]]
         message.shape.extend(t.shape)
@@ -96,6 +115,26 @@ class Encoder:
         self.shm_bytes += nbytes
         return nbytes
 
+    def _cuda_tensor(self, t: torch.Tensor, pool: Any, message: Any) -> int:
+        """One device-to-device copy into an exported slice; the worker reads it in place."""
+        t = prepare(t, keep_device=True)
+        message.dtype = _wire.DTYPE_TO_ENUM[TORCH_TO_NAME[t.dtype]]
+        message.shape.extend(t.shape)
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            message.inline_data = b""
+            return 0
+        lease = pool.allocate(nbytes)
+        self.leases.append(lease)
+        lease.torch_bytes().copy_(t.reshape(-1).view(torch.uint8))
+        lease.fill(message.cuda_ipc)
+        if self.cuda_pool is None:
+            self.cuda_pool = pool
+        if t.device not in self._unsynced:
+            self._unsynced.append(t.device)
+        self.cuda_ipc_bytes += nbytes
+        return 0
+
     def release(self) -> None:
         for lease in self.leases:
             lease.release()
@@ -105,9 +144,14 @@ class Encoder:
 class Decoder:
     """Reads ``Tree`` messages from the worker; arena tensors share the arena's memory."""
 
-    def __init__(self, arena: Any = None) -> None:
+    def __init__(self, arena: Any = None, device: torch.device | None = None) -> None:
         self.arena = arena
         self._base: torch.Tensor | None = None
+        # Calls with CUDA inputs get their outputs on that device (a copy unless CUDA IPC).
+        self.device = device if device is not None and device.type == "cuda" else None
+
+    def _placed(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device is None else t.to(self.device)
 
     def tree(self, message: Any) -> Any:
         if not message.nodes:
@@ -122,22 +166,35 @@ class Decoder:
         nbytes = _wire.tensor_nbytes(name, shape, limit=1 << 62)
         location = message.WhichOneof("location")
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
+            return self._placed(torch.empty(shape, dtype=dtype))
         if location == "inline_data":
             if len(message.inline_data) != nbytes:
                 raise InvalidArgumentError("worker sent an inline tensor of the wrong size")
             raw = torch.frombuffer(bytearray(message.inline_data), dtype=torch.uint8)
-            return raw.view(dtype).reshape(shape)
-        if location == "shm" and self.arena is not None:
+            return self._placed(raw.view(dtype).reshape(shape))
+        arena_kind = getattr(self.arena, "kind", "shm")
+        if location == "cuda_ipc" and self.arena is not None and arena_kind == "cuda_ipc":
+            where = message.cuda_ipc
+            start = where.offset - self.arena.offset
+            if (where.region_id != self.arena.region_id or where.nbytes != nbytes
+                    or where.device_uuid != self.arena.device_uuid
+                    or start < 0 or start + nbytes > self.arena.nbytes):
+                raise InvalidArgumentError("worker pointed an output outside the output arena")
+            return self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape)
+        if location == "shm" and self.arena is not None and arena_kind == "shm":
             where = message.shm
             start = where.offset - self.arena.offset
             if (where.region_id != self.arena.region_id or where.nbytes != nbytes
                     or start < 0 or start + nbytes > self.arena.nbytes):
                 raise InvalidArgumentError("worker pointed an output outside the output arena")
-            return self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape)
+            return self._placed(
+                self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape))
         raise InvalidArgumentError(f"worker sent an output with location `{location}`")
 
     def _arena_tensor(self) -> torch.Tensor:
+        if self._base is None and getattr(self.arena, "kind", "shm") == "cuda_ipc":
+            # A CUDA view of the device slot; the slot is reused once the last output dies.
+            self._base = self.arena.torch_bytes(release_when_collected=True)
         if self._base is None:
             array = self.arena.numpy(np.uint8, (self.arena.nbytes,))
             # Every output is a torch view of one storage, and that storage keeps `array`
@@ -162,7 +219,9 @@ def align_grads(inputs: Any, grads: Any) -> Any:
             return None
         # A worker with x64 off computes 64-bit inputs in 32 bits; autograd wants the
         # input's dtype back.
-        return grads if grads.dtype == inputs.dtype else grads.to(inputs.dtype)
+        if grads.dtype == inputs.dtype and grads.device == inputs.device:
+            return grads
+        return grads.to(device=inputs.device, dtype=inputs.dtype)
     if isinstance(inputs, dict):
         grads = grads if isinstance(grads, dict) else {}
         return type(inputs)((k, align_grads(v, grads.get(k))) for k, v in inputs.items())

@@ -21,12 +21,13 @@ from .. import _wire
 from .._errors import (
     InvalidArgumentError,
     RemoteError,
+    SharedMemoryFullError,
     TransportError,
     WorkerUnavailableError,
 )
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryPool
+from ..transport import SharedMemoryPool, _cuda_ipc
 from ._codec import Decoder, Encoder, align_grads, arena_bytes, flatten_tensors
 from ._errors_map import to_remote_error
 
@@ -62,15 +63,19 @@ class TransferStats:
     calls: int = 0
     shared_memory_bytes: int = 0
     inline_bytes: int = 0
+    cuda_ipc_bytes: int = 0
 
     def add(self, encoder: Encoder) -> None:
         self.calls += 1
         self.shared_memory_bytes += encoder.shm_bytes
         self.inline_bytes += encoder.inline_bytes
+        self.cuda_ipc_bytes += encoder.cuda_ipc_bytes
 
     def __str__(self) -> str:
+        cuda = (f", {self.cuda_ipc_bytes / 1e6:.1f} MB through CUDA IPC"
+                if self.cuda_ipc_bytes else "")
         return (f"{self.calls} calls, {self.shared_memory_bytes / 1e6:.1f} MB through shared "
-                f"memory, {self.inline_bytes / 1e6:.1f} MB inline")
+                f"memory, {self.inline_bytes / 1e6:.1f} MB inline{cuda}")
 
 
 @dataclass
@@ -81,6 +86,7 @@ class _Session:
     max_inline_bytes: int
     alive: threading.Event
     transport: str
+    cuda: Any = None  # a CudaIpcChannel for transport "auto" / "cuda_ipc"
 
 
 class ResidualHandle:
@@ -106,8 +112,9 @@ class Worker:
 
     def __init__(self, address: str, *, timeout: float, transport: str, token: str | None,
                  client_name: str) -> None:
-        if transport not in ("auto", "shm", "inline"):
-            raise ValueError(f"transport must be 'auto', 'shm' or 'inline', got {transport!r}")
+        if transport not in ("auto", "shm", "inline", "cuda_ipc"):
+            raise ValueError("transport must be 'auto', 'cuda_ipc', 'shm' or 'inline', got "
+                             f"{transport!r}")
         self.address = address
         self.timeout = timeout
         self.requested_transport = transport
@@ -135,7 +142,11 @@ class Worker:
                 "`torch-jax-interop worker --listen ADDRESS --function NAME=module:attr`, "
                 "or check the address"
             ) from None
-        self._open_session()
+        try:
+            self._open_session()
+        except BaseException:  # refused (session cap, token) or failed: no channel left open
+            self._channel.close()
+            raise
 
     # -- session --------------------------------------------------------------------------
 
@@ -152,7 +163,8 @@ class Worker:
         stream = self._stub.OpenSession(pb.OpenSessionRequest(
             client_name=self.client_name, client_pid=os.getpid(),
             client_hostname=socket.gethostname(), boot_id=_boot_id(),
-            transport=pb.INLINE if self.requested_transport == "inline" else pb.SHARED_MEMORY,
+            transport={"inline": pb.INLINE, "cuda_ipc": pb.CUDA_IPC}.get(
+                self.requested_transport, pb.SHARED_MEMORY),
             protocol_version=_wire.PROTOCOL_VERSION,
         ), metadata=self._metadata)
         try:
@@ -167,6 +179,15 @@ class Worker:
         threading.Thread(target=self._watch, args=(session,), daemon=True,
                          name="tji-session-watch").start()
         session.pool, session.transport = self._choose_transport(session, first)
+        if self.requested_transport in ("auto", "cuda_ipc"):
+            # Decides per GPU at the first CUDA tensor: nothing touches CUDA before that.
+            session.cuda = _cuda_ipc.CudaIpcChannel(
+                self.requested_transport,
+                register=lambda buffer: self._register_cuda(session, buffer),
+                release=lambda region_id: self._release_region(session, region_id),
+                same_host=bool(first.boot_id) and first.boot_id == _boot_id(),
+                worker_pid=first.worker_pid,
+            )
         log.info("connected to %s (worker pid %d), transport: %s", self.address,
                  first.worker_pid, session.transport)
         return session
@@ -196,7 +217,10 @@ class Worker:
                 return pool, "shared memory"
             except (RemoteError, TransportError, OSError) as error:
                 pool.close()
-                reason = f"the worker cannot map this process's shared memory ({error})"
+                if isinstance(error, SharedMemoryFullError):
+                    reason = f"this process cannot create shared memory ({error})"
+                else:
+                    reason = f"the worker cannot map this process's shared memory ({error})"
         if self.requested_transport == "shm":
             raise TransportError(f"transport='shm' is not possible: {reason}")
         log.warning("falling back to inline bytes: %s", reason)
@@ -207,6 +231,20 @@ class Worker:
             session_id=session.id, name=region.name, size=region.size, kind=pb.SHARED_MEMORY,
         ), "registering a shared-memory region")
         return response.region_id, response.generation
+
+    def _register_cuda(self, session: _Session, buffer: Any) -> tuple[int, int]:
+        response = self._rpc(self._stub.RegisterRegion, pb.RegisterRegionRequest(
+            session_id=session.id, size=buffer.size, kind=pb.CUDA_IPC,
+            cuda_ipc_handle=buffer.handle, device_uuid=buffer.device_uuid,
+        ), "registering a CUDA IPC region")
+        return response.region_id, response.generation
+
+    def _release_region(self, session: _Session, region_id: int) -> None:
+        """Best effort, short deadline: used while a session is being dropped."""
+        self._stub.ReleaseRegion(
+            pb.ReleaseRegionRequest(session_id=session.id, region_id=region_id),
+            timeout=min(self.timeout, 2.0), metadata=self._metadata,
+        )
 
     def _current(self) -> _Session:
         if self._closed:
@@ -228,6 +266,8 @@ class Worker:
             return session
 
     def _drop_session(self, session: _Session) -> None:
+        if session.cuda is not None:  # the worker unmaps before this process frees
+            session.cuda.close(release_regions=session.alive.is_set())
         session.alive.clear()
         session.stream.cancel()
         if session.pool is not None:
@@ -289,7 +329,8 @@ class Worker:
             flat = (flatten_tensors(args, f"arguments of `{name}`"),
                     flatten_tensors(kwargs, f"keyword arguments of `{name}`"))
         (args_leaves, args_spec), (kwargs_leaves, kwargs_spec) = flat
-        encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes)
+        encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes,
+                          cuda=session.cuda)
         request = pb.CallRequest(session_id=session.id, function=name,
                                  keep_residuals=keep_residuals, has_aux=has_aux)
         handle = None
@@ -299,12 +340,14 @@ class Worker:
             key = (name, has_aux, args_spec, kwargs_spec,
                    tuple((t.dtype, t.shape) for t in args_leaves),
                    tuple((t.dtype, t.shape) for t in kwargs_leaves))
-            decoder = self._with_arena(session, request, self._arena_sizes.get(key, 0))
+            decoder = self._with_arena(session, request, self._arena_sizes.get(key, 0),
+                                       encoder)
             response = self._rpc(self._stub.Call, request, f"calling `{name}`")
             if response.required_output_bytes:
                 decoder.finish()
                 self._arena_sizes[key] = response.required_output_bytes
-                decoder = self._with_arena(session, request, response.required_output_bytes)
+                decoder = self._with_arena(session, request, response.required_output_bytes,
+                                           encoder)
                 response = self._rpc(self._stub.Call, request, f"calling `{name}`")
             outputs = decoder.tree(response.outputs)
             aux = decoder.tree(response.aux) if has_aux else None
@@ -319,16 +362,23 @@ class Worker:
             encoder.release()
         return outputs, aux, handle
 
-    def _with_arena(self, session: _Session, request: Any, nbytes: int) -> Decoder:
+    def _with_arena(self, session: _Session, request: Any, nbytes: int,
+                    encoder: Encoder | None = None) -> Decoder:
+        device = encoder.device if encoder is not None else None
+        if encoder is not None and encoder.cuda_pool is not None and nbytes:
+            # CUDA IPC inputs: the worker writes outputs into a device slot of this process.
+            cuda_arena = encoder.cuda_pool.allocate(nbytes)
+            cuda_arena.fill(request.output_arena.cuda_ipc)
+            return Decoder(cuda_arena, device)
         if session.pool is None or nbytes == 0:
             request.ClearField("output_arena")
-            return Decoder(None)
+            return Decoder(None, device)
         arena = session.pool.allocate(nbytes)
         request.output_arena.shm.region_id = arena.region_id
         request.output_arena.shm.generation = arena.generation
         request.output_arena.shm.offset = arena.offset
         request.output_arena.shm.nbytes = arena.nbytes
-        return Decoder(arena)
+        return Decoder(arena, device)
 
     def backward(self, handle: ResidualHandle, cotangents: Any, *,
                  retain: bool) -> tuple[Any, Any]:
@@ -339,13 +389,15 @@ class Worker:
                 "its residuals are gone: run the forward again"
             )
         leaves, spec = flatten_tensors(cotangents, "cotangents")
-        encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes)
+        encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes,
+                          cuda=session.cuda)
         request = pb.BackwardRequest(session_id=session.id, residual_id=handle.residual_id,
                                      keep_residuals=retain)
         try:
             encoder.tree(leaves, spec, request.cotangents)
             inputs, _ = flatten_tensors((handle.args, handle.kwargs), "inputs")
-            decoder = self._with_arena(session, request, arena_bytes(inputs, INLINE_THRESHOLD))
+            decoder = self._with_arena(session, request, arena_bytes(inputs, INLINE_THRESHOLD),
+                                       encoder)
             response = self._rpc(self._stub.Backward, request, "backward")
             grad_args = decoder.tree(response.grad_args)
             grad_kwargs = decoder.tree(response.grad_kwargs)
@@ -440,8 +492,13 @@ def connect(
     the same API, so switching modes is one string.
 
     ``transport``: ``"auto"`` uses shared memory when the worker can map this process's
-    segments (same host and IPC namespace) and inline bytes otherwise, logging why;
-    ``"shm"`` insists on shared memory; ``"inline"`` never uses it.
+    segments (same host and IPC namespace) and inline bytes otherwise, logging why; CUDA
+    tensors travel by CUDA IPC (device to device, no host copy) when the worker can open
+    this process's handles (same host, shared IPC and PID namespaces, the GPU visible to the
+    worker, cupy on both sides), else through the host path, logging why once per GPU.
+    ``"cuda_ipc"`` is ``"auto"`` that raises instead of falling back for CUDA tensors;
+    ``"shm"`` insists on shared memory; ``"inline"`` never uses it. Outputs of a call with
+    CUDA inputs come back on the first CUDA input's device.
     ``timeout`` bounds the connection and every call (deadline, seconds).
     """
     if address == "inproc" or address.startswith("inproc:"):

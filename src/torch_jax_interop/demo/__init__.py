@@ -103,10 +103,12 @@ def train_remote(address: str, *, steps: int = 200, transport: str = "auto",
     return 0
 
 
-def _our_segments() -> set[str]:
+def _segments_of(*pids: int) -> set[str]:
+    """Shared-memory entries made by these processes (names carry the creator's pid)."""
     directory = os.environ.get("TORCH_JAX_INTEROP_SHM_DIR", "/dev/shm")
+    prefixes = tuple(f"tji-{pid}-" for pid in pids)
     try:
-        return {n for n in os.listdir(directory) if n.startswith("tji-")}
+        return {n for n in os.listdir(directory) if n.startswith(prefixes)}
     except FileNotFoundError:
         return set()
 
@@ -135,7 +137,6 @@ def start_worker(socket_path: str, functions: dict[str, str],
 
 def run_local_demo(*, steps: int = 200, transport: str = "auto") -> int:
     """Worker process + remote training + the same training in-process; compare; clean up."""
-    before = _our_segments()
     with tempfile.TemporaryDirectory(prefix="tji-demo-", dir="/tmp") as tmp:
         process, address = start_worker(os.path.join(tmp, "w.sock"), {"mlp": FUNCTION_SPEC})
         try:
@@ -158,7 +159,7 @@ def run_local_demo(*, steps: int = 200, transport: str = "auto") -> int:
     match = all(torch.allclose(remote_state[k], local_state[k], atol=1e-4, rtol=1e-4)
                 for k in remote_state)
     print(f"parameters match in-process training: {match} (max abs difference {worst:.2e})")
-    leaked = _our_segments() - before
+    leaked = _segments_of(os.getpid(), process.pid)
     print(f"shared-memory segments left behind: {len(leaked)}")
     fell = sum(remote_losses[-10:]) < sum(remote_losses[:10])
     return 0 if (match and fell and not leaked and code == 0) else 1

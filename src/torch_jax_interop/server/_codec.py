@@ -17,7 +17,7 @@ from .. import _pytree, _wire
 from .._dtypes import BY_NAME
 from .._errors import InvalidArgumentError, ResourceExhaustedError
 from ..proto.v1 import interop_pb2 as pb
-from ..transport import check_slice, numpy_view
+from ..transport import _cuda_ipc, check_slice, numpy_view
 from ._session import Session
 
 _NUMPY = {name: np.dtype(getattr(jnp, name)) for name in BY_NAME}
@@ -84,9 +84,7 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
             raise InvalidArgumentError(str(error)) from None
         array = numpy_view(region.buffer, where.offset, _NUMPY[name], shape)
     elif location == "cuda_ipc":
-        raise InvalidArgumentError(
-            "this worker has no CUDA IPC transport; send tensors in shared memory or inline"
-        )
+        return _decode_cuda(message.cuda_ipc, name, shape, nbytes, session)
     else:
         raise InvalidArgumentError("tensor has no location (shm, cuda_ipc or inline_data)")
     narrow = _NARROW.get(name)
@@ -94,6 +92,28 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
         return _narrowed(array, name, narrow)
     # Inline bytes: jit takes the (read-only) numpy array as it is, faster than jnp.array.
     return import_numpy(array) if location == "shm" else array
+
+
+def _decode_cuda(where: Any, name: str, shape: tuple[int, ...], nbytes: int,
+                 session: Session) -> Any:
+    """A JAX array viewing a slice of the client's device memory (no copy), validated:
+    a CUDA IPC region of this session, its generation, its GPU, bounds and alignment."""
+    support = _cuda_ipc.cuda_ipc_support()
+    if not support.available:
+        raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
+    mapping = session.cuda_region(where.region_id, where.generation)
+    try:
+        _cuda_ipc.check_cuda_descriptor(
+            region_size=mapping.size, region_uuid=mapping.uuid, offset=where.offset,
+            nbytes=where.nbytes, device_uuid=where.device_uuid, expected_nbytes=nbytes,
+        )
+    except ValueError as error:
+        raise InvalidArgumentError(str(error)) from None
+    narrow = _NARROW.get(name)
+    if narrow is not None and not _x64():
+        # Rare policy path (64-bit values, x64 off): range-checked on the host.
+        return _narrowed(mapping.host_copy(where.offset, _NUMPY[name], shape), name, narrow)
+    return mapping.jax_array(where.offset, _NUMPY[name], shape)
 
 
 def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
@@ -155,6 +175,23 @@ class OutputWriter:
         self.used = 0
         self.region_id = 0
         self.generation = 0
+        self.cuda: Any = None  # a CudaIpcMapping when the arena is device memory
+        if arena is not None and arena.WhichOneof("location") == "cuda_ipc":
+            where = arena.cuda_ipc
+            support = _cuda_ipc.cuda_ipc_support()
+            if not support.available:
+                raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
+            self.cuda = session.cuda_region(where.region_id, where.generation)
+            try:
+                _cuda_ipc.check_cuda_descriptor(
+                    region_size=self.cuda.size, region_uuid=self.cuda.uuid,
+                    offset=where.offset, nbytes=where.nbytes, device_uuid=where.device_uuid,
+                    expected_nbytes=None,
+                )
+            except ValueError as error:
+                raise InvalidArgumentError(f"output arena: {error}") from None
+            self.base, self.capacity = where.offset, where.nbytes
+            self.region_id, self.generation = where.region_id, where.generation
         if arena is not None and arena.WhichOneof("location") == "shm":
             where = arena.shm
             self.region = session.region(where.region_id, where.generation)
@@ -168,7 +205,42 @@ class OutputWriter:
     def write_tree(self, leaves: list[Any], spec: _pytree.TreeSpec, out: Any) -> None:
         _wire.encode_spec(spec, out.nodes)
         for leaf in leaves:
-            self.write(np.asarray(leaf), out.leaves.add())
+            if self.cuda is not None:
+                self.write_device(leaf, out.leaves.add())
+            else:
+                self.write(np.asarray(leaf), out.leaves.add())
+
+    def write_device(self, leaf: Any, message: Any) -> None:
+        """CUDA IPC arena: a large output is copied device-to-device into the client's slot
+        (no trip through host memory); a small one travels inline."""
+        dtype = np.dtype(leaf.dtype)
+        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes <= self.inline_threshold:
+            self.write(np.asarray(leaf), message)
+            return
+        name = _NUMPY_TO_NAME.get(dtype)
+        if name is None:
+            raise InvalidArgumentError(
+                f"the function returned dtype {dtype}, which torch cannot receive; "
+                "cast it in the function"
+            )
+        offset = _wire.align(self.used)
+        if offset + nbytes > self.capacity:
+            raise ResourceExhaustedError(
+                f"output arena of {self.capacity} bytes is too small (the client sized it "
+                "from an earlier call with other shapes); retry"
+            )
+        self.used = offset + nbytes
+        with self.session.cuda_writing(self.region_id, self.generation) as mapping:
+            mapping.write(self.base + offset, leaf)
+        message.dtype = _wire.DTYPE_TO_ENUM[name]
+        message.shape.extend(leaf.shape)
+        where = message.cuda_ipc
+        where.region_id = self.region_id
+        where.generation = self.generation
+        where.offset = self.base + offset
+        where.nbytes = nbytes
+        where.device_uuid = self.cuda.uuid
 
     def write(self, array: np.ndarray, message: Any) -> None:
         name = _NUMPY_TO_NAME.get(array.dtype)

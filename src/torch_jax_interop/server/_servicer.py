@@ -24,7 +24,7 @@ from .._errors import (
 )
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SHM_PREFIX, SharedMemoryRegion, default_shm_dir
+from ..transport import SHM_PREFIX, SharedMemoryRegion, _cuda_ipc, default_shm_dir
 from ._codec import (
     Limits,
     OutputWriter,
@@ -257,6 +257,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
     @_handler
     def RegisterRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
+        if request.kind == pb.CUDA_IPC:
+            return self._register_cuda_region(session, request)
         if request.kind not in (pb.SHARED_MEMORY, pb.TRANSPORT_UNSPECIFIED):
             raise InvalidArgumentError("this worker registers shared-memory regions only")
         # A pool region holds many tensors and is at least 8 MiB (the client's minimum):
@@ -273,6 +275,26 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         if not session.transport_logged:
             session.transport_logged = True
             log.info("session %s uses shared memory in %s", session.id[:8], self.config.shm_dir)
+        return pb.RegisterRegionResponse(region_id=region_id, generation=generation)
+
+    def _register_cuda_region(self, session: Session, request: Any) -> Any:
+        """RegisterRegion(kind=CUDA_IPC): see Note [CUDA IPC ownership] in
+        transport/_cuda_ipc.py. INVALID_ARGUMENT (TransportError) where this worker has no
+        CUDA IPC support, cannot see the GPU, or cannot open the handle."""
+        support = _cuda_ipc.cuda_ipc_support()
+        if not support.available:
+            raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
+        largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
+        if request.size <= 0 or request.size > largest:
+            raise ResourceExhaustedError(
+                f"region size {request.size} is outside 1..{largest} bytes (twice "
+                "--max-tensor-bytes, at least 64 MiB)"
+            )
+        mapping = _cuda_ipc.open_region(request.cuda_ipc_handle, request.size,
+                                        request.device_uuid)
+        region_id, generation = session.add_cuda_region(mapping)
+        log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
+                 session.id[:8], region_id, request.size, mapping.uuid, mapping.device_index)
         return pb.RegisterRegionResponse(region_id=region_id, generation=generation)
 
     @_handler

@@ -94,6 +94,8 @@ class Session:
         self.residuals = ResidualStore(max_residuals)
         self.max_regions = max_regions
         self._regions: dict[int, MappedRegion] = {}
+        # CUDA IPC mappings (transport/_cuda_ipc.py); ids share one counter with _regions.
+        self._cuda_regions: dict[int, MappedRegion] = {}
         self._region_ids = itertools.count(1)
         self._lock = threading.Lock()
         self.closed = False
@@ -101,7 +103,7 @@ class Session:
 
     def add_region(self, region: SharedMemoryRegion) -> tuple[int, int]:
         with self._lock:
-            if len(self._regions) >= self.max_regions:
+            if len(self._regions) + len(self._cuda_regions) >= self.max_regions:
                 region.close()
                 raise ResourceExhaustedError(
                     f"this session already maps {self.max_regions} regions (--max-regions); "
@@ -141,9 +143,52 @@ class Session:
                 )
             yield mapped.region
 
+    def add_cuda_region(self, mapping: Any) -> tuple[int, int]:
+        """Keep a ``CudaIpcMapping`` for this session; same cap and ids as ``add_region``."""
+        with self._lock:
+            if len(self._regions) + len(self._cuda_regions) >= self.max_regions:
+                mapping.close()
+                raise ResourceExhaustedError(
+                    f"this session already maps {self.max_regions} regions (--max-regions); "
+                    "release regions you no longer use"
+                )
+            region_id = next(self._region_ids)
+            self._cuda_regions[region_id] = MappedRegion(mapping, region_id)
+            return region_id, region_id
+
+    def cuda_region(self, region_id: int, generation: int) -> Any:
+        """The ``CudaIpcMapping`` of a CUDA IPC region of this session (checked like
+        ``region``)."""
+        mapped = self._cuda_regions.get(region_id)
+        if mapped is None:
+            raise InvalidArgumentError(
+                f"CUDA IPC region {region_id} is not registered in this session; register it "
+                "first (RegisterRegion, kind CUDA_IPC) — a session can only use its own regions"
+            )
+        if mapped.generation != generation:
+            raise InvalidArgumentError(
+                f"stale generation {generation} for CUDA IPC region {region_id} (current "
+                f"{mapped.generation}): the region was released and re-registered"
+            )
+        return mapped.region
+
+    @contextlib.contextmanager
+    def cuda_writing(self, region_id: int, generation: int) -> Iterator[Any]:
+        """``writing`` for a CUDA IPC output region."""
+        with self._lock:
+            mapped = self._cuda_regions.get(region_id)
+            if mapped is None or mapped.generation != generation:
+                raise InvalidArgumentError(
+                    f"output region {region_id} was released while the call ran; nothing was "
+                    "written to it. Keep a region registered until its calls have returned"
+                )
+            yield mapped.region
+
     def release_region(self, region_id: int) -> None:
         with self._lock:
             mapped = self._regions.pop(region_id, None)
+            if mapped is None:
+                mapped = self._cuda_regions.pop(region_id, None)
         if mapped is None:
             raise InvalidArgumentError(f"region {region_id} is not registered in this session")
         _close_quietly(mapped.region)
@@ -153,14 +198,15 @@ class Session:
         self.closed = True
         self.residuals.clear()
         with self._lock:
-            regions = list(self._regions.values())
+            regions = list(self._regions.values()) + list(self._cuda_regions.values())
             self._regions.clear()
+            self._cuda_regions.clear()
         for mapped in regions:
             _close_quietly(mapped.region)
 
     @property
     def num_regions(self) -> int:
-        return len(self._regions)
+        return len(self._regions) + len(self._cuda_regions)
 
 
 def _close_quietly(region: SharedMemoryRegion) -> None:
