@@ -28,7 +28,9 @@ from ._errors import (
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
+    from ._wrapped import WrappedJaxFunction as WrappedJaxFunction
     from .interop_core import jax_to_torch as jax_to_torch
+    from .interop_core import torch_module_to_jax as torch_module_to_jax
     from .interop_core import torch_to_jax as torch_to_jax
 
 _LAZY = {

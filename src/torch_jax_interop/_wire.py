@@ -30,6 +30,15 @@ _LEAF, _NONE, _TUPLE, _LIST, _DICT = (int(_KIND.Value(k)) for k in ("LEAF", "NON
                                                                     "LIST", "DICT"))
 
 
+def boot_id() -> str:
+    """This kernel's boot id: equal on both sides means same host (containers included)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def align(n: int, alignment: int = ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
 

@@ -48,14 +48,6 @@ class FunctionInfo:
     target: str
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 @dataclass
 class TransferStats:
     """Bytes this connection sent to the worker, by how they travelled."""
@@ -162,7 +154,7 @@ class Worker:
     def _open_session(self) -> _Session:
         stream = self._stub.OpenSession(pb.OpenSessionRequest(
             client_name=self.client_name, client_pid=os.getpid(),
-            client_hostname=socket.gethostname(), boot_id=_boot_id(),
+            client_hostname=socket.gethostname(), boot_id=_wire.boot_id(),
             transport={"inline": pb.INLINE, "cuda_ipc": pb.CUDA_IPC}.get(
                 self.requested_transport, pb.SHARED_MEMORY),
             protocol_version=_wire.PROTOCOL_VERSION,
@@ -185,7 +177,7 @@ class Worker:
                 self.requested_transport,
                 register=lambda buffer: self._register_cuda(session, buffer),
                 release=lambda region_id: self._release_region(session, region_id),
-                same_host=bool(first.boot_id) and first.boot_id == _boot_id(),
+                same_host=bool(first.boot_id) and first.boot_id == _wire.boot_id(),
                 worker_pid=first.worker_pid,
             )
         log.info("connected to %s (worker pid %d), transport: %s", self.address,
@@ -203,7 +195,7 @@ class Worker:
     def _choose_transport(self, session: _Session, event: Any) -> tuple[Any, str]:
         if self.requested_transport == "inline":
             return None, "inline"
-        same_host = bool(event.boot_id) and event.boot_id == _boot_id()
+        same_host = bool(event.boot_id) and event.boot_id == _wire.boot_id()
         if not same_host:
             reason = "the worker runs on another host (different boot id)"
         else:

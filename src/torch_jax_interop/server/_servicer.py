@@ -42,14 +42,6 @@ _TRANSPORT_NAMES = {pb.INLINE: "inline bytes", pb.SHARED_MEMORY: "shared memory"
                     pb.CUDA_IPC: "CUDA IPC", pb.TRANSPORT_UNSPECIFIED: "unspecified"}
 
 
-def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 class WorkerConfig:
     """Limits and paths of one worker (the CLI flags)."""
 
@@ -184,7 +176,7 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         self._lock = threading.Lock()
         self.shutting_down = threading.Event()
         self.hostname = socket.gethostname()
-        self.boot_id = boot_id()
+        self.boot_id = _wire.boot_id()
 
     def authorize(self, context: grpc.ServicerContext) -> None:
         """TCP peers must send ``authorization: Bearer <token>``. Unix-socket peers are
