@@ -552,42 +552,74 @@ def _resolve(ref: tuple[str, int], live: set[int]) -> int:
     return sorted(live)[value % len(live)]
 
 
+_FIXED_NAMES = ["../../etc/passwd", "tji-1-0000000000000000", "psm_1", "", "tji-",
+                "tji-0-0123456789abcdef", "tji-1-0123456789ABCDEF", "tji-12-0123456789abcdef\n",
+                "x" * 5000]
+
+
 @st.composite
-def region_ops(draw: st.DrawFn, fz: Fuzz) -> tuple[str, Any, Any]:
+def region_ops(draw: st.DrawFn) -> tuple[str, int, Any, Any]:
+    """(op, session choice, fields, id references). Nothing here reads the fixture: names and
+    sessions are drawn as references that ``_region_request`` resolves, so every draw is the
+    same whatever state the worker and the fixture are in (hypothesis replays choices)."""
     op = draw(st.sampled_from(["register"] * 4 + ["release_region"] * 2 + ["backward"] * 2
                               + ["release", "make_residual"]))
-    session = draw(st.sampled_from([fz.c] * 6 + ["", "no-such-session", fz.c + "0"]))
+    session = draw(st.integers(0, 8))
     if op == "register":
         name = draw(st.one_of(
-            st.sampled_from(sorted(fz.lures)), st.sampled_from(_foreign_names(fz)),
-            st.sampled_from(["../../etc/passwd", "tji-1-0000000000000000", "psm_1", "", "tji-",
-                             "tji-0-0123456789abcdef", "/dev/shm/" + sorted(fz.lures)[0],
-                             "tji-1-0123456789ABCDEF", "tji-12-0123456789abcdef\n", "x" * 5000]),
-            st.text(st.characters(exclude_categories=("Cs",)), max_size=40)))
+            st.tuples(st.just("lure"), st.integers(0, 63)),
+            st.tuples(st.just("foreign"), st.integers(0, 63)),
+            st.tuples(st.just("literal"), st.sampled_from(_FIXED_NAMES + ["/dev/shm/lure"])),
+            st.tuples(st.just("literal"),
+                      st.text(st.characters(exclude_categories=("Cs",)), max_size=40))))
         size = draw(st.one_of(st.sampled_from([1, 64, 4095, 4096, 4097]), u64))
         kind = draw(st.sampled_from([pb.SHARED_MEMORY] * 3 + [0, pb.INLINE, pb.CUDA_IPC, 9]))
-        return op, pb.RegisterRegionRequest(session_id=session, name=name, size=size,
-                                            kind=kind), None
+        return op, session, (name, size, kind), None
     if op == "release_region":
-        return op, pb.ReleaseRegionRequest(session_id=session), draw(_ids)
+        return op, session, None, draw(_ids)
     if op == "backward":
-        request = pb.BackwardRequest(session_id=session, keep_residuals=draw(st.booleans()))
-        nodes, leaves = draw(st.one_of(
-            st.just(([pb.TreeNode(kind=pb.TreeNode.LEAF)], 1)), structures()))
+        keep = draw(st.booleans())
+        structure = draw(st.one_of(st.just(None), structures()))
+        return op, session, (keep, structure), draw(_ids)
+    if op == "release":
+        return op, session, None, draw(st.lists(_ids, max_size=5))
+    return op, session, None, None
+
+
+def _region_request(fz: Fuzz, op: str, session_choice: int, fields: Any) -> Any:
+    session = ([fz.c] * 6 + ["", "no-such-session", fz.c + "0"])[session_choice]
+    if op == "register":
+        (how, which), size, kind = fields
+        lures = sorted(fz.lures)
+        if how == "lure":
+            name = lures[which % len(lures)]
+        elif how == "foreign":
+            foreign = _foreign_names(fz)
+            name = foreign[which % len(foreign)]
+        else:
+            name = "/dev/shm/" + lures[0] if which == "/dev/shm/lure" else which
+        return pb.RegisterRegionRequest(session_id=session, name=name, size=size, kind=kind)
+    if op == "release_region":
+        return pb.ReleaseRegionRequest(session_id=session)
+    if op == "backward":
+        keep, structure = fields
+        request = pb.BackwardRequest(session_id=session, keep_residuals=keep)
+        nodes, leaves = structure or ([pb.TreeNode(kind=pb.TreeNode.LEAF)], 1)
         request.cotangents.nodes.extend(nodes)
         request.cotangents.leaves.extend([_SMALL] * leaves)
-        return op, request, draw(_ids)
+        return request
     if op == "release":
-        return op, pb.ReleaseRequest(session_id=session), draw(st.lists(_ids, max_size=5))
+        return pb.ReleaseRequest(session_id=session)
     request = _call_request(session, "scale", [_SMALL, _SMALL], None)
     request.keep_residuals = True
-    return op, request, None
+    return request
 
 
 @settings(FUZZ, max_examples=1_000)
 @given(data=st.data())
 def test_region_and_residual_operations(fz: Fuzz, data: st.DataObject) -> None:
-    op, request, ref = data.draw(region_ops(fz), "operation")
+    op, session_choice, fields, ref = data.draw(region_ops(), "operation")
+    request = _region_request(fz, op, session_choice, fields)
     if op == "release_region":
         request.region_id = _resolve(ref, fz.c_regions)
     elif op == "backward":

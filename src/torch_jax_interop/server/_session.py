@@ -81,8 +81,13 @@ class ResidualStore:
 
 @dataclass
 class MappedRegion:
-    region: SharedMemoryRegion
+    region: Any  # SharedMemoryRegion, or a CudaIpcMapping
     generation: int
+    kind: str = "shm"
+
+
+SHM = "shm"
+CUDA_IPC = "cuda_ipc"
 
 
 class Session:
@@ -93,17 +98,16 @@ class Session:
         self.client = client
         self.residuals = ResidualStore(max_residuals)
         self.max_regions = max_regions
+        # Shared-memory regions and CUDA IPC mappings (transport/_cuda_ipc.py), one id space.
         self._regions: dict[int, MappedRegion] = {}
-        # CUDA IPC mappings (transport/_cuda_ipc.py); ids share one counter with _regions.
-        self._cuda_regions: dict[int, MappedRegion] = {}
         self._region_ids = itertools.count(1)
         self._lock = threading.Lock()
         self.closed = False
         self.transport_logged = False
 
-    def add_region(self, region: SharedMemoryRegion) -> tuple[int, int]:
+    def _add(self, region: Any, kind: str) -> tuple[int, int]:
         with self._lock:
-            if len(self._regions) + len(self._cuda_regions) >= self.max_regions:
+            if len(self._regions) >= self.max_regions:
                 region.close()
                 raise ResourceExhaustedError(
                     f"this session already maps {self.max_regions} regions (--max-regions); "
@@ -111,15 +115,22 @@ class Session:
                 )
             region_id = next(self._region_ids)
             # The generation is unique per (session, id): a stale slice never matches.
-            generation = region_id
-            self._regions[region_id] = MappedRegion(region, generation)
-            return region_id, generation
+            self._regions[region_id] = MappedRegion(region, region_id, kind)
+            return region_id, region_id
 
-    def region(self, region_id: int, generation: int) -> SharedMemoryRegion:
+    def add_region(self, region: SharedMemoryRegion) -> tuple[int, int]:
+        return self._add(region, SHM)
+
+    def add_cuda_region(self, mapping: Any) -> tuple[int, int]:
+        """Keep a ``CudaIpcMapping`` for this session; same cap and ids as ``add_region``."""
+        return self._add(mapping, CUDA_IPC)
+
+    def _lookup(self, region_id: int, generation: int, kind: str) -> Any:
         mapped = self._regions.get(region_id)
-        if mapped is None:
+        if mapped is None or mapped.kind != kind:
+            what = "CUDA IPC region" if kind == CUDA_IPC else "region"
             raise InvalidArgumentError(
-                f"region {region_id} is not registered in this session; register it first "
+                f"{what} {region_id} is not registered in this session; register it first "
                 "(RegisterRegion) — a session can only use its own regions"
             )
         if mapped.generation != generation:
@@ -129,66 +140,35 @@ class Session:
             )
         return mapped.region
 
+    def region(self, region_id: int, generation: int) -> SharedMemoryRegion:
+        return self._lookup(region_id, generation, SHM)  # type: ignore[no-any-return]
+
+    def cuda_region(self, region_id: int, generation: int) -> Any:
+        """The ``CudaIpcMapping`` of a CUDA IPC region of this session."""
+        return self._lookup(region_id, generation, CUDA_IPC)
+
     @contextlib.contextmanager
-    def writing(self, region_id: int, generation: int) -> Iterator[SharedMemoryRegion]:
+    def writing(self, region_id: int, generation: int,
+                kind: str = SHM) -> Iterator[Any]:
         """The region, held for one output write. Generation fencing: a region released (or
         a session ended) before the write is refused, and ``release_region`` waits for a
         write in progress, so nothing is written into a region after it was given back."""
         with self._lock:
             mapped = self._regions.get(region_id)
-            if mapped is None or mapped.generation != generation:
+            if mapped is None or mapped.generation != generation or mapped.kind != kind:
                 raise InvalidArgumentError(
                     f"output region {region_id} was released while the call ran; nothing was "
                     "written to it. Keep a region registered until its calls have returned"
                 )
             yield mapped.region
 
-    def add_cuda_region(self, mapping: Any) -> tuple[int, int]:
-        """Keep a ``CudaIpcMapping`` for this session; same cap and ids as ``add_region``."""
-        with self._lock:
-            if len(self._regions) + len(self._cuda_regions) >= self.max_regions:
-                mapping.close()
-                raise ResourceExhaustedError(
-                    f"this session already maps {self.max_regions} regions (--max-regions); "
-                    "release regions you no longer use"
-                )
-            region_id = next(self._region_ids)
-            self._cuda_regions[region_id] = MappedRegion(mapping, region_id)
-            return region_id, region_id
-
-    def cuda_region(self, region_id: int, generation: int) -> Any:
-        """The ``CudaIpcMapping`` of a CUDA IPC region of this session (checked like
-        ``region``)."""
-        mapped = self._cuda_regions.get(region_id)
-        if mapped is None:
-            raise InvalidArgumentError(
-                f"CUDA IPC region {region_id} is not registered in this session; register it "
-                "first (RegisterRegion, kind CUDA_IPC) — a session can only use its own regions"
-            )
-        if mapped.generation != generation:
-            raise InvalidArgumentError(
-                f"stale generation {generation} for CUDA IPC region {region_id} (current "
-                f"{mapped.generation}): the region was released and re-registered"
-            )
-        return mapped.region
-
-    @contextlib.contextmanager
-    def cuda_writing(self, region_id: int, generation: int) -> Iterator[Any]:
+    def cuda_writing(self, region_id: int, generation: int) -> Any:
         """``writing`` for a CUDA IPC output region."""
-        with self._lock:
-            mapped = self._cuda_regions.get(region_id)
-            if mapped is None or mapped.generation != generation:
-                raise InvalidArgumentError(
-                    f"output region {region_id} was released while the call ran; nothing was "
-                    "written to it. Keep a region registered until its calls have returned"
-                )
-            yield mapped.region
+        return self.writing(region_id, generation, CUDA_IPC)
 
     def release_region(self, region_id: int) -> None:
         with self._lock:
             mapped = self._regions.pop(region_id, None)
-            if mapped is None:
-                mapped = self._cuda_regions.pop(region_id, None)
         if mapped is None:
             raise InvalidArgumentError(f"region {region_id} is not registered in this session")
         _close_quietly(mapped.region)
@@ -198,15 +178,14 @@ class Session:
         self.closed = True
         self.residuals.clear()
         with self._lock:
-            regions = list(self._regions.values()) + list(self._cuda_regions.values())
+            regions = list(self._regions.values())
             self._regions.clear()
-            self._cuda_regions.clear()
         for mapped in regions:
             _close_quietly(mapped.region)
 
     @property
     def num_regions(self) -> int:
-        return len(self._regions) + len(self._cuda_regions)
+        return len(self._regions)
 
 
 def _close_quietly(region: SharedMemoryRegion) -> None:

@@ -54,7 +54,6 @@ before it replies, so the client sees finished outputs.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import logging
 import math
@@ -71,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import PoolExhaustedError, SliceOutOfBoundsError, TransportError
+from ._freelist import FreeList
 from ._shm import check_slice
 
 log = logging.getLogger("torch_jax_interop.transport")
@@ -749,17 +749,16 @@ class _CudaBytes:
         }
 
 
-class _PoolEntry:
+class _PoolEntry(FreeList):
     """A registered buffer and its free list (sorted, coalesced ``[offset, size]``)."""
 
-    __slots__ = ("buffer", "region_id", "generation", "free", "used", "retired")
+    __slots__ = ("buffer", "region_id", "generation", "retired")
 
     def __init__(self, buffer: DeviceBuffer, region_id: int, generation: int) -> None:
+        super().__init__(buffer.size)
         self.buffer = buffer
         self.region_id = region_id
         self.generation = generation
-        self.free: list[list[int]] = [[0, buffer.size]]
-        self.used = 0
         self.retired = False
 
 
@@ -897,7 +896,7 @@ class CudaIpcPool:
             piece.released = True
             entry = piece._entry
             if not entry.retired:
-                _give_back(entry, piece.offset, piece._block)
+                entry.give_back(piece.offset, piece._block)
 
     def _release(self, piece: DeviceSlice) -> None:
         self._pending.append(piece)
@@ -909,7 +908,7 @@ class CudaIpcPool:
 
     def _first_fit(self, block: int, nbytes: int) -> DeviceSlice | None:
         for entry in self._entries.values():
-            offset = _take(entry, block)
+            offset = entry.take(block)
             if offset is not None:
                 return DeviceSlice(self, entry, offset, nbytes, block)
         return None
@@ -967,7 +966,7 @@ class CudaIpcPool:
                     )
                 entry = _PoolEntry(buffer, region_id, generation)
                 self._entries[region_id] = entry
-                offset = _take(entry, block)
+                offset = entry.take(block)
                 assert offset is not None
                 return DeviceSlice(self, entry, offset, nbytes, block)
 
@@ -998,32 +997,6 @@ class CudaIpcPool:
     def __repr__(self) -> str:
         return (f"CudaIpcPool(device={self.device_uuid}, regions={len(self._entries)}, "
                 f"closed={self._closed})")
-
-
-def _take(entry: _PoolEntry, block: int) -> int | None:
-    for i, (start, size) in enumerate(entry.free):
-        if size >= block:
-            if size == block:
-                del entry.free[i]
-            else:
-                entry.free[i] = [start + block, size - block]
-            entry.used += block
-            return start
-    return None
-
-
-def _give_back(entry: _PoolEntry, start: int, block: int) -> None:
-    entry.used -= block
-    free = entry.free
-    i = bisect.bisect_left(free, [start, 0])
-    if i > 0 and free[i - 1][0] + free[i - 1][1] == start:
-        i -= 1
-        free[i][1] += block
-    else:
-        free.insert(i, [start, block])
-    if i + 1 < len(free) and free[i][0] + free[i][1] == free[i + 1][0]:
-        free[i][1] += free[i + 1][1]
-        del free[i + 1]
 
 
 def client_cuda_ipc_problem() -> str | None:

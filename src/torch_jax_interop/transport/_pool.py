@@ -9,7 +9,6 @@ every region, unlinks its name right after the worker has attached it, and unmap
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import mmap
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import PoolExhaustedError, TransportError
+from ._freelist import FreeList
 from ._shm import ALIGNMENT, SharedMemoryRegion, numpy_view
 
 RegisterFn = Callable[[SharedMemoryRegion], tuple[int, int]]
@@ -34,43 +34,17 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class _PoolRegion:
+class _PoolRegion(FreeList):
     """One region of the pool and its free list (sorted, coalesced ``[offset, size]`` blocks)."""
 
-    __slots__ = ("region", "region_id", "generation", "free", "used", "retired")
+    __slots__ = ("region", "region_id", "generation", "retired")
 
     def __init__(self, region: SharedMemoryRegion, region_id: int, generation: int) -> None:
+        super().__init__(region.size)
         self.region = region
         self.region_id = region_id
         self.generation = generation
-        self.free: list[list[int]] = [[0, region.size]]
-        self.used = 0
         self.retired = False
-
-    def take(self, block: int) -> int | None:
-        """First fit: the offset of a free block of ``block`` bytes, or None."""
-        for i, (start, size) in enumerate(self.free):
-            if size >= block:
-                if size == block:
-                    del self.free[i]
-                else:
-                    self.free[i] = [start + block, size - block]
-                self.used += block
-                return start
-        return None
-
-    def give_back(self, start: int, block: int) -> None:
-        """Return ``[start, start + block)`` and merge it with free neighbours."""
-        self.used -= block
-        i = bisect.bisect_left(self.free, [start, 0])
-        if i > 0 and self.free[i - 1][0] + self.free[i - 1][1] == start:
-            i -= 1
-            self.free[i][1] += block
-        else:
-            self.free.insert(i, [start, block])
-        if i + 1 < len(self.free) and self.free[i][0] + self.free[i][1] == self.free[i + 1][0]:
-            self.free[i][1] += self.free[i + 1][1]
-            del self.free[i + 1]
 
 
 class _PoolState:
