@@ -19,6 +19,7 @@ normal client. The case counts go to ``.cache/reliability.json`` (see ``reliabil
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -557,32 +558,65 @@ _FIXED_NAMES = ["../../etc/passwd", "tji-1-0000000000000000", "psm_1", "", "tji-
                 "x" * 5000]
 
 
-@st.composite
-def region_ops(draw: st.DrawFn) -> tuple[str, int, Any, Any]:
-    """(op, session choice, fields, id references). Nothing here reads the fixture: names and
-    sessions are drawn as references that ``_region_request`` resolves, so every draw is the
-    same whatever state the worker and the fixture are in (hypothesis replays choices)."""
-    op = draw(st.sampled_from(["register"] * 4 + ["release_region"] * 2 + ["backward"] * 2
-                              + ["release", "make_residual"]))
-    session = draw(st.integers(0, 8))
+_OPS = ["register"] * 4 + ["release_region"] * 2 + ["backward"] * 2 + ["release",
+                                                                          "make_residual"]
+_COTANGENT_STRUCTURES: list[tuple[list[pb.TreeNode], int] | None] = [
+    None,
+    ([pb.TreeNode(kind=pb.TreeNode.NONE)], 0),
+    ([pb.TreeNode(kind=pb.TreeNode.TUPLE, num_children=2), pb.TreeNode(kind=pb.TreeNode.LEAF)],
+     1),
+    ([pb.TreeNode(kind=pb.TreeNode.LEAF)], 3),
+    ([pb.TreeNode(kind=pb.TreeNode.DICT, keys=["a", "a"]), pb.TreeNode(kind=pb.TreeNode.LEAF),
+      pb.TreeNode(kind=pb.TreeNode.LEAF)], 2),
+    ([pb.TreeNode(kind=99)], 1),
+    ([], 0),
+]
+
+
+def _u64(rng: random.Random) -> int:
+    pick = rng.random()
+    if pick < 0.4:
+        return rng.choice(BOUNDARY)
+    if pick < 0.7:
+        return rng.randrange(REGION + 4096)
+    return rng.randrange(2**64)
+
+
+def _id_ref(rng: random.Random) -> tuple[str, int]:
+    return ("known", rng.randrange(16)) if rng.random() < 0.67 else ("raw", _u64(rng))
+
+
+def region_ops(rng: random.Random) -> tuple[str, int, Any, Any]:
+    """(op, session choice, fields, id references), drawn from a seeded generator.
+
+    This stateful sequence does not use hypothesis: hypothesis replays choice sequences and
+    checks that each replay draws the same way, and across a long test session that check
+    tripped here (its pool of constants grows as modules are imported), failing runs whose
+    requests were all answered correctly. Names and sessions are references that
+    ``_region_request`` resolves against the fixture.
+    """
+    op = rng.choice(_OPS)
+    session = rng.randrange(9)
     if op == "register":
-        name = draw(st.one_of(
-            st.tuples(st.just("lure"), st.integers(0, 63)),
-            st.tuples(st.just("foreign"), st.integers(0, 63)),
-            st.tuples(st.just("literal"), st.sampled_from(_FIXED_NAMES + ["/dev/shm/lure"])),
-            st.tuples(st.just("literal"),
-                      st.text(st.characters(exclude_categories=("Cs",)), max_size=40))))
-        size = draw(st.one_of(st.sampled_from([1, 64, 4095, 4096, 4097]), u64))
-        kind = draw(st.sampled_from([pb.SHARED_MEMORY] * 3 + [0, pb.INLINE, pb.CUDA_IPC, 9]))
+        how = rng.randrange(4)
+        if how == 0:
+            name: Any = ("lure", rng.randrange(64))
+        elif how == 1:
+            name = ("foreign", rng.randrange(64))
+        elif how == 2:
+            name = ("literal", rng.choice(_FIXED_NAMES + ["/dev/shm/lure"]))
+        else:
+            alphabet = "tji-0123456789abcdefABCDEF/.\n\x00é\u2028 "
+            name = ("literal", "".join(rng.choice(alphabet) for _ in range(rng.randrange(41))))
+        size = rng.choice([1, 64, 4095, 4096, 4097]) if rng.random() < 0.5 else _u64(rng)
+        kind = rng.choice([pb.SHARED_MEMORY] * 3 + [0, pb.INLINE, pb.CUDA_IPC, 9])
         return op, session, (name, size, kind), None
     if op == "release_region":
-        return op, session, None, draw(_ids)
+        return op, session, None, _id_ref(rng)
     if op == "backward":
-        keep = draw(st.booleans())
-        structure = draw(st.one_of(st.just(None), structures()))
-        return op, session, (keep, structure), draw(_ids)
+        return op, session, (rng.random() < 0.5, rng.choice(_COTANGENT_STRUCTURES)), _id_ref(rng)
     if op == "release":
-        return op, session, None, draw(st.lists(_ids, max_size=5))
+        return op, session, None, [_id_ref(rng) for _ in range(rng.randrange(6))]
     return op, session, None, None
 
 
@@ -615,10 +649,14 @@ def _region_request(fz: Fuzz, op: str, session_choice: int, fields: Any) -> Any:
     return request
 
 
-@settings(FUZZ, max_examples=1_000)
-@given(data=st.data())
-def test_region_and_residual_operations(fz: Fuzz, data: st.DataObject) -> None:
-    op, session_choice, fields, ref = data.draw(region_ops(), "operation")
+def test_region_and_residual_operations(fz: Fuzz) -> None:
+    rng = random.Random(20261125)
+    for _ in range(1_000):
+        _region_and_residual_operation(fz, *region_ops(rng))
+
+
+def _region_and_residual_operation(fz: Fuzz, op: str, session_choice: int, fields: Any,
+                                   ref: Any) -> None:
     request = _region_request(fz, op, session_choice, fields)
     if op == "release_region":
         request.region_id = _resolve(ref, fz.c_regions)
