@@ -14,7 +14,7 @@ from ._suite import ERROR, Record, Suite
 
 GROUP = "gpu"
 CASE = "identity round trip, cuda tensor"
-SIZES = (64 * 2**10, 16 * 2**20, 64 * 2**20, 256 * 2**20)
+SIZES = (64 * 2**10, 16 * 2**20, 64 * 2**20, 256 * 2**20, 2**30)  # 1 GiB: issue 6 target
 QUICK_SIZES = (64 * 2**10,)
 TRANSPORTS = ("cuda_ipc", "shm", "inline")
 
