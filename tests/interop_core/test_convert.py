@@ -567,7 +567,12 @@ def test_sharded_arrays_raise_and_single_device_ones_convert(run_python) -> None
         assert t.data_ptr() == shard.unsafe_buffer_pointer()
         on_second = torch_to_jax(torch.arange(4.0), device=jax.devices()[1])
         assert on_second.devices() == {jax.devices()[1]}, on_second.devices()
-        print("ok")
+        print("ok", flush=True)
+        # Skip interpreter teardown: with two forced host devices, XLA's thread pools
+        # sometimes abort at exit ("terminate called without an active exception") after
+        # every check above has passed. What this test checks is done by now.
+        import os
+        os._exit(0)
         """,
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"},
     )
