@@ -680,7 +680,8 @@ def _region_and_residual_operation(fz: Fuzz, op: str, session_choice: int, field
     elif op == "release_region":
         valid = live and request.region_id in fz.c_regions
         assert (response is not None) == valid, request
-        fz.c_regions.discard(request.region_id)
+        if valid:  # a refused release (wrong session, unknown id) leaves C's regions alone
+            fz.c_regions.discard(request.region_id)
     elif op == "backward":
         if response is not None:
             assert live and request.residual_id in fz.c_residuals_ever
