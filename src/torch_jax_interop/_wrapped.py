@@ -22,6 +22,7 @@ under a handle. The handle lives in a ``_Residuals`` object stored on the autogr
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -29,11 +30,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ._errors import DoubleBackwardError
-from ._pytree import DATACLASS, DICT, LEAF, LEAF_SPEC, NONE, NONE_SPEC, TreeSpec, flatten
+from ._pytree import DATACLASS, DICT, LEAF, LEAF_SPEC, NONE, TreeSpec, flatten
 
 __all__ = ["VjpBackend", "WrappedJaxFunction"]
 
 _Tensor = torch.Tensor
+_NO_CONTEXT = contextlib.nullcontext()
 _is_grad_enabled = torch.is_grad_enabled
 _keep_graph: Callable[[], bool] = getattr(
     torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
@@ -163,17 +165,26 @@ class _Residuals:
 
 
 class _Call:
-    """One forward call: how to rebuild the arguments from the flat tensors, and back."""
+    """One forward call: how to rebuild the arguments from the flat tensors, and back.
+
+    ``params_spec`` is ``None`` for a function without parameters (``apply_backend``);
+    ``statics`` are the ``(position, value)`` pairs of the non-tensor leaves, part of a
+    backend's compilation key. A backend with the flat interface (``flat_forward``,
+    ``flat_backward``, ``flat_call``: ``LocalJaxBackend``) gets this object and the flat
+    tensors; others get rebuilt pytrees (``arguments``) and return pytrees of gradients.
+    """
 
     __slots__ = (
         "aux",
         "backend",
+        "flat",
         "has_aux",
         "in_spec",
         "leaves",
         "num_params",
         "out_spec",
         "params_spec",
+        "statics",
         "tensor_positions",
     )
 
@@ -181,36 +192,45 @@ class _Call:
         self,
         backend: VjpBackend,
         has_aux: bool,
-        params_spec: TreeSpec,
+        params_spec: TreeSpec | None,
         num_params: int,
         in_spec: TreeSpec,
         leaves: list[Any],
         tensor_positions: list[int],
+        statics: tuple = (),
     ) -> None:
         self.backend = backend
+        self.flat = hasattr(backend, "flat_forward")
         self.has_aux = has_aux
         self.params_spec = params_spec
         self.num_params = num_params
         self.in_spec = in_spec
         self.leaves = leaves
         self.tensor_positions = tensor_positions
-        self.out_spec: TreeSpec = LEAF_SPEC
+        self.statics = statics
+        self.out_spec: Any = LEAF_SPEC  # anything with `.unflatten(leaves)`
         self.aux: Any = None
 
     def arguments(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
         num_params = self.num_params
-        params = self.params_spec.unflatten(tensors[:num_params])
         leaves = self.leaves
         for position, tensor in zip(self.tensor_positions, tensors[num_params:], strict=True):
             leaves[position] = tensor
         user_args, kwargs = self.in_spec.unflatten(leaves)
+        if self.params_spec is None:
+            return tuple(user_args), kwargs
+        params = self.params_spec.unflatten(tensors[:num_params])
         return (params, *user_args), kwargs
 
     def input_gradients(self, grad_args: Any, grad_kwargs: Any) -> list[Any]:
         if grad_args is None:
             return [None] * (self.num_params + len(self.tensor_positions))
-        grads = _leaves_like(self.params_spec, grad_args[0])
-        user = _leaves_like(self.in_spec, (tuple(grad_args[1:]), grad_kwargs))
+        if self.params_spec is None:
+            grads = []
+            user = _leaves_like(self.in_spec, (tuple(grad_args), grad_kwargs))
+        else:
+            grads = _leaves_like(self.params_spec, grad_args[0])
+            user = _leaves_like(self.in_spec, (tuple(grad_args[1:]), grad_kwargs))
         grads.extend(user[i] for i in self.tensor_positions)
         return grads
 
@@ -239,17 +259,22 @@ def _leaves_like(spec: TreeSpec, tree: Any) -> list[Any]:
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        args, kwargs = call.arguments(tensors)
-        outputs, aux, handle = call.backend.call_with_vjp(args, kwargs, has_aux=call.has_aux)
+        if call.flat:
+            flat, call.out_spec, aux, handle = call.backend.flat_forward(  # type: ignore[attr-defined]
+                call, tensors
+            )
+        else:
+            args, kwargs = call.arguments(tensors)
+            outputs, aux, handle = call.backend.call_with_vjp(args, kwargs, has_aux=call.has_aux)
+            if isinstance(outputs, _Tensor):
+                flat = [outputs]
+            else:
+                flat, call.out_spec = flatten(outputs)
         ctx.call = call
         ctx.residuals = _Residuals(call.backend, handle)
         # for create_graph only (see backward); a plain reference, not a saved tensor
         ctx.anchor = next((t for t in tensors if t.requires_grad), None)
         call.aux = aux
-        if isinstance(outputs, _Tensor):
-            flat = [outputs]
-        else:
-            flat, call.out_spec = flatten(outputs)
         frozen = [
             t
             for t in flat
@@ -272,15 +297,17 @@ class _JaxFunction(torch.autograd.Function):
             )
         retain = _keep_graph()
         create_graph = _is_grad_enabled()
-        tree = call.out_spec.unflatten(cotangents)
-        if create_graph:
-            with torch.no_grad():
+        with torch.no_grad() if create_graph else _NO_CONTEXT:
+            if call.flat:
+                grads = call.backend.flat_backward(  # type: ignore[attr-defined]
+                    handle, cotangents, retain=retain
+                )
+            else:
+                tree = call.out_spec.unflatten(cotangents)
                 grad_args, grad_kwargs = call.backend.backward(handle, tree, retain=retain)
-        else:
-            grad_args, grad_kwargs = call.backend.backward(handle, tree, retain=retain)
+                grads = call.input_gradients(grad_args, grad_kwargs)
         if not retain:
             residuals.handle = None
-        grads = call.input_gradients(grad_args, grad_kwargs)
         if create_graph:
             # The gradients are constants to torch; tie them to the inputs so that
             # differentiating them again reaches a node that says why it cannot work.
@@ -384,6 +411,7 @@ class WrappedJaxFunction(torch.nn.Module):
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
         params = [d[name] for d, name in self._slots]
+        statics: tuple = ()
         if not kwargs and all(isinstance(a, _Tensor) for a in args):
             # fast path: only tensor arguments
             spec = self._arg_specs.get(len(args))
@@ -395,17 +423,15 @@ class WrappedJaxFunction(torch.nn.Module):
             user_tensors = leaves
         else:
             leaves, spec = flatten((args, kwargs))
-            tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tensor)]
+            tensor_positions = []
+            static_list = []
+            for i, leaf in enumerate(leaves):
+                if isinstance(leaf, _Tensor):
+                    tensor_positions.append(i)
+                else:
+                    static_list.append((i, leaf))
+            statics = tuple(static_list)
             user_tensors = [leaves[i] for i in tensor_positions]
-
-        if not (
-            _is_grad_enabled()
-            and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
-        ):
-            outputs, aux = self.backend.call(
-                (self._params_spec.unflatten(params), *args), kwargs, has_aux=self.has_aux
-            )
-            return (outputs, aux) if self.has_aux else outputs
 
         call = _Call(
             self.backend,
@@ -413,9 +439,25 @@ class WrappedJaxFunction(torch.nn.Module):
             self._params_spec,
             len(params),
             spec,
-            list(leaves),
+            leaves,
             tensor_positions,
+            statics,
         )
+        if not (
+            _is_grad_enabled()
+            and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
+        ):
+            if call.flat:
+                flat, treedef, aux = self.backend.flat_call(  # type: ignore[attr-defined]
+                    call, [*params, *user_tensors]
+                )
+                outputs = treedef.unflatten(flat)
+            else:
+                outputs, aux = self.backend.call(
+                    (self._params_spec.unflatten(params), *args), kwargs, has_aux=self.has_aux
+                )
+            return (outputs, aux) if self.has_aux else outputs
+
         flat = _JaxFunction.apply(call, *params, *user_tensors)
         outputs = call.out_spec.unflatten(flat)
         return (outputs, call.aux) if self.has_aux else outputs
@@ -435,29 +477,6 @@ def _run_outside_dynamo(module: WrappedJaxFunction, args: tuple, kwargs: dict) -
 _run_outside_dynamo = torch._disable_dynamo(_run_outside_dynamo)  # type: ignore[attr-defined]
 
 
-class _WithoutParams:
-    """Adapts a backend of ``f(*args, **kwargs)`` to the ``(params, *args)`` calling
-    convention of ``_JaxFunction`` (params are ``None`` here)."""
-
-    __slots__ = ("backend",)
-
-    def __init__(self, backend: VjpBackend) -> None:
-        self.backend = backend
-
-    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
-        return self.backend.call(args[1:], kwargs, has_aux=has_aux)
-
-    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
-        return self.backend.call_with_vjp(args[1:], kwargs, has_aux=has_aux)
-
-    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
-        grad_args, grad_kwargs = self.backend.backward(handle, cotangents, retain=retain)
-        return (None, *(grad_args or ())), grad_kwargs
-
-    def release(self, handle: Any) -> None:
-        self.backend.release(handle)
-
-
 def apply_backend(backend: VjpBackend, args: tuple, kwargs: dict, *,
                   has_aux: bool = False) -> Any:
     """Call ``f(*args, **kwargs)`` through ``backend`` with torch autograd: gradients flow to
@@ -467,7 +486,8 @@ def apply_backend(backend: VjpBackend, args: tuple, kwargs: dict, *,
     """
     leaves, spec = flatten((args, kwargs))
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tensor)]
-    call = _Call(_WithoutParams(backend), has_aux, NONE_SPEC, 0, spec, list(leaves), positions)
+    statics = tuple((i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, _Tensor))
+    call = _Call(backend, has_aux, None, 0, spec, leaves, positions, statics)
     flat = _JaxFunction.apply(call, *(leaves[i] for i in positions))
     outputs = call.out_spec.unflatten(flat)
     return (outputs, call.aux) if has_aux else outputs

@@ -154,6 +154,96 @@ def test_gradcheck_inputs_params_and_kwargs(x64: None) -> None:
     assert torch.autograd.gradcheck(as_function, (w, b, x, y))
 
 
+def scalar_loss(p: Any, x: jax.Array) -> jax.Array:
+    return jnp.mean(linear_tanh(p, x) ** 2)
+
+
+def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> None:
+    module = WrappedJaxFunction(scalar_loss, make_params(jnp.float64))
+    backend = module.backend
+    assert isinstance(backend, LocalJaxBackend)
+    reference = torch_copies(module)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+
+    loss = module(x)
+    assert loss.shape == () and loss.requires_grad
+    assert (backend.fused_calls, backend.vjp_calls, backend.live_residuals) == (1, 1, 1)
+    # a cotangent other than 1 (the gradients are scaled) and a used-twice graph
+    (3.0 * loss + loss).backward()
+    (4.0 * torch.mean(torch_linear_tanh(reference, x_ref) ** 2)).backward()
+    assert backend.live_residuals == 0
+    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(module.params["b"].grad, reference["b"].grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=0)
+
+    def as_function(w: torch.Tensor, x: torch.Tensor) -> Any:
+        return torch.func.functional_call(module, {"params.w": w}, (x,))
+
+    w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(as_function, (w, x.detach().requires_grad_()))
+    assert backend.fused_calls > 1
+
+
+def test_scalar_output_gradients_survive_retain_graph_and_accumulation() -> None:
+    module = WrappedJaxFunction(scalar_loss, make_params())
+    x = torch.randn(5, 4)
+    loss = module(x)
+    loss.backward(retain_graph=True)
+    first = module.params["w"].grad.clone()
+    # torch accumulates into .grad in place: the stored gradients must not change
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(module.params["w"].grad, 3 * first)
+    assert module.backend.live_residuals == 0
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    # a graph dropped without backward releases the stored gradients
+    loss = module(x)
+    assert module.backend.live_residuals == 1
+    del loss
+    gc.collect()
+    assert module.backend.live_residuals == 0
+
+
+def test_non_scalar_and_integer_outputs_keep_residuals() -> None:
+    module = WrappedJaxFunction(lambda p, x: (x @ p["w"]).sum(axis=0, keepdims=True), make_params())
+    module(torch.randn(5, 4)).sum().backward()
+    int_module = WrappedJaxFunction(
+        lambda p, x: (x @ p["w"]).sum().astype(jnp.int32), make_params()
+    )
+    out = int_module(torch.randn(5, 4))
+    assert not out.requires_grad
+    for backend in (module.backend, int_module.backend):
+        assert isinstance(backend, LocalJaxBackend)
+        assert backend.fused_calls == 0 and backend.vjp_calls == 1
+
+
+def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> None:
+    module = WrappedJaxFunction(linear_tanh, make_params())
+    backend = module.backend
+    assert isinstance(backend, LocalJaxBackend)
+    x = torch.randn(5, 4)
+    reference = torch_copies(module)
+    out = module(x)
+    (signature,) = backend._signatures.values()
+    # `x @ w` keeps x for the gradient of w: it is the input itself, not a copy
+    tensors = [*module.parameters(), x]
+    assert [tensors[i] is x for i in signature.saved_inputs] == [True]
+    out.sum().backward()
+    torch_linear_tanh(reference, x).sum().backward()
+    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad)
+
+    out = module(x)
+    x.mul_(2.0)  # would silently change the gradient of w: refused, as torch does
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    assert backend.live_residuals == 1  # refused backward keeps the graph's residuals
+    del out
+    gc.collect()
+    assert backend.live_residuals == 0
+
+
 def test_tuple_and_dict_outputs_are_all_differentiable(x64: None) -> None:
     def f(p: Any, x: jax.Array) -> Any:
         h = x @ p["w"]
