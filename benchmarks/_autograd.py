@@ -14,8 +14,21 @@ LINEAR = "torch_module_to_jax(Linear(3,2)) under jax.jit"
 MLP = "MLP 784-256-10 train step, batch 256"
 MLP_BYTES = _models.MLP_BATCH * _models.MLP_SIZES[0] * 4  # the input batch, float32
 TINY_REFERENCE = "raw jax.jit(jax.vjp) fwd + jitted bwd"
+# the same two jitted calls inside the smallest hand-written torch.autograd.Function: what
+# any wrapper going through torch's autograd engine pays at least
+TINY_FLOOR = "minimal autograd.Function around the same jitted calls"
 LINEAR_REFERENCE = "torch forward (no_grad)"
 MLP_REFERENCE = "pure JAX (jit, hand-written SGD)"
+# Where the loss is computed (torch's cross_entropy on the JAX logits, or inside the JAX
+# function, whose scalar output gets its gradients with the forward pass), and how many
+# threads torch's own ops use: on a machine with few cores, torch's OpenMP threads keep
+# spinning after each parallel op (the optimizer step) and slow down XLA's next computation.
+MLP_CASES = {
+    f"{MLP}, loss in torch": ("torch", None),
+    f"{MLP}, loss in JAX": ("jax", None),
+    f"{MLP}, loss in torch, torch.set_num_threads(1)": ("torch", 1),
+    f"{MLP}, loss in JAX, torch.set_num_threads(1)": ("jax", 1),
+}
 
 
 def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
@@ -28,13 +41,25 @@ def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
     # registered up front, so that a case that cannot run still shows its target as n/a
     target = Target("<=", 10.0, "autograd issue")
     suite.compare(GROUP, TINY, 0, "ours", TINY_REFERENCE, Target("<=", 3.0, "autograd issue"))
+    suite.compare(GROUP, TINY, 0, TINY_FLOOR, TINY_REFERENCE)
+    suite.compare(GROUP, TINY, 0, "ours", TINY_FLOOR)
     suite.compare(GROUP, LINEAR, 0, "ours", LINEAR_REFERENCE, target)
-    suite.compare(GROUP, MLP, MLP_BYTES, "ours", MLP_REFERENCE, Target("<=", 1.3, "autograd issue"))
+    mlp_target = Target("<=", 1.3, "autograd issue")
+    for name in MLP_CASES:
+        suite.compare(GROUP, name, MLP_BYTES, "ours", MLP_REFERENCE, mlp_target)
     return [
         ("autograd tiny fwd+bwd", lambda: _guard(suite, TINY, lambda: tiny_case(suite))),
         ("autograd torch_module_to_jax", lambda: _guard(suite, LINEAR, lambda: linear_case(suite))),
-        ("autograd MLP train step", lambda: _guard(suite, MLP, lambda: mlp_case(suite))),
+        *(
+            (f"autograd {name[len(MLP) + 2:]}", _mlp_task(suite, name))
+            for name in MLP_CASES
+        ),
     ]
+
+
+def _mlp_task(suite: Suite, name: str) -> Callable[[], None]:
+    loss_in, threads = MLP_CASES[name]
+    return lambda: _guard(suite, name, lambda: mlp_case(suite, name, loss_in, threads))
 
 
 def _guard(suite: Suite, name: str, run: Callable[[], None]) -> None:
@@ -90,8 +115,46 @@ def tiny_case(suite: Suite) -> None:
         _, vjp_fn = forward(params, x)
         jax.block_until_ready(backward(vjp_fn, cotangent))
 
+    floor = _minimal_autograd_function(forward, backward, params_np, x_torch, cotangent_torch)
     reference = TINY_REFERENCE
-    suite.measure(GROUP, TINY, 0, {"ours": ours, reference: raw}, references=(reference,))
+    suite.measure(
+        GROUP,
+        TINY,
+        0,
+        {"ours": ours, reference: raw, TINY_FLOOR: floor},
+        references=(reference, TINY_FLOOR),
+    )
+
+
+def _minimal_autograd_function(
+    forward: Any, backward: Any, params_np: Any, x_torch: Any, cotangent_torch: Any
+) -> Callable[[], None]:
+    """The tiny case hand-written for this one function: numpy views in, DLPack out, no
+    pytrees, no caches, no checks. Not a product: the floor under any autograd wrapper."""
+    import torch
+
+    from torch_jax_interop.interop_core._convert import _array_to_torch
+
+    w = torch.tensor(params_np["w"], requires_grad=True)
+    b = torch.tensor(params_np["b"], requires_grad=True)
+
+    class Minimal(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, w: Any, b: Any, x: Any) -> Any:  # type: ignore[override]
+            out, ctx.vjp = forward({"w": w.numpy(), "b": b.numpy()}, x.numpy())
+            return _array_to_torch(out)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+            (grads,) = backward(ctx.vjp, grad.numpy())
+            ctx.vjp = None
+            return _array_to_torch(grads["w"]), _array_to_torch(grads["b"]), None
+
+    def floor() -> None:
+        w.grad = b.grad = None
+        Minimal.apply(w, b, x_torch).backward(cotangent_torch)
+
+    return floor
 
 
 def linear_case(suite: Suite) -> None:
@@ -128,12 +191,18 @@ def linear_case(suite: Suite) -> None:
     )
 
 
-def mlp_case(suite: Suite) -> None:
+def mlp_case(suite: Suite, name: str, loss_in: str, threads: int | None) -> None:
     import jax
     import jax.numpy as jnp
+    import torch
 
     wrapper_class = wrapped_jax_function()
-    ours = make_torch_training_step(lambda params: wrapper_class(_models.mlp_apply, params))
+    if loss_in == "torch":
+        ours = make_torch_training_step(lambda params: wrapper_class(_models.mlp_apply, params))
+    else:
+        ours = make_torch_training_step(
+            lambda params: wrapper_class(_models.mlp_loss, params), loss_in_jax=True
+        )
 
     step = _models.make_sgd_step()
     x_np, y_np = _models.mlp_batch()
@@ -145,13 +214,24 @@ def mlp_case(suite: Suite) -> None:
         loss.block_until_ready()
 
     reference = MLP_REFERENCE
-    suite.measure(
-        GROUP, MLP, MLP_BYTES, {"ours": ours, reference: pure_jax}, references=(reference,)
-    )
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        # Not interleaved, unlike the other cases: a torch step's OpenMP threads keep a core
+        # busy after it, which would slow down the pure JAX sample timed next to it.
+        suite.measure(GROUP, name, MLP_BYTES, {reference: pure_jax}, references=(reference,))
+        suite.measure(GROUP, name, MLP_BYTES, {"ours": ours})
+    finally:
+        torch.set_num_threads(before)
 
 
-def make_torch_training_step(build: Callable[[Any], Any]) -> Callable[[], None]:
-    """A torch SGD step through a module built from the MLP's JAX parameters."""
+def make_torch_training_step(
+    build: Callable[[Any], Any], *, loss_in_jax: bool = False
+) -> Callable[[], None]:
+    """A torch SGD step through a module built from the MLP's JAX parameters: the module
+    returns logits (the loss is torch's ``cross_entropy``) or, with ``loss_in_jax``, the
+    loss itself."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -161,6 +241,7 @@ def make_torch_training_step(build: Callable[[Any], Any]) -> Callable[[], None]:
     x_np, y_np = _models.mlp_batch()
     x_torch = torch.tensor(x_np)  # torch allocates 64-byte aligned; numpy may not
     y_torch = torch.tensor(y_np).long()
+    y_int32 = torch.tensor(y_np)
 
     def step() -> None:
         optimizer.zero_grad()
@@ -168,4 +249,9 @@ def make_torch_training_step(build: Callable[[Any], Any]) -> Callable[[], None]:
         loss.backward()
         optimizer.step()
 
-    return step
+    def step_loss_in_jax() -> None:
+        optimizer.zero_grad()
+        module(x_torch, y_int32).backward()
+        optimizer.step()
+
+    return step_loss_in_jax if loss_in_jax else step

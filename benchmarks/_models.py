@@ -64,6 +64,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
 
 
+def mlp_loss(params: dict[str, jax.Array], x: jax.Array, labels: jax.Array) -> jax.Array:
+    """The MLP's mean cross-entropy: a scalar, the function a loss-in-JAX step wraps."""
+    return cross_entropy(mlp_apply(params, x), labels)
+
+
 def make_sgd_step(apply: Any = mlp_apply, learning_rate: float = LEARNING_RATE) -> Any:
     """One pure-JAX training step, optax-style SGD written by hand, jitted."""
 

@@ -40,6 +40,18 @@ class TreeSpec:
     meta: Any = None
     num_leaves: int = 1
 
+    def __hash__(self) -> int:
+        # computed once: specs key the compilation caches and are hashed on every call
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.kind, self.children, self.meta, self.num_leaves))
+            object.__setattr__(self, "_hash", cached)
+        return cached  # type: ignore[no-any-return]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # string hashes differ between processes: never carry the cached one along
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def unflatten(self, leaves: Iterable[Any]) -> Any:
         """Rebuild the tree from ``leaves`` (in the order ``flatten`` gave them)."""
         iterator = iter(leaves)

@@ -138,7 +138,8 @@ def test_markdown_table_has_rows(quick_run: tuple[Path, list[str], str]) -> None
         "| convert | jax_to_torch float32 | 64 MiB |",
         "| convert | torch_to_jax, each of",
         "| autograd | WrappedJaxFunction fwd+bwd, tiny fn |",
-        "| autograd | MLP 784-256-10 train step, batch 256 |",
+        "| autograd | MLP 784-256-10 train step, batch 256, loss in torch |",
+        "| autograd | MLP 784-256-10 train step, batch 256, loss in JAX |",
     ):
         assert row in table
     if "remote" in groups:
