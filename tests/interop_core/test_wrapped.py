@@ -130,9 +130,12 @@ def test_gradients_equal_torch_autograd_float64(x64: None) -> None:
     (out**2).sum().backward()
     (torch_linear_tanh(reference, x_ref) ** 2).sum().backward()
 
-    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad, rtol=1e-12, atol=0)
-    torch.testing.assert_close(module.params["b"].grad, reference["b"].grad, rtol=1e-12, atol=0)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=0)
+    # a gradient summed over the batch can cancel to near zero, where only an absolute
+    # bound makes sense: float64 sums of a few O(1) terms differ by up to ~3e-15
+    close = {"rtol": 1e-12, "atol": 1e-13}
+    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad, **close)
+    torch.testing.assert_close(module.params["b"].grad, reference["b"].grad, **close)
+    torch.testing.assert_close(x.grad, x_ref.grad, **close)
 
 
 def test_gradcheck_inputs_params_and_kwargs(x64: None) -> None:
@@ -173,9 +176,12 @@ def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> No
     (3.0 * loss + loss).backward()
     (4.0 * torch.mean(torch_linear_tanh(reference, x_ref) ** 2)).backward()
     assert backend.live_residuals == 0
-    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad, rtol=1e-12, atol=0)
-    torch.testing.assert_close(module.params["b"].grad, reference["b"].grad, rtol=1e-12, atol=0)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=0)
+    # scaling the stored gradients rounds differently from carrying 4.0 through the chain
+    # rule: a few ulps, float64
+    close = {"rtol": 1e-10, "atol": 1e-13}
+    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad, **close)
+    torch.testing.assert_close(module.params["b"].grad, reference["b"].grad, **close)
+    torch.testing.assert_close(x.grad, x_ref.grad, **close)
 
     def as_function(w: torch.Tensor, x: torch.Tensor) -> Any:
         return torch.func.functional_call(module, {"params.w": w}, (x,))
@@ -242,6 +248,53 @@ def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> 
     del out
     gc.collect()
     assert backend.live_residuals == 0
+
+
+def test_scalar_output_with_aux() -> None:
+    def f(p: Any, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        prediction = linear_tanh(p, x)
+        return jnp.mean(prediction**2), {"prediction": prediction}
+
+    module = WrappedJaxFunction(f, make_params(), has_aux=True)
+    reference = torch_copies(module)
+    x = torch.randn(5, 4)
+    loss, aux = module(x)
+    assert module.backend.fused_calls == 1
+    assert not aux["prediction"].requires_grad
+    (2.0 * loss).backward()
+    ref_prediction = torch_linear_tanh(reference, x)
+    (2.0 * torch.mean(ref_prediction**2)).backward()
+    torch.testing.assert_close(aux["prediction"], ref_prediction.detach())
+    torch.testing.assert_close(module.params["w"].grad, reference["w"].grad)
+
+
+def test_local_backend_pytree_protocol_methods() -> None:
+    """The VjpBackend methods (pytrees in and out) that `connect("inproc")` and other
+    callers use, next to the flat ones WrappedJaxFunction uses."""
+
+    def f(x: jax.Array, scale: float, *, y: jax.Array) -> dict[str, jax.Array]:
+        return {"a": jnp.sin(x) * scale, "b": x @ y}
+
+    backend = LocalJaxBackend(f)
+    x = torch.randn(2, 3, requires_grad=True)
+    y = torch.randn(3, 4)  # no gradient wanted
+    outputs, aux = backend.call((x, 2.0), {"y": y}, has_aux=False)
+    assert aux is None
+    torch.testing.assert_close(outputs["a"], torch.sin(x.detach()) * 2.0)
+    outputs, aux, handle = backend.call_with_vjp((x, 2.0), {"y": y}, has_aux=False)
+    assert backend.live_residuals == 1
+    cotangents = {"a": torch.ones(2, 3), "b": torch.ones(2, 4)}
+    (grad_x, grad_scale), grad_kwargs = backend.backward(handle, cotangents, retain=False)
+    assert grad_scale is None and grad_kwargs == {"y": None}
+    expected = torch.cos(x.detach()) * 2.0 + torch.ones(2, 4) @ y.t()
+    torch.testing.assert_close(grad_x, expected)
+    assert backend.live_residuals == 0
+    _, _, handle = backend.call_with_vjp((x, 2.0), {"y": y}, has_aux=False)
+    backend.release(handle)
+    backend.release(handle)  # idempotent
+    assert backend.live_residuals == 0
+    with pytest.raises(RuntimeError, match="already freed"):
+        backend.backward(handle, cotangents, retain=False)
 
 
 def test_tuple_and_dict_outputs_are_all_differentiable(x64: None) -> None:
