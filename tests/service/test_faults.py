@@ -236,6 +236,23 @@ def test_another_sessions_region_is_not_usable(fresh_worker: WorkerProcess) -> N
             channel.close()
 
 
+def test_no_grad_leaves_out_of_range_is_invalid_argument(raw) -> None:  # noqa: ANN001
+    stub, session = raw
+    request = pb.CallRequest(session_id=session, function="identity", keep_residuals=True,
+                             no_grad_leaves=[5])
+    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
+    request.args.nodes.add(kind=pb.TreeNode.LEAF)
+    request.args.leaves.append(pb.Tensor(dtype=pb.FLOAT32, shape=[1], inline_data=b"\0\0\x80?"))
+    request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Call(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no_grad_leaves names leaf 5, but the call has 1 tensor leaves" in caught.value.details()
+    del request.no_grad_leaves[:]
+    response = stub.Call(request, timeout=30)  # the worker is still up; now valid
+    assert response.residual_id > 0
+
+
 def test_unknown_session_is_refused(raw) -> None:  # noqa: ANN001
     stub, _ = raw
     with pytest.raises(grpc.RpcError, match="unknown or ended session"):

@@ -67,6 +67,30 @@ def test_remote_training_matches_in_process_training(worker: WorkerProcess) -> N
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
+def test_remote_scalar_loss_gradients_match_in_process(worker: WorkerProcess) -> None:
+    """A scalar output: the worker computes the gradients with the forward pass and backward
+    scales them by the cotangent; a retained graph gives the same gradients twice."""
+    g = torch.Generator().manual_seed(3)
+    x, labels = torch.randn(64, 784, generator=g), torch.randint(0, 10, (64,), generator=g)
+
+    def grads(w) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        module = WrappedJaxFunction(w.function("mlp_loss"), _params(2))
+        loss = module(x, labels.int())
+        assert loss.shape == ()
+        (3.0 * loss).backward(retain_graph=True)
+        loss.backward()  # a second backward through the same graph: 3 g + g
+        return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+    with connect("inproc", functions=FUNCTIONS) as local:
+        expected = grads(local)
+    with connect(worker.address) as remote:
+        got = grads(remote)
+    assert set(got) == {"params.w1", "params.b1", "params.w2", "params.b2"}
+    for name in got:
+        assert got[name].abs().sum() > 0
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
 def test_remote_function_is_differentiable_when_inputs_require_grad(
         worker: WorkerProcess) -> None:
     with connect(worker.address) as w:

@@ -325,6 +325,10 @@ class Worker:
                           cuda=session.cuda)
         request = pb.CallRequest(session_id=session.id, function=name,
                                  keep_residuals=keep_residuals, has_aux=has_aux)
+        if keep_residuals:  # the worker differentiates only what needs a gradient
+            request.no_grad_leaves.extend(
+                i for i, t in enumerate((*args_leaves, *kwargs_leaves)) if not t.requires_grad
+            )
         handle = None
         try:
             encoder.tree(args_leaves, args_spec, request.args)

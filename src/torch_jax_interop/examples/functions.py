@@ -29,6 +29,13 @@ def mlp_apply(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return hidden @ params["w2"] + params["b2"]
 
 
+def mlp_loss(params: dict[str, jax.Array], x: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of ``mlp_apply``: a scalar loss, whose gradients the worker
+    computes with the forward pass."""
+    log_probs = jax.nn.log_softmax(mlp_apply(params, x))
+    return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], axis=1))
+
+
 def checksum(x: jax.Array) -> jax.Array:
     """Sum of the input as float32 (for load tests that verify every byte arrived)."""
     return jnp.sum(x.astype(jnp.float32))

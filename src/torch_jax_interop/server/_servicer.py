@@ -335,7 +335,9 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
                 response.required_output_bytes = need
                 return response
         if request.keep_residuals:
-            out, aux, vjp_fn = function.call_with_vjp(args, kwargs, request.has_aux)
+            out, aux, vjp_fn = function.call_with_vjp(
+                args, kwargs, request.has_aux, _no_grad_leaves(request)
+            )
         else:
             out = function.call(args, kwargs, plan)
             aux = None
@@ -379,6 +381,17 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
     def Release(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         return pb.ReleaseResponse(released=session.residuals.release(list(request.residual_ids)))
+
+
+def _no_grad_leaves(request: Any) -> frozenset[int]:
+    no_grad = frozenset(request.no_grad_leaves)
+    total = len(request.args.leaves) + len(request.kwargs.leaves)
+    if no_grad and max(no_grad) >= total:
+        raise InvalidArgumentError(
+            f"no_grad_leaves names leaf {max(no_grad)}, but the call has {total} tensor "
+            "leaves (numbered over args, then kwargs)"
+        )
+    return no_grad
 
 
 def _drop_float0(spec: _pytree.TreeSpec, leaves: list[Any]) -> _pytree.TreeSpec:

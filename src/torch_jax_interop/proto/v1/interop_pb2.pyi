@@ -237,7 +237,7 @@ class ListFunctionsResponse(_message.Message):
     def __init__(self, functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("session_id", "function", "args", "kwargs", "keep_residuals", "has_aux", "output_arena")
+    __slots__ = ("session_id", "function", "args", "kwargs", "keep_residuals", "has_aux", "output_arena", "no_grad_leaves")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,7 @@ class CallRequest(_message.Message):
     KEEP_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     HAS_AUX_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ARENA_FIELD_NUMBER: _ClassVar[int]
+    NO_GRAD_LEAVES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     function: str
     args: Tree
@@ -252,7 +253,8 @@ class CallRequest(_message.Message):
     keep_residuals: bool
     has_aux: bool
     output_arena: OutputArena
-    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args: _Optional[_Union[Tree, _Mapping]] = ..., kwargs: _Optional[_Union[Tree, _Mapping]] = ..., keep_residuals: bool = ..., has_aux: bool = ..., output_arena: _Optional[_Union[OutputArena, _Mapping]] = ...) -> None: ...
+    no_grad_leaves: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., function: _Optional[str] = ..., args: _Optional[_Union[Tree, _Mapping]] = ..., kwargs: _Optional[_Union[Tree, _Mapping]] = ..., keep_residuals: bool = ..., has_aux: bool = ..., output_arena: _Optional[_Union[OutputArena, _Mapping]] = ..., no_grad_leaves: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CallResponse(_message.Message):
     __slots__ = ("outputs", "aux", "residual_id", "required_output_bytes")
