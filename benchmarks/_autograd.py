@@ -218,10 +218,16 @@ def mlp_case(suite: Suite, name: str, loss_in: str, threads: int | None) -> None
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        # Not interleaved, unlike the other cases: a torch step's OpenMP threads keep a core
-        # busy after it, which would slow down the pure JAX sample timed next to it.
-        suite.measure(GROUP, name, MLP_BYTES, {reference: pure_jax}, references=(reference,))
-        suite.measure(GROUP, name, MLP_BYTES, {"ours": ours})
+        # By blocks: a torch step's OpenMP threads keep spinning after it, which would
+        # slow down the pure JAX samples timed right after it.
+        suite.measure(
+            GROUP,
+            name,
+            MLP_BYTES,
+            {"ours": ours, reference: pure_jax},
+            references=(reference,),
+            blocks=4,
+        )
     finally:
         torch.set_num_threads(before)
 

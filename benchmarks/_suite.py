@@ -119,9 +119,12 @@ class Suite:
         variants: dict[str, Callable[[], Any]],
         references: tuple[str, ...] = (),
         config: TimingConfig | None = None,
+        blocks: int = 0,
     ) -> None:
-        """Time the variants side by side and record each; ``references`` name the floors."""
-        stats = measure(variants, config or self.config)
+        """Time the variants side by side and record each; ``references`` name the floors.
+        ``blocks``: take turns by blocks of samples instead of sample by sample (see
+        ``measure``)."""
+        stats = measure(variants, config or self.config, blocks)
         for variant, result in stats.items():
             self.records.append(
                 Record(group, name, variant, nbytes, reference=variant in references, stats=result)

@@ -15,6 +15,10 @@ How a measurement runs (``measure``):
 4. it stops after ``repeats`` rounds, or earlier once ``budget_s`` is spent and at least
    ``min_repeats`` rounds are in.
 
+With ``blocks`` (for variants that disturb whatever runs right after them), variants take
+turns by blocks of consecutive samples instead (A A A B B B A A A B B B ...), each block
+after ``BLOCK_SETTLE_S`` of untimed calls.
+
 The result per variant is the median and the 10th / 90th percentiles of the samples.
 """
 
@@ -98,8 +102,21 @@ def _time_loop(fn: Callable[[], Any], loops: int) -> float:
     return (clock() - start) / 1e9
 
 
-def measure(variants: dict[str, Callable[[], Any]], config: TimingConfig) -> dict[str, Stats]:
-    """Time each zero-argument callable; see the module docstring for the method."""
+BLOCK_SETTLE_S = 0.1  # untimed calls at the start of a block, at least this long
+
+
+def measure(
+    variants: dict[str, Callable[[], Any]], config: TimingConfig, blocks: int = 0
+) -> dict[str, Stats]:
+    """Time each zero-argument callable; see the module docstring for the method.
+
+    ``blocks`` > 0: instead of one sample at a time, variants take turns in ``blocks``
+    blocks of consecutive samples each (after untimed calls for ``BLOCK_SETTLE_S``), for
+    variants that disturb what runs right after them for longer than a sample (a torch
+    step leaves its OpenMP threads spinning, which slows down pure JAX samples timed within
+    tens of milliseconds after it). Blocks still alternate, so slow drifts of the machine's
+    load hit every variant.
+    """
     for fn in variants.values():
         for _ in range(config.warmup):
             fn()
@@ -109,6 +126,18 @@ def measure(variants: dict[str, Callable[[], Any]], config: TimingConfig) -> dic
         loops[name] = max(1, min(config.max_loops, math.ceil(config.min_sample_s / once)))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     started = time.perf_counter()
+    if blocks > 0:
+        per_block = max(1, math.ceil(config.repeats / blocks))
+        for _ in range(blocks):
+            for name, fn in variants.items():
+                settle_until = time.perf_counter() + BLOCK_SETTLE_S
+                calls = 0
+                while calls < config.warmup or time.perf_counter() < settle_until:
+                    fn()
+                    calls += 1
+                for _ in range(per_block):
+                    samples[name].append(_time_loop(fn, loops[name]) / loops[name])
+        return {name: summarize(samples[name], loops[name]) for name in variants}
     for round_index in range(config.repeats):
         for name, fn in variants.items():
             samples[name].append(_time_loop(fn, loops[name]) / loops[name])
