@@ -165,10 +165,12 @@ def test_killed_client_mappings_and_residuals_are_dropped(fresh_worker: WorkerPr
         client.stdout.close()
     _fault("client SIGKILL with residuals held")
     deadline = time.monotonic() + 15
-    while _mapped_segments(worker_pid, client.pid):
-        assert time.monotonic() < deadline, _mapped_segments(worker_pid, client.pid)
+    # the worker unmaps first, then logs: wait for both
+    ended = "ended: residuals and mappings dropped"
+    while _mapped_segments(worker_pid, client.pid) or ended not in fresh_worker.log():
+        assert time.monotonic() < deadline, (_mapped_segments(worker_pid, client.pid),
+                                             fresh_worker.log()[-2000:])
         time.sleep(0.1)
-    assert "ended: residuals and mappings dropped" in fresh_worker.log()
     assert _segments_of(client.pid) == []
     with connect(fresh_worker.address, timeout=30) as w:
         assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
