@@ -297,6 +297,26 @@ def test_local_backend_pytree_protocol_methods() -> None:
         backend.backward(handle, cotangents, retain=False)
 
 
+def test_integer_output_whose_shape_follows_the_input() -> None:
+    """Each input shape has its own output layout (the integer output's zero cotangent
+    takes its shape): a second batch size must not reuse the first one's."""
+
+    def f(p: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.tanh(x @ p), jnp.argmax(x, axis=1)
+
+    module = WrappedJaxFunction(f, jnp.ones((4, 3)))
+    grads = []
+    for batch in (5, 7):
+        x = torch.randn(batch, 4)
+        out, index = module(x)
+        assert index.shape == (batch,) and not index.requires_grad
+        out.sum().backward()
+        grads.append(module.params[0].grad.clone())
+        module.zero_grad()
+        expected = x.t() @ (1 - torch.tanh(x @ torch.ones(4, 3)) ** 2)
+        torch.testing.assert_close(grads[-1], expected)
+
+
 def test_tuple_and_dict_outputs_are_all_differentiable(x64: None) -> None:
     def f(p: Any, x: jax.Array) -> Any:
         h = x @ p["w"]
