@@ -211,9 +211,35 @@ class _Call:
         self.out_spec: Any = LEAF_SPEC  # anything with `.unflatten(leaves)`
         self.aux: Any = None
 
-    def arguments(self, tensors: tuple[torch.Tensor, ...]) -> tuple[tuple, dict]:
+    @classmethod
+    def of_tree(
+        cls,
+        backend: VjpBackend,
+        has_aux: bool,
+        args: tuple,
+        kwargs: dict,
+        params_spec: TreeSpec | None = None,
+        num_params: int = 0,
+    ) -> tuple[_Call, list[torch.Tensor]]:
+        """The call of ``(args, kwargs)`` (any pytrees) and its tensors, in leaf order."""
+        leaves, spec = flatten((args, kwargs))
+        positions: list[int] = []
+        statics = []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, _Tensor):
+                positions.append(i)
+            else:
+                statics.append((i, leaf))
+        call = cls(
+            backend, has_aux, params_spec, num_params, spec, leaves, positions, tuple(statics)
+        )
+        return call, [leaves[i] for i in positions]
+
+    def arguments(self, tensors: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` rebuilt from ``tensors`` (one per tensor of the call, params
+        first; any leaf type, e.g. JAX tracers)."""
         num_params = self.num_params
-        leaves = self.leaves
+        leaves = list(self.leaves)
         for position, tensor in zip(self.tensor_positions, tensors[num_params:], strict=True):
             leaves[position] = tensor
         user_args, kwargs = self.in_spec.unflatten(leaves)
@@ -415,7 +441,6 @@ class WrappedJaxFunction(torch.nn.Module):
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
         params = [d[name] for d, name in self._slots]
-        statics: tuple = ()
         if not kwargs and all(isinstance(a, _Tensor) for a in args):
             # fast path: only tensor arguments
             spec = self._arg_specs.get(len(args))
@@ -423,30 +448,20 @@ class WrappedJaxFunction(torch.nn.Module):
                 spec = flatten((args, {}))[1]
                 self._arg_specs[len(args)] = spec
             leaves: list[Any] = list(args)
-            tensor_positions = list(range(len(args)))
             user_tensors = leaves
+            call = _Call(
+                self.backend,
+                self.has_aux,
+                self._params_spec,
+                len(params),
+                spec,
+                leaves,
+                list(range(len(args))),
+            )
         else:
-            leaves, spec = flatten((args, kwargs))
-            tensor_positions = []
-            static_list = []
-            for i, leaf in enumerate(leaves):
-                if isinstance(leaf, _Tensor):
-                    tensor_positions.append(i)
-                else:
-                    static_list.append((i, leaf))
-            statics = tuple(static_list)
-            user_tensors = [leaves[i] for i in tensor_positions]
-
-        call = _Call(
-            self.backend,
-            self.has_aux,
-            self._params_spec,
-            len(params),
-            spec,
-            leaves,
-            tensor_positions,
-            statics,
-        )
+            call, user_tensors = _Call.of_tree(
+                self.backend, self.has_aux, args, kwargs, self._params_spec, len(params)
+            )
         if not (
             _is_grad_enabled()
             and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
@@ -488,10 +503,7 @@ def apply_backend(backend: VjpBackend, args: tuple, kwargs: dict, *,
 
     What ``worker.function(name)(x)`` does when ``x`` requires grad.
     """
-    leaves, spec = flatten((args, kwargs))
-    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tensor)]
-    statics = tuple((i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, _Tensor))
-    call = _Call(backend, has_aux, None, 0, spec, leaves, positions, statics)
-    flat = _JaxFunction.apply(call, *(leaves[i] for i in positions))
+    call, tensors = _Call.of_tree(backend, has_aux, args, kwargs)
+    flat = _JaxFunction.apply(call, *tensors)
     outputs = call.out_spec.unflatten(flat)
     return (outputs, call.aux) if has_aux else outputs

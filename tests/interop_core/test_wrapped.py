@@ -289,6 +289,9 @@ def test_local_backend_pytree_protocol_methods() -> None:
     expected = torch.cos(x.detach()) * 2.0 + torch.ones(2, 4) @ y.t()
     torch.testing.assert_close(grad_x, expected)
     assert backend.live_residuals == 0
+    # a static leaf is part of the compilation key: another value is another function
+    outputs, _ = backend.call((x, 3.0), {"y": y}, has_aux=False)
+    torch.testing.assert_close(outputs["a"], torch.sin(x.detach()) * 3.0)
     _, _, handle = backend.call_with_vjp((x, 2.0), {"y": y}, has_aux=False)
     backend.release(handle)
     backend.release(handle)  # idempotent

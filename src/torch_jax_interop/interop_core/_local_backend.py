@@ -40,6 +40,7 @@ whose graph is never backpropagated computed gradients for nothing; evaluate und
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,6 @@ import jax
 import numpy as np
 import torch
 
-from .._pytree import flatten
 from ._convert import _array_to_torch, _tensor_to_jax
 
 if TYPE_CHECKING:
@@ -176,22 +176,15 @@ class _Signature:
 
 def _rebuild_call(fn: Callable[..., Any], call: _Call) -> Callable[[Sequence[Any]], Any]:
     """``arrays`` (one per tensor of ``call``) -> ``fn(params, *args, **kwargs)``."""
-    params_spec = call.params_spec
-    num_params = call.num_params
-    in_spec = call.in_spec
-    positions = call.tensor_positions
-    template = list(call.leaves)
-    for position in positions:
-        template[position] = None  # never keep the first call's tensors alive
+    template = copy.copy(call)
+    template.backend = None  # type: ignore[assignment]  # no cycle through the jit cache
+    template.leaves = list(call.leaves)
+    for position in call.tensor_positions:
+        template.leaves[position] = None  # never keep the first call's tensors alive
 
     def run(arrays: Sequence[Any]) -> Any:
-        leaves = list(template)
-        for position, array in zip(positions, arrays[num_params:], strict=True):
-            leaves[position] = array
-        user_args, kwargs = in_spec.unflatten(leaves)
-        if params_spec is None:
-            return fn(*user_args, **kwargs)
-        return fn(params_spec.unflatten(arrays[:num_params]), *user_args, **kwargs)
+        args, kwargs = template.arguments(arrays)
+        return fn(*args, **kwargs)
 
     return run
 
@@ -441,10 +434,7 @@ def _tree_call(
 ) -> tuple[_Call, list[torch.Tensor]]:
     from .._wrapped import _Call
 
-    leaves, spec = flatten((args, kwargs))
-    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, _Tensor)]
-    call = _Call(backend, has_aux, None, 0, spec, leaves, positions)
-    return call, [leaves[i] for i in positions]
+    return _Call.of_tree(backend, has_aux, args, kwargs)
 
 
 def _check_versions(versions: list[tuple[torch.Tensor, int]]) -> None:
