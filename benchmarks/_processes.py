@@ -42,6 +42,7 @@ class ServerProcess:
             part for part in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if part
         )
         env.setdefault("XLA_FLAGS", "")
+        self.ready_file.unlink(missing_ok=True)  # a killed predecessor's file is not readiness
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(
                 self.argv,

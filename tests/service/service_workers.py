@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -38,6 +39,12 @@ def start_worker(tmp: str, *, tcp: bool = False, token: str | None = None,
     socket_path = os.path.join(tmp, "w.sock")
     ready = os.path.join(tmp, "ready.json")
     log_path = os.path.join(tmp, "worker.log")
+    # A worker killed earlier in the same folder leaves its ready file and socket behind: the
+    # wait below would return before this worker listens, and a stop would reach it before it
+    # installed its SIGTERM handler.
+    for stale in (socket_path, ready, f"{ready}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
     cmd = [sys.executable, "-m", "torch_jax_interop.server", "--listen",
            f"unix://{socket_path}", "--ready-file", ready, "--grace", "10"]
     if tcp:

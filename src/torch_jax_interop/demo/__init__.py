@@ -117,6 +117,9 @@ def start_worker(socket_path: str, functions: dict[str, str],
                  timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``torch-jax-interop worker`` as a subprocess; wait until it serves."""
     ready = socket_path + ".ready"
+    for stale in (ready, socket_path):  # left by a killed predecessor: not readiness
+        if os.path.exists(stale):
+            os.unlink(stale)
     cmd = [sys.executable, "-m", "torch_jax_interop.server", "--listen",
            f"unix://{socket_path}", "--ready-file", ready]
     for name, target in functions.items():
