@@ -1,8 +1,9 @@
 """The dtypes torch and JAX share, by name, without importing either framework.
 
 The names are the ones both frameworks use (``torch.float32`` / ``jnp.float32``); the wire
-protocol's ``DType`` enum has one value per entry, in this order. ``torch.float8_e8m0fnu``
-and the float4 types are left out: their packing differs between the two frameworks.
+protocol's ``Dtype`` enum has one value per entry (``DTYPE_<NAME>``), in this order.
+``torch.float8_e8m0fnu`` and the float4 types are left out: their packing differs between the
+two frameworks.
 """
 
 from __future__ import annotations

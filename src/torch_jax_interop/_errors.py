@@ -25,6 +25,7 @@ type), the project's class derives from both, so ``except OverflowError`` and
         ├── AuthenticationError (PermissionError) missing or wrong token
         ├── WorkerUnavailableError (ConnectionError)  worker gone or unreachable
         ├── DeadlineExceededError (TimeoutError)  the call ran past its deadline
+        ├── ProtocolVersionError                  client and worker speak other protocols
         └── RemoteExecutionError                  the JAX function itself raised
 
 On the client, gRPC status codes map into the ``RemoteError`` branch (see
@@ -110,5 +111,11 @@ class DeadlineExceededError(RemoteError, TimeoutError):
     """The call did not finish within its deadline."""
 
 
+class ProtocolVersionError(RemoteError):
+    """The client and the worker speak different protocol versions: install the same
+    torch-jax-interop version on both sides."""
+
+
 class RemoteExecutionError(RemoteError):
-    """The JAX function raised inside the worker."""
+    """The served JAX function raised inside the worker (whatever the exception's type; the
+    message names it)."""

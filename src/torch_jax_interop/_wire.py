@@ -15,7 +15,12 @@ from ._dtypes import BY_NAME, DTYPE_NAMES
 from ._errors import InvalidArgumentError, ResourceExhaustedError
 from .proto.v1 import interop_pb2 as pb
 
+# Both sides send it in OpenSession and refuse a peer of another version (FAILED_PRECONDITION
+# from the worker, ProtocolVersionError on the client). Raise it with every change that
+# `buf breaking` reports (see buf.yaml).
 PROTOCOL_VERSION = 1
+# The gRPC service's full name (method paths are /SERVICE_NAME/Method; health checks name it).
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["JaxWorkerService"].full_name
 ALIGNMENT = 64  # JAX on CPU imports only 64-byte aligned buffers without a copy
 MAX_TREE_NODES = 100_000
 MAX_TREE_DEPTH = 64
@@ -26,8 +31,8 @@ ENUM_TO_DTYPE: dict[int, str] = {value: name for name, value in DTYPE_TO_ENUM.it
 
 _KIND = pb.TreeNode.Kind
 # Plain ints: attribute lookups through protobuf's enum wrapper cost ~0.5 us each.
-_LEAF, _NONE, _TUPLE, _LIST, _DICT = (int(_KIND.Value(k)) for k in ("LEAF", "NONE", "TUPLE",
-                                                                    "LIST", "DICT"))
+_LEAF, _NONE, _TUPLE, _LIST, _DICT = (int(_KIND.Value(f"KIND_{k}"))
+                                     for k in ("LEAF", "NONE", "TUPLE", "LIST", "DICT"))
 
 
 def boot_id() -> str:

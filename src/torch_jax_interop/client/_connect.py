@@ -20,11 +20,13 @@ import torch
 from .. import _wire
 from .._errors import (
     InvalidArgumentError,
+    ProtocolVersionError,
     RemoteError,
     SharedMemoryFullError,
     TransportError,
     WorkerUnavailableError,
 )
+from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import SharedMemoryPool, _cuda_ipc
@@ -102,15 +104,14 @@ class ResidualHandle:
 class Worker:
     """A connection to one JAX worker. Use as a context manager; see ``connect``."""
 
-    def __init__(self, address: str, *, timeout: float, transport: str, token: str | None,
-                 client_name: str) -> None:
+    def __init__(self, address: str, *, timeout: float, transport: str,
+                 token: str | None) -> None:
         if transport not in ("auto", "shm", "inline", "cuda_ipc"):
             raise ValueError("transport must be 'auto', 'cuda_ipc', 'shm' or 'inline', got "
                              f"{transport!r}")
         self.address = address
         self.timeout = timeout
         self.requested_transport = transport
-        self.client_name = client_name
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         limit = 256 << 20
@@ -118,7 +119,7 @@ class Worker:
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
         ])
-        self._stub = pb_grpc.JaxWorkerStub(self._channel)
+        self._stub = pb_grpc.JaxWorkerServiceStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self._pending_release: list[tuple[_Session, int]] = []
@@ -153,16 +154,24 @@ class Worker:
 
     def _open_session(self) -> _Session:
         stream = self._stub.OpenSession(pb.OpenSessionRequest(
-            client_name=self.client_name, client_pid=os.getpid(),
-            client_hostname=socket.gethostname(), boot_id=_wire.boot_id(),
-            transport={"inline": pb.INLINE, "cuda_ipc": pb.CUDA_IPC}.get(
-                self.requested_transport, pb.SHARED_MEMORY),
+            client_pid=os.getpid(), client_hostname=socket.gethostname(),
+            transport={"inline": pb.TRANSPORT_INLINE, "cuda_ipc": pb.TRANSPORT_CUDA_IPC}.get(
+                self.requested_transport, pb.TRANSPORT_SHARED_MEMORY),
             protocol_version=_wire.PROTOCOL_VERSION,
         ), metadata=self._metadata)
         try:
             first = next(stream)
         except grpc.RpcError as error:
             raise to_remote_error(error, "opening a session", self.address) from None
+        if first.protocol_version != _wire.PROTOCOL_VERSION:
+            stream.cancel()
+            older = "worker" if first.protocol_version < _wire.PROTOCOL_VERSION else "client"
+            raise ProtocolVersionError(
+                f"the worker at {self.address} speaks protocol v{first.protocol_version} but "
+                f"this client (torch-jax-interop {__version__}) speaks "
+                f"v{_wire.PROTOCOL_VERSION}; upgrade the {older} so that both sides run the "
+                "same torch-jax-interop version"
+            )
         alive = threading.Event()
         alive.set()
         session = _Session(first.session_id, stream, None, first.max_inline_bytes, alive,
@@ -218,18 +227,20 @@ class Worker:
         log.warning("falling back to inline bytes: %s", reason)
         return None, "inline"
 
-    def _register(self, session: _Session, region: Any) -> tuple[int, int]:
+    def _register(self, session: _Session, region: Any) -> int:
         response = self._rpc(self._stub.RegisterRegion, pb.RegisterRegionRequest(
-            session_id=session.id, name=region.name, size=region.size, kind=pb.SHARED_MEMORY,
+            session_id=session.id,
+            shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size),
         ), "registering a shared-memory region")
-        return response.region_id, response.generation
+        return int(response.region_id)
 
-    def _register_cuda(self, session: _Session, buffer: Any) -> tuple[int, int]:
+    def _register_cuda(self, session: _Session, buffer: Any) -> int:
         response = self._rpc(self._stub.RegisterRegion, pb.RegisterRegionRequest(
-            session_id=session.id, size=buffer.size, kind=pb.CUDA_IPC,
-            cuda_ipc_handle=buffer.handle, device_uuid=buffer.device_uuid,
+            session_id=session.id,
+            cuda_ipc=pb.CudaIpcRegion(handle=buffer.handle, size=buffer.size,
+                                      device_uuid=buffer.device_uuid),
         ), "registering a CUDA IPC region")
-        return response.region_id, response.generation
+        return int(response.region_id)
 
     def _release_region(self, session: _Session, region_id: int) -> None:
         """Best effort, short deadline: used while a session is being dropped."""
@@ -371,7 +382,6 @@ class Worker:
             return Decoder(None, device)
         arena = session.pool.allocate(nbytes)
         request.output_arena.shm.region_id = arena.region_id
-        request.output_arena.shm.generation = arena.generation
         request.output_arena.shm.offset = arena.offset
         request.output_arena.shm.nbytes = arena.nbytes
         return Decoder(arena, device)
@@ -478,7 +488,6 @@ def connect(
     transport: str = "auto",
     token: str | None = None,
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
-    client_name: str = "torch-jax-interop",
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -505,8 +514,7 @@ def connect(
         return InprocWorker(functions)
     if functions is not None:
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
-    return Worker(address, timeout=timeout, transport=transport, token=token,
-                  client_name=client_name)
+    return Worker(address, timeout=timeout, transport=transport, token=token)
 
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "Worker", "connect"]

@@ -72,7 +72,7 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
         array = np.frombuffer(data, dtype=_NUMPY[name]).reshape(shape)
     elif location == "shm":
         where = message.shm
-        region = session.region(where.region_id, where.generation)
+        region = session.region(where.region_id)
         if where.nbytes != nbytes:
             raise InvalidArgumentError(
                 f"slice holds {where.nbytes} bytes but shape {list(shape)} x {name} needs "
@@ -97,15 +97,15 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
 def _decode_cuda(where: Any, name: str, shape: tuple[int, ...], nbytes: int,
                  session: Session) -> Any:
     """A JAX array viewing a slice of the client's device memory (no copy), validated:
-    a CUDA IPC region of this session, its generation, its GPU, bounds and alignment."""
+    a CUDA IPC region of this session, bounds and alignment."""
     support = _cuda_ipc.cuda_ipc_support()
     if not support.available:
         raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-    mapping = session.cuda_region(where.region_id, where.generation)
+    mapping = session.cuda_region(where.region_id)
     try:
         _cuda_ipc.check_cuda_descriptor(
-            region_size=mapping.size, region_uuid=mapping.uuid, offset=where.offset,
-            nbytes=where.nbytes, device_uuid=where.device_uuid, expected_nbytes=nbytes,
+            region_size=mapping.size, offset=where.offset, nbytes=where.nbytes,
+            expected_nbytes=nbytes,
         )
     except ValueError as error:
         raise InvalidArgumentError(str(error)) from None
@@ -174,33 +174,31 @@ class OutputWriter:
         self.capacity = 0
         self.used = 0
         self.region_id = 0
-        self.generation = 0
         self.cuda: Any = None  # a CudaIpcMapping when the arena is device memory
         if arena is not None and arena.WhichOneof("location") == "cuda_ipc":
             where = arena.cuda_ipc
             support = _cuda_ipc.cuda_ipc_support()
             if not support.available:
                 raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-            self.cuda = session.cuda_region(where.region_id, where.generation)
+            self.cuda = session.cuda_region(where.region_id)
             try:
                 _cuda_ipc.check_cuda_descriptor(
-                    region_size=self.cuda.size, region_uuid=self.cuda.uuid,
-                    offset=where.offset, nbytes=where.nbytes, device_uuid=where.device_uuid,
+                    region_size=self.cuda.size, offset=where.offset, nbytes=where.nbytes,
                     expected_nbytes=None,
                 )
             except ValueError as error:
                 raise InvalidArgumentError(f"output arena: {error}") from None
             self.base, self.capacity = where.offset, where.nbytes
-            self.region_id, self.generation = where.region_id, where.generation
+            self.region_id = where.region_id
         if arena is not None and arena.WhichOneof("location") == "shm":
             where = arena.shm
-            self.region = session.region(where.region_id, where.generation)
+            self.region = session.region(where.region_id)
             try:
                 check_slice(self.region.size, where.offset, where.nbytes)
             except ValueError as error:
                 raise InvalidArgumentError(f"output arena: {error}") from None
             self.base, self.capacity = where.offset, where.nbytes
-            self.region_id, self.generation = where.region_id, where.generation
+            self.region_id = where.region_id
 
     def write_tree(self, leaves: list[Any], spec: _pytree.TreeSpec, out: Any) -> None:
         _wire.encode_spec(spec, out.nodes)
@@ -231,16 +229,14 @@ class OutputWriter:
                 "from an earlier call with other shapes); retry"
             )
         self.used = offset + nbytes
-        with self.session.cuda_writing(self.region_id, self.generation) as mapping:
+        with self.session.cuda_writing(self.region_id) as mapping:
             mapping.write(self.base + offset, leaf)
         message.dtype = _wire.DTYPE_TO_ENUM[name]
         message.shape.extend(leaf.shape)
         where = message.cuda_ipc
         where.region_id = self.region_id
-        where.generation = self.generation
         where.offset = self.base + offset
         where.nbytes = nbytes
-        where.device_uuid = self.cuda.uuid
 
     def write(self, array: np.ndarray, message: Any) -> None:
         name = _NUMPY_TO_NAME.get(array.dtype)
@@ -260,12 +256,11 @@ class OutputWriter:
                     "from an earlier call with other shapes); retry"
                 )
             self.used = offset + nbytes
-            with self.session.writing(self.region_id, self.generation) as region:
+            with self.session.writing(self.region_id) as region:
                 target = numpy_view(region.buffer, self.base + offset, array.dtype, array.shape)
                 np.copyto(target, array, casting="no")
                 del target
             message.shm.region_id = self.region_id
-            message.shm.generation = self.generation
             message.shm.offset = self.base + offset
             message.shm.nbytes = nbytes
             return

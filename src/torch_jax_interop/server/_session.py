@@ -82,7 +82,6 @@ class ResidualStore:
 @dataclass
 class MappedRegion:
     region: Any  # SharedMemoryRegion, or a CudaIpcMapping
-    generation: int
     kind: str = "shm"
 
 
@@ -105,7 +104,7 @@ class Session:
         self.closed = False
         self.transport_logged = False
 
-    def _add(self, region: Any, kind: str) -> tuple[int, int]:
+    def _add(self, region: Any, kind: str) -> int:
         with self._lock:
             if len(self._regions) >= self.max_regions:
                 region.close()
@@ -113,19 +112,20 @@ class Session:
                     f"this session already maps {self.max_regions} regions (--max-regions); "
                     "release regions you no longer use"
                 )
+            # Ids are never reused within a session: a slice of a released region never
+            # names another one.
             region_id = next(self._region_ids)
-            # The generation is unique per (session, id): a stale slice never matches.
-            self._regions[region_id] = MappedRegion(region, region_id, kind)
-            return region_id, region_id
+            self._regions[region_id] = MappedRegion(region, kind)
+            return region_id
 
-    def add_region(self, region: SharedMemoryRegion) -> tuple[int, int]:
+    def add_region(self, region: SharedMemoryRegion) -> int:
         return self._add(region, SHM)
 
-    def add_cuda_region(self, mapping: Any) -> tuple[int, int]:
+    def add_cuda_region(self, mapping: Any) -> int:
         """Keep a ``CudaIpcMapping`` for this session; same cap and ids as ``add_region``."""
         return self._add(mapping, CUDA_IPC)
 
-    def _lookup(self, region_id: int, generation: int, kind: str) -> Any:
+    def _lookup(self, region_id: int, kind: str) -> Any:
         mapped = self._regions.get(region_id)
         if mapped is None or mapped.kind != kind:
             what = "CUDA IPC region" if kind == CUDA_IPC else "region"
@@ -133,38 +133,33 @@ class Session:
                 f"{what} {region_id} is not registered in this session; register it first "
                 "(RegisterRegion) — a session can only use its own regions"
             )
-        if mapped.generation != generation:
-            raise InvalidArgumentError(
-                f"stale generation {generation} for region {region_id} (current "
-                f"{mapped.generation}): the region was released and re-registered"
-            )
         return mapped.region
 
-    def region(self, region_id: int, generation: int) -> SharedMemoryRegion:
-        return self._lookup(region_id, generation, SHM)  # type: ignore[no-any-return]
+    def region(self, region_id: int) -> SharedMemoryRegion:
+        return self._lookup(region_id, SHM)  # type: ignore[no-any-return]
 
-    def cuda_region(self, region_id: int, generation: int) -> Any:
+    def cuda_region(self, region_id: int) -> Any:
         """The ``CudaIpcMapping`` of a CUDA IPC region of this session."""
-        return self._lookup(region_id, generation, CUDA_IPC)
+        return self._lookup(region_id, CUDA_IPC)
 
     @contextlib.contextmanager
-    def writing(self, region_id: int, generation: int,
-                kind: str = SHM) -> Iterator[Any]:
-        """The region, held for one output write. Generation fencing: a region released (or
-        a session ended) before the write is refused, and ``release_region`` waits for a
-        write in progress, so nothing is written into a region after it was given back."""
+    def writing(self, region_id: int, kind: str = SHM) -> Iterator[Any]:
+        """The region, held for one output write. A region released (or a session ended)
+        before the write is refused (ids are never reused), and ``release_region`` waits
+        for a write in progress, so nothing is written into a region after it was given
+        back."""
         with self._lock:
             mapped = self._regions.get(region_id)
-            if mapped is None or mapped.generation != generation or mapped.kind != kind:
+            if mapped is None or mapped.kind != kind:
                 raise InvalidArgumentError(
                     f"output region {region_id} was released while the call ran; nothing was "
                     "written to it. Keep a region registered until its calls have returned"
                 )
             yield mapped.region
 
-    def cuda_writing(self, region_id: int, generation: int) -> Any:
+    def cuda_writing(self, region_id: int) -> Any:
         """``writing`` for a CUDA IPC output region."""
-        return self.writing(region_id, generation, CUDA_IPC)
+        return self.writing(region_id, CUDA_IPC)
 
     def release_region(self, region_id: int) -> None:
         with self._lock:

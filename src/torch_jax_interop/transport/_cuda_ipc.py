@@ -121,28 +121,18 @@ def validate_cuda_slice(
 def check_cuda_descriptor(
     *,
     region_size: int,
-    region_uuid: str,
     offset: int,
     nbytes: int,
-    device_uuid: str,
     expected_nbytes: int | None,
     alignment: int = CUDA_ALIGNMENT,
 ) -> None:
-    """Validate a ``CudaIpcSlice`` against the region it names (worker side).
+    """Validate a ``CudaIpcSlice`` against the region it names (worker side). The slice's
+    GPU is its region's: the region was registered with its device UUID.
 
     ``expected_nbytes``: what dtype x shape needs (None for an output arena, which may be
     larger than any one tensor). Raises :class:`SliceOutOfBoundsError` (a ValueError) with a
     message saying what is wrong.
     """
-    try:
-        uuid = parse_gpu_uuid(device_uuid)
-    except ValueError as error:
-        raise SliceOutOfBoundsError(f"CUDA IPC slice: {error}") from None
-    if uuid != region_uuid:
-        raise SliceOutOfBoundsError(
-            f"CUDA IPC slice names GPU `{uuid}` but its region was registered on "
-            f"`{region_uuid}`; a slice must name the GPU of its region"
-        )
     if expected_nbytes is not None and nbytes != expected_nbytes:
         raise SliceOutOfBoundsError(
             f"CUDA IPC slice holds {nbytes} bytes but the tensor's shape and dtype need "
@@ -752,13 +742,12 @@ class _CudaBytes:
 class _PoolEntry(FreeList):
     """A registered buffer and its free list (sorted, coalesced ``[offset, size]``)."""
 
-    __slots__ = ("buffer", "region_id", "generation", "retired")
+    __slots__ = ("buffer", "region_id", "retired")
 
-    def __init__(self, buffer: DeviceBuffer, region_id: int, generation: int) -> None:
+    def __init__(self, buffer: DeviceBuffer, region_id: int) -> None:
         super().__init__(buffer.size)
         self.buffer = buffer
         self.region_id = region_id
-        self.generation = generation
         self.retired = False
 
 
@@ -788,10 +777,6 @@ class DeviceSlice:
         return self._entry.region_id
 
     @property
-    def generation(self) -> int:
-        return self._entry.generation
-
-    @property
     def device_uuid(self) -> str:
         return self._entry.buffer.device_uuid
 
@@ -807,10 +792,8 @@ class DeviceSlice:
     def fill(self, message: Any) -> None:
         """Write this slice into a ``CudaIpcSlice`` message."""
         message.region_id = self.region_id
-        message.generation = self.generation
         message.offset = self.offset
         message.nbytes = self.nbytes
-        message.device_uuid = self.device_uuid
 
     def torch_bytes(self, *, release_when_collected: bool = False) -> Any:
         """A ``torch.uint8`` CUDA tensor over exactly the slice's bytes; no copy.
@@ -849,8 +832,8 @@ class _SliceKeeper:
         self.buffer = buffer
 
 
-RegisterCudaFn = Callable[[DeviceBuffer], tuple[int, int]]
-"""Registers a new buffer with the worker and returns its ``(region_id, generation)``."""
+RegisterCudaFn = Callable[[DeviceBuffer], int]
+"""Registers a new buffer with the worker and returns the ``region_id`` it assigned."""
 
 
 class CudaIpcPool:
@@ -952,8 +935,7 @@ class CudaIpcPool:
                         )
             buffer = DeviceBuffer(size, self.device_index, self.device_uuid)
             try:
-                region_id, generation = self._register(buffer)
-                region_id, generation = operator.index(region_id), operator.index(generation)
+                region_id = operator.index(self._register(buffer))
             except BaseException:
                 del buffer  # freed by its finalizer: nothing else refers to it
                 raise
@@ -964,7 +946,7 @@ class CudaIpcPool:
                         f"the worker registered a new CUDA IPC region under id {region_id}, "
                         "which this pool already uses: region ids must be unique"
                     )
-                entry = _PoolEntry(buffer, region_id, generation)
+                entry = _PoolEntry(buffer, region_id)
                 self._entries[region_id] = entry
                 offset = entry.take(block)
                 assert offset is not None

@@ -26,8 +26,8 @@ from .._errors import PoolExhaustedError, TransportError
 from ._freelist import FreeList
 from ._shm import ALIGNMENT, SharedMemoryRegion, numpy_view
 
-RegisterFn = Callable[[SharedMemoryRegion], tuple[int, int]]
-"""Registers a new region with the worker and returns its ``(region_id, generation)``."""
+RegisterFn = Callable[[SharedMemoryRegion], int]
+"""Registers a new region with the worker and returns the ``region_id`` it assigned."""
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -37,13 +37,12 @@ def _round_up(n: int, multiple: int) -> int:
 class _PoolRegion(FreeList):
     """One region of the pool and its free list (sorted, coalesced ``[offset, size]`` blocks)."""
 
-    __slots__ = ("region", "region_id", "generation", "retired")
+    __slots__ = ("region", "region_id", "retired")
 
-    def __init__(self, region: SharedMemoryRegion, region_id: int, generation: int) -> None:
+    def __init__(self, region: SharedMemoryRegion, region_id: int) -> None:
         super().__init__(region.size)
         self.region = region
         self.region_id = region_id
-        self.generation = generation
         self.retired = False
 
 
@@ -131,11 +130,6 @@ class RegionSlice:
         return self._entry.region_id
 
     @property
-    def generation(self) -> int:
-        """The region's generation at registration (fences reuse of a region id)."""
-        return self._entry.generation
-
-    @property
     def offset(self) -> int:
         """Bytes from the start of the region; a multiple of 64."""
         return self._offset
@@ -219,8 +213,8 @@ class RegionSlice:
     def __repr__(self) -> str:
         state = ", released" if self._released else ""
         return (
-            f"RegionSlice(region_id={self.region_id}, generation={self.generation}, "
-            f"offset={self._offset}, nbytes={self._nbytes}{state})"
+            f"RegionSlice(region_id={self.region_id}, offset={self._offset}, "
+            f"nbytes={self._nbytes}{state})"
         )
 
 
@@ -229,7 +223,7 @@ class SharedMemoryPool:
 
     ``register(region)`` is called (outside the pool's lock, one new region at a time) for
     every region the pool creates; it must make the worker attach the region and return
-    the ``(region_id, generation)`` the worker assigned. When it returns, the pool unlinks
+    the ``region_id`` the worker assigned. When it returns, the pool unlinks
     the region's name (``unlink_after_register``), so no crash of either process can leave
     the region in ``/dev/shm`` (Note [Shared memory ownership] in ``_shm.py``). When it
     raises, the pool unlinks and unmaps the region and re-raises.
@@ -361,7 +355,7 @@ class SharedMemoryPool:
                 size = self._new_region_size(block, nbytes)
                 self._reserved += size
             try:
-                region_id, generation, region = self._create_and_register(size)
+                region_id, region = self._create_and_register(size)
             finally:
                 with self._locked():
                     self._reserved -= size
@@ -373,24 +367,22 @@ class SharedMemoryPool:
                         f"the worker registered a new region under id {region_id}, which this "
                         "pool already uses: region ids must be unique within a session"
                     )
-                entry = _PoolRegion(region, region_id, generation)
+                entry = _PoolRegion(region, region_id)
                 self._state.regions[region_id] = entry
                 offset = entry.take(block)
                 assert offset is not None
                 return RegionSlice(self, entry, offset, nbytes, block)
 
-    def _create_and_register(self, size: int) -> tuple[int, int, SharedMemoryRegion]:
+    def _create_and_register(self, size: int) -> tuple[int, SharedMemoryRegion]:
         region = SharedMemoryRegion.create(size, directory=self._directory)
         try:
-            region_id, generation = self._register(region)
-            region_id = operator.index(region_id)
-            generation = operator.index(generation)
+            region_id = operator.index(self._register(region))
         except BaseException:
             _dispose(region)
             raise
         if self._unlink_after_register:
             region.unlink()
-        return region_id, generation, region
+        return region_id, region
 
     # -- giving back ---------------------------------------------------------------------
 
