@@ -73,14 +73,14 @@ class _InProcessWorker:
         self.names_at_registration: list[str] = []
         self._lock = threading.Lock()
 
-    def register(self, region: SharedMemoryRegion) -> tuple[int, int]:
+    def register(self, region: SharedMemoryRegion) -> int:
         attached = SharedMemoryRegion.attach(region.name, region.size,
                                              directory=region.directory)
         with self._lock:
             region_id = len(self.regions) + 1
             self.regions[region_id] = attached
             self.names_at_registration.append(region.name)
-        return region_id, 7
+        return region_id
 
     def close(self) -> None:
         for region in self.regions.values():
@@ -120,7 +120,7 @@ _WORKER_SCRIPT = """
         cmd, *args = line.split()
         if cmd == "attach":
             regions[len(regions) + 1] = SharedMemoryRegion.attach(args[0], int(args[1]))
-            print(len(regions), 1, flush=True)
+            print(len(regions), flush=True)
         elif cmd == "sum":
             region_id, offset, count = map(int, args)
             region = regions[region_id]
@@ -150,9 +150,8 @@ class _WorkerProcess:
             self.proc.stdin.flush()
             return self.proc.stdout.readline().strip()
 
-    def register(self, region: SharedMemoryRegion) -> tuple[int, int]:
-        region_id, generation = self.ask(f"attach {region.name} {region.size}").split()
-        return int(region_id), int(generation)
+    def register(self, region: SharedMemoryRegion) -> int:
+        return int(self.ask(f"attach {region.name} {region.size}"))
 
     def finish(self) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -191,7 +190,7 @@ def test_exit_of_a_process_with_an_open_pool_leaves_nothing(
         kept = []
         def register(region):
             kept.append(SharedMemoryRegion.attach(region.name, region.size))
-            return len(kept), 1
+            return len(kept)
 
         pool = SharedMemoryPool(register, min_region_bytes=65536, unlink_after_register=False)
         pieces = [pool.allocate(50_000) for _ in range(3)]
@@ -220,7 +219,6 @@ def test_allocations_are_aligned_disjoint_and_inside_their_region(make_pool: Mak
         check_slice(piece.region.size, piece.offset, piece.nbytes)
         assert len(piece.memoryview()) == n
         spans.append((piece.region_id, piece.offset, piece.offset + max(n, 1)))
-        assert piece.generation == 7
     spans.sort()
     for (r1, _, end1), (r2, start2, _) in zip(spans, spans[1:], strict=False):
         assert r1 != r2 or end1 <= start2
@@ -428,7 +426,7 @@ def test_max_total_bytes(make_pool: MakePool) -> None:
     first.release()
     assert pool.allocate(32 * KiB).region_id == first.region_id
     with pytest.raises(ValueError, match="`max_total_bytes` must be positive"):
-        SharedMemoryPool(lambda region: (1, 1), max_total_bytes=0)
+        SharedMemoryPool(lambda region: 1, max_total_bytes=0)
 
 
 def test_full_dev_shm_through_the_pool(worker: _InProcessWorker) -> None:
