@@ -14,6 +14,9 @@ from .._errors import (
     InvalidArgumentError as InvalidArgumentError,
 )
 from .._errors import (
+    ProtocolVersionError as ProtocolVersionError,
+)
+from .._errors import (
     RemoteError as RemoteError,
 )
 from .._errors import (
@@ -36,6 +39,7 @@ __all__ = [
     "FunctionInfo",
     "FunctionNotFoundError",
     "InvalidArgumentError",
+    "ProtocolVersionError",
     "RemoteError",
     "RemoteExecutionError",
     "RemoteFunction",
