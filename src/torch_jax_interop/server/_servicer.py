@@ -76,6 +76,9 @@ _MIN_REGION_LIMIT = 64 << 20
 
 
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
+    """The worker's sessions and functions. Serve it with the interceptors of
+    ``_interceptors.py`` (``create_server`` does): its methods raise, they do not abort."""
+
     def __init__(self, functions: dict[str, CompiledFunction], config: WorkerConfig) -> None:
         self.functions = functions
         self.config = config
