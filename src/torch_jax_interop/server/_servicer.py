@@ -142,48 +142,49 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
     def RegisterRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         kind = request.WhichOneof("region")
-        if kind == "cuda_ipc":
-            return self._register_cuda_region(session, request.cuda_ipc)
-        if kind != "shared_memory":
+        if kind is None:
             raise InvalidArgumentError(
                 "RegisterRegionRequest names no region: set `shared_memory` (name, size) or "
                 "`cuda_ipc` (handle, size, device_uuid)"
             )
-        request = request.shared_memory
+        region = getattr(request, kind)
         # A pool region holds many tensors and is at least 8 MiB (the client's minimum):
         # a small --max-tensor-bytes must not turn shared memory off for every client.
         largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
-        if request.size <= 0 or request.size > largest:
+        if region.size <= 0 or region.size > largest:
             raise ResourceExhaustedError(
-                f"region size {request.size} is outside 1..{largest} bytes (twice "
+                f"region size {region.size} is outside 1..{largest} bytes (twice "
                 "--max-tensor-bytes, at least 64 MiB)"
             )
-        region = SharedMemoryRegion.attach(request.name, request.size,
+        if kind == "cuda_ipc":
+            region_id = self._register_cuda_region(session, region)
+        else:
+            region_id = self._register_shared_memory(session, region)
+        return pb.RegisterRegionResponse(region_id=region_id)
+
+    def _register_shared_memory(self, session: Session, region: Any) -> int:
+        """Map a ``SharedMemoryRegion`` (Note [Shared memory ownership] in transport/_shm.py):
+        INVALID_ARGUMENT (RegionRejectedError) for a name or file that fails the checks."""
+        mapped = SharedMemoryRegion.attach(region.name, region.size,
                                            directory=self.config.shm_dir)
-        region_id = session.add_region(region)
+        region_id = session.add_region(mapped)
         if not session.transport_logged:
             session.transport_logged = True
             log.info("session %s uses shared memory in %s", session.id[:8], self.config.shm_dir)
-        return pb.RegisterRegionResponse(region_id=region_id)
+        return region_id
 
-    def _register_cuda_region(self, session: Session, request: Any) -> Any:
-        """RegisterRegion of a ``CudaIpcRegion``: see Note [CUDA IPC ownership] in
-        transport/_cuda_ipc.py. INVALID_ARGUMENT (TransportError) where this worker has no
-        CUDA IPC support, cannot see the GPU, or cannot open the handle."""
+    def _register_cuda_region(self, session: Session, region: Any) -> int:
+        """Open a ``CudaIpcRegion``: see Note [CUDA IPC ownership] in transport/_cuda_ipc.py.
+        INVALID_ARGUMENT (TransportError) where this worker has no CUDA IPC support, cannot
+        see the GPU, or cannot open the handle."""
         support = _cuda_ipc.cuda_ipc_support()
         if not support.available:
             raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-        largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
-        if request.size <= 0 or request.size > largest:
-            raise ResourceExhaustedError(
-                f"region size {request.size} is outside 1..{largest} bytes (twice "
-                "--max-tensor-bytes, at least 64 MiB)"
-            )
-        mapping = _cuda_ipc.open_region(request.handle, request.size, request.device_uuid)
+        mapping = _cuda_ipc.open_region(region.handle, region.size, region.device_uuid)
         region_id = session.add_cuda_region(mapping)
         log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
-                 session.id[:8], region_id, request.size, mapping.uuid, mapping.device_index)
-        return pb.RegisterRegionResponse(region_id=region_id)
+                 session.id[:8], region_id, region.size, mapping.uuid, mapping.device_index)
+        return region_id
 
     def ReleaseRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._session(request.session_id).release_region(request.region_id)
