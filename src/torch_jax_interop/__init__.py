@@ -10,22 +10,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
+from ._version import __version__ as __version__
+from .errors import (
     ConversionError as ConversionError,
 )
-from ._errors import (
+from .errors import (
     CopyRequiredError as CopyRequiredError,
 )
-from ._errors import (
+from .errors import (
     IntegerOverflowError as IntegerOverflowError,
 )
-from ._errors import (
+from .errors import (
     InteropError as InteropError,
 )
-from ._errors import (
+from .errors import (
     UnsupportedTensorError as UnsupportedTensorError,
 )
-from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._wrapped import WrappedJaxFunction as WrappedJaxFunction
