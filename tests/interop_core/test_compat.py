@@ -85,11 +85,17 @@ def test_worker_numpy_import_copies_what_it_must(fast_path: str) -> None:
     np.testing.assert_array_equal(np.asarray(import_numpy(strided)), strided)
 
 
-def test_public_torch_capsule_fallback_shares_memory() -> None:
+def test_public_torch_capsule_fallbacks_share_memory() -> None:
+    """The fallbacks of ``torch._C._to_dlpack`` / ``torch._C._from_dlpack``."""
+    DLPackFastPath.probe()
+    assert DLPackFastPath.import_capsule is not None
     t = torch.arange(16, dtype=torch.float32)
-    array = jax.dlpack.from_dlpack(torch_compat.from_dlpack_capsule(
-        torch_compat._public_to_dlpack(t)))
+    array = DLPackFastPath.import_capsule(torch_compat._public_to_dlpack(t))
     assert array.unsafe_buffer_pointer() == t.data_ptr()
+    source = jnp.arange(8.0)
+    assert DLPackFastPath.export_capsule is not None
+    tensor = torch.from_dlpack(DLPackFastPath.export_capsule(source))
+    assert tensor.data_ptr() == source.unsafe_buffer_pointer()
 
 
 def test_x64_check_follows_jax_config_and_context() -> None:
