@@ -153,3 +153,30 @@ code = main(["health", "unix:///nonexistent/tji-layers.sock", "--timeout", "0.2"
 assert code == 1, f"health returned {code}"
 """
     assert _loaded(run_python, code, blocked=FRAMEWORKS) == []
+
+
+def test_client_trains_through_a_worker_without_jax(run_python, serving_worker: str) -> None:  # noqa: ANN001
+    """A client-only install: forward, backward and a plain call, with JAX unimportable."""
+    code = f"""
+import torch
+from torch_jax_interop import WrappedJaxFunction
+from torch_jax_interop.client import connect
+
+torch.manual_seed(0)
+params = {{"w1": torch.randn(3, 8), "b1": torch.zeros(8), "w2": torch.randn(8, 2),
+           "b2": torch.zeros(2)}}
+x = torch.randn(5, 3)
+with connect({serving_worker!r}, timeout=60) as worker:
+    assert [f.name for f in worker.functions()] == ["mlp"]
+    module = WrappedJaxFunction(worker.function("mlp"), params)
+    out = module(x)
+    out.square().sum().backward()
+    expected = torch.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(worker.function("mlp")(params, x), expected,
+                                   rtol=1e-5, atol=1e-5)
+"""
+    loaded = _loaded(run_python, code, blocked=("jax", "jaxlib"))
+    assert loaded == ["torch"], f"the client loaded {loaded} while calling a worker"
