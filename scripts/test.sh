@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the checks CI runs: ruff, buf, mypy, then the test suite.
+# Sets up .venv and runs the checks CI runs: ruff, buf, mypy, the layer contracts, then the
+# tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +10,5 @@ BUF=(npx --yes @bufbuild/buf@1.75.0)
 "${BUF[@]}" lint
 "${BUF[@]}" breaking --against proto/baseline.binpb
 .venv/bin/python -m mypy
+.venv/bin/lint-imports --no-cache  # layer rules: pyproject.toml [tool.importlinter]
 .venv/bin/python -m pytest "$@"
