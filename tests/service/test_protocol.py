@@ -17,11 +17,11 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_workers import WorkerProcess
 
-from torch_jax_interop._errors import ProtocolVersionError
 from torch_jax_interop._version import __version__
 from torch_jax_interop._wire import PROTOCOL_VERSION, SERVICE_NAME
 from torch_jax_interop.client import AuthenticationError, connect
 from torch_jax_interop.client._errors_map import _BY_CODE
+from torch_jax_interop.errors import ProtocolVersionError
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
 from torch_jax_interop.server._health import check_health
