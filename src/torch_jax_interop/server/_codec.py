@@ -46,7 +46,8 @@ class Limits:
 
 def import_numpy(array: np.ndarray) -> jax.Array:
     """A JAX array viewing ``array``'s memory (CPU, aligned), or a copy if it cannot."""
-    if _dlpack_to_buffer is not None and array.ctypes.data % 64 == 0 and array.flags.c_contiguous:
+    if (_dlpack_to_buffer is not None and array.ctypes.data % _wire.ALIGNMENT == 0
+            and array.flags.c_contiguous):
         device = jax.devices("cpu")[0]
         try:
             if _JAXLIB_VERSION >= 467:

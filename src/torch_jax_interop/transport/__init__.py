@@ -15,8 +15,6 @@ session's channel); see Note [CUDA IPC ownership] there. Imports neither torch n
 from . import cuda as cuda
 from ._pool import Pool as Pool
 from ._pool import PoolSlice as PoolSlice
-from ._pool import RegionSlice as RegionSlice
-from ._pool import SharedMemoryPool as SharedMemoryPool
 from ._shm import ALIGNMENT as ALIGNMENT
 from ._shm import NAME_PATTERN as NAME_PATTERN
 from ._shm import SHM_DIR_ENV as SHM_DIR_ENV
@@ -26,6 +24,8 @@ from ._shm import check_slice as check_slice
 from ._shm import cleanup_orphans as cleanup_orphans
 from ._shm import default_shm_dir as default_shm_dir
 from ._shm import numpy_view as numpy_view
+from ._shm_pool import RegionSlice as RegionSlice
+from ._shm_pool import SharedMemoryPool as SharedMemoryPool
 from .cuda import CudaIpcMapping as CudaIpcMapping
 from .cuda import CudaIpcPool as CudaIpcPool
 from .cuda import DeviceSlice as DeviceSlice
