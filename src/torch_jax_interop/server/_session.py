@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -138,7 +138,7 @@ class WorkerRegion(abc.ABC):
     [CUDA IPC ownership] (``transport/cuda/__init__.py``).
     """
 
-    kind: ClassVar[str]
+    kind: str  # SHM or CUDA_IPC, set by each subclass
 
     def __init__(self, size: int) -> None:
         self.size = size
