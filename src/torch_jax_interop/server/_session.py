@@ -3,7 +3,9 @@
 See Note [Shared memory ownership] in ``transport/_shm.py``: the worker only *maps* regions
 the client created and registered in this session; it never unlinks a live client's region
 and never owns one. When the session ends (the client's ``OpenSession`` stream ends, whether
-the client closed it or died), the worker drops the residuals and its mappings.
+the client closed it or died), the worker drops the residuals and its mappings. Regions of
+both kinds (shared memory, CUDA IPC) are one abstraction, :class:`WorkerRegion`: see Note
+[Worker regions].
 """
 
 from __future__ import annotations
