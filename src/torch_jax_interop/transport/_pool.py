@@ -47,7 +47,6 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from .._errors import PoolExhaustedError, TransportError
@@ -204,12 +203,7 @@ class PoolSlice(Generic[BufferT]):
     def __enter__(self) -> PoolSlice[BufferT]:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()
 
     def _describe(self) -> str:
@@ -423,12 +417,7 @@ class Pool(Generic[BufferT, SliceT]):
     def __enter__(self) -> Pool[BufferT, SliceT]:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- statistics ----------------------------------------------------------------------
