@@ -31,7 +31,7 @@ from .._errors import (
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryRegion, _cuda_ipc, default_shm_dir
+from ..transport import default_shm_dir
 from ._codec import (
     Limits,
     OutputWriter,
@@ -41,7 +41,13 @@ from ._codec import (
     signature_key,
 )
 from ._compiled import CompiledFunction, is_float0
-from ._session import Residual, Session
+from ._session import (
+    CudaIpcWorkerRegion,
+    Residual,
+    Session,
+    SharedMemoryWorkerRegion,
+    WorkerRegion,
+)
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -72,7 +78,6 @@ class WorkerConfig:
         self.shm_dir = shm_dir or default_shm_dir()
 
 
-_MIN_REGION_LIMIT = 64 << 20
 
 
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
@@ -142,49 +147,32 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
     def RegisterRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         kind = request.WhichOneof("region")
-        if kind is None:
+        max_tensor_bytes = self.config.limits.max_tensor_bytes
+        region: WorkerRegion
+        if kind == "cuda_ipc":
+            # Note [CUDA IPC ownership] in transport/cuda/__init__.py.
+            cuda = request.cuda_ipc
+            region = CudaIpcWorkerRegion.open(cuda.handle, cuda.size, cuda.device_uuid,
+                                              max_tensor_bytes=max_tensor_bytes)
+        elif kind == "shared_memory":
+            shm = request.shared_memory
+            region = SharedMemoryWorkerRegion.attach(shm.name, shm.size,
+                                                     directory=self.config.shm_dir,
+                                                     max_tensor_bytes=max_tensor_bytes)
+        else:
             raise InvalidArgumentError(
                 "RegisterRegionRequest names no region: set `shared_memory` (name, size) or "
                 "`cuda_ipc` (handle, size, device_uuid)"
             )
-        region = getattr(request, kind)
-        # A pool region holds many tensors and is at least 8 MiB (the client's minimum):
-        # a small --max-tensor-bytes must not turn shared memory off for every client.
-        largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
-        if region.size <= 0 or region.size > largest:
-            raise ResourceExhaustedError(
-                f"region size {region.size} is outside 1..{largest} bytes (twice "
-                "--max-tensor-bytes, at least 64 MiB)"
-            )
-        if kind == "cuda_ipc":
-            region_id = self._register_cuda_region(session, region)
-        else:
-            region_id = self._register_shared_memory(session, region)
-        return pb.RegisterRegionResponse(region_id=region_id)
-
-    def _register_shared_memory(self, session: Session, region: Any) -> int:
-        """Map a ``SharedMemoryRegion`` (Note [Shared memory ownership] in transport/_shm.py):
-        INVALID_ARGUMENT (RegionRejectedError) for a name or file that fails the checks."""
-        mapped = SharedMemoryRegion.attach(region.name, region.size,
-                                           directory=self.config.shm_dir)
-        region_id = session.add_region(mapped)
-        if not session.transport_logged:
+        region_id = session.add_region(region)
+        if isinstance(region, CudaIpcWorkerRegion):
+            log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
+                     session.id[:8], region_id, region.size, region.mapping.uuid,
+                     region.mapping.device_index)
+        elif not session.transport_logged:
             session.transport_logged = True
             log.info("session %s uses shared memory in %s", session.id[:8], self.config.shm_dir)
-        return region_id
-
-    def _register_cuda_region(self, session: Session, region: Any) -> int:
-        """Open a ``CudaIpcRegion``: see Note [CUDA IPC ownership] in transport/_cuda_ipc.py.
-        INVALID_ARGUMENT (TransportError) where this worker has no CUDA IPC support, cannot
-        see the GPU, or cannot open the handle."""
-        support = _cuda_ipc.cuda_ipc_support()
-        if not support.available:
-            raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-        mapping = _cuda_ipc.open_region(region.handle, region.size, region.device_uuid)
-        region_id = session.add_cuda_region(mapping)
-        log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
-                 session.id[:8], region_id, region.size, mapping.uuid, mapping.device_index)
-        return region_id
+        return pb.RegisterRegionResponse(region_id=region_id)
 
     def ReleaseRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._session(request.session_id).release_region(request.region_id)
