@@ -78,8 +78,6 @@ class WorkerConfig:
         self.shm_dir = shm_dir or default_shm_dir()
 
 
-
-
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
     """The worker's sessions and functions. Serve it with the interceptors of
     ``_interceptors.py`` (``create_server`` does): its methods raise, they do not abort."""
