@@ -277,6 +277,14 @@ def _count(children: tuple[TreeSpec, ...]) -> int:
     return sum(c.num_leaves for c in children)
 
 
+def is_array_leaf(leaf: Any) -> bool:
+    """Whether a leaf of parameters holds values: an array of any framework (anything with
+    ``__dlpack__`` or ``__array__``) or a number. Other leaves (an Equinox module's
+    activation function, a string) are constants of the tree."""
+    return (isinstance(leaf, (int, float, complex)) or hasattr(leaf, "__dlpack__")
+            or hasattr(leaf, "__array__"))
+
+
 def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
     """Apply ``fn`` to every leaf of ``tree``; containers are rebuilt with the same types."""
     leaves, spec = flatten(tree)

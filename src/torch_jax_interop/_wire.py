@@ -100,6 +100,13 @@ def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
                 "convert the keys to str"
             )
         nodes.add(kind=_DICT, keys=keys)
+    elif kind == _pytree.REGISTERED:
+        raise TypeError(
+            f"a `{spec.meta[0]}` node (registered with jax.tree_util) cannot travel between "
+            "a client and a worker: use tuples, lists, dicts with str keys and None, or "
+            "declare the parameters' structure on the served function (Note [Registered "
+            "pytree nodes in service mode] in server/_compiled.py)"
+        )
     else:
         raise TypeError(
             f"a {kind} cannot be sent to a worker; use tuples, lists, dicts with str keys "
@@ -150,7 +157,7 @@ def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
         children = tuple(build(depth + 1) for _ in range(count))
         leaves = sum(c.num_leaves for c in children)
         if kind == _DICT:
-            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None), leaves)
+            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None, None), leaves)
         return _pytree.TreeSpec(
             _pytree.TUPLE if kind == _TUPLE else _pytree.LIST, children, None, leaves
         )

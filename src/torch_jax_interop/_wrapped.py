@@ -31,7 +31,7 @@ import torch
 
 from ._call import Call, VjpBackend, is_tensor
 from ._errors import DoubleBackwardError
-from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate
+from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 
 __all__ = ["VjpBackend", "WrappedJaxFunction"]
 
@@ -90,13 +90,6 @@ def _leaf_paths(spec: TreeSpec, prefix: tuple[str, ...] = ()) -> list[tuple[str,
     for key, child in zip(spec.child_names(), spec.children, strict=True):
         paths.extend(_leaf_paths(child, (*prefix, _attribute_name(key))))
     return paths
-
-
-def _is_parameter_leaf(leaf: Any) -> bool:
-    """Arrays and numbers become parameters / buffers; other leaves (an activation function
-    inside an Equinox module, a string) stay constants of the parameter tree."""
-    return (isinstance(leaf, (_Tensor, int, float, complex))
-            or hasattr(leaf, "__dlpack__") or hasattr(leaf, "__array__"))
 
 
 def _as_tensor(leaf: Any, clone: bool) -> torch.Tensor:
@@ -242,7 +235,7 @@ class WrappedJaxFunction(torch.nn.Module):
         self.jax_function = jax_function
         self.has_aux = has_aux
         self.backend: VjpBackend = _select_backend(jax_function)
-        template, leaves = TreeTemplate.of(jax_params, _is_parameter_leaf)
+        template, leaves = TreeTemplate.of(jax_params, is_array_leaf)
         spec = template.spec
         paths = _leaf_paths(spec) if spec.kind != LEAF else [("0",)]
         self.params = ParameterTree()

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from torch_jax_interop import WrappedJaxFunction
-from torch_jax_interop._errors import DoubleBackwardError
-from torch_jax_interop._wrapped import VjpBackend
 from torch_jax_interop._call import Call
+from torch_jax_interop._errors import DoubleBackwardError
 from torch_jax_interop._pytree import LEAF_SPEC
+from torch_jax_interop._wrapped import VjpBackend
 from torch_jax_interop.interop_core._local_backend import LocalJaxBackend
 
 

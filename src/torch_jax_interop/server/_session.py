@@ -12,10 +12,9 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .._errors import InvalidArgumentError, ResourceExhaustedError
@@ -27,10 +26,7 @@ log = logging.getLogger("torch_jax_interop.server")
 @dataclass
 class Residual:
     function: Any  # CompiledFunction
-    vjp_fn: Any
-    args_spec: Any
-    kwargs_spec: Any
-    created: float = field(default_factory=time.monotonic)
+    vjp_fn: Any  # its VjpResiduals: no request message (their inline bytes) kept alive
 
 
 class ResidualStore:
