@@ -159,10 +159,7 @@ class Residuals:
 
     def __init__(self, program: Program, kept: list[Any] | None, inputs: list[Any] | None,
                  grads: list[Any] | None) -> None:
-        self.program = program
-        self.kept = kept
-        self.inputs = inputs
-        self.grads = grads
+        self.program, self.kept, self.inputs, self.grads = program, kept, inputs, grads
         self.live = True
 
     @property

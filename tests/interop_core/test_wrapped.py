@@ -177,11 +177,11 @@ def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> No
 
     loss = module(x)
     assert loss.shape == () and loss.requires_grad
-    assert (backend.fused_calls, backend.vjp_calls, backend.live_residuals) == (1, 1, 1)
+    assert (backend.engine.fused_calls, backend.engine.vjp_calls, backend.engine.live_residuals) == (1, 1, 1)
     # a cotangent other than 1 (the gradients are scaled) and a used-twice graph
     (3.0 * loss + loss).backward()
     (4.0 * torch.mean(torch_linear_tanh(reference, x_ref) ** 2)).backward()
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
     # scaling the stored gradients rounds differently from carrying 4.0 through the chain
     # rule: a few ulps, float64
     close = {"rtol": 1e-10, "atol": 1e-13}
@@ -194,7 +194,7 @@ def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> No
 
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(as_function, (w, x.detach().requires_grad_()))
-    assert backend.fused_calls > 1
+    assert backend.engine.fused_calls > 1
 
 
 def test_scalar_output_gradients_survive_retain_graph_and_accumulation() -> None:
@@ -207,15 +207,15 @@ def test_scalar_output_gradients_survive_retain_graph_and_accumulation() -> None
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(module.params["w"].grad, 3 * first)
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
     # a graph dropped without backward releases the stored gradients
     loss = module(x)
-    assert module.backend.live_residuals == 1
+    assert module.backend.engine.live_residuals == 1
     del loss
     gc.collect()
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0
 
 
 def test_non_scalar_and_integer_outputs_keep_residuals() -> None:
@@ -228,7 +228,7 @@ def test_non_scalar_and_integer_outputs_keep_residuals() -> None:
     assert not out.requires_grad
     for backend in (module.backend, int_module.backend):
         assert isinstance(backend, LocalJaxBackend)
-        assert backend.fused_calls == 0 and backend.vjp_calls == 1
+        assert backend.engine.fused_calls == 0 and backend.engine.vjp_calls == 1
 
 
 def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> None:
@@ -250,10 +250,10 @@ def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> 
     x.mul_(2.0)  # would silently change the gradient of w: refused, as torch does
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
-    assert backend.live_residuals == 1  # refused backward keeps the graph's residuals
+    assert backend.engine.live_residuals == 1  # refused backward keeps the graph's residuals
     del out
     gc.collect()
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
 
 
 def test_scalar_output_with_aux() -> None:
@@ -265,7 +265,7 @@ def test_scalar_output_with_aux() -> None:
     reference = torch_copies(module)
     x = torch.randn(5, 4)
     loss, aux = module(x)
-    assert module.backend.fused_calls == 1
+    assert module.backend.engine.fused_calls == 1
     assert not aux["prediction"].requires_grad
     (2.0 * loss).backward()
     ref_prediction = torch_linear_tanh(reference, x)
@@ -289,14 +289,14 @@ def test_local_backend_flat_protocol() -> None:
     outputs = treedef.unflatten(outputs)
     torch.testing.assert_close(outputs["a"], torch.sin(x.detach()) * 2.0)
     flat, treedef, _, handle = backend.flat_forward(call, tensors)
-    assert backend.live_residuals == 1
+    assert backend.engine.live_residuals == 1
     assert [tuple(t.shape) for t in flat] == [(2, 3), (2, 4)]  # sorted keys: "a", "b"
     grad_x, grad_y = backend.flat_backward(handle, [torch.ones(2, 3), torch.ones(2, 4)],
                                            retain=False)
     assert grad_y is None
     expected = torch.cos(x.detach()) * 2.0 + torch.ones(2, 4) @ y.t()
     torch.testing.assert_close(grad_x, expected)
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
     # a static leaf is part of the compilation key: another value is another function
     call3, tensors3 = Call.of(backend, False, (x, 3.0), {"y": y})
     outputs, treedef, _ = backend.flat_call(call3, tensors3)
@@ -304,7 +304,7 @@ def test_local_backend_flat_protocol() -> None:
     _, _, _, handle = backend.flat_forward(call, tensors)
     backend.release(handle)
     backend.release(handle)  # idempotent
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
     with pytest.raises(RuntimeError, match="already freed"):
         backend.flat_backward(handle, [torch.ones(2, 3), torch.ones(2, 4)], retain=False)
 
@@ -442,12 +442,12 @@ def test_no_residuals_under_no_grad() -> None:
     with torch.no_grad():
         out = module(x)
     assert not out.requires_grad
-    assert backend.vjp_calls == 0 and backend.live_residuals == 0
+    assert backend.engine.vjp_calls == 0 and backend.engine.live_residuals == 0
     # nothing requires grad -> no residuals either
     for p in module.parameters():
         p.requires_grad_(False)
     module(x)
-    assert backend.vjp_calls == 0
+    assert backend.engine.vjp_calls == 0
     assert isinstance(backend, VjpBackend)
 
 
@@ -456,17 +456,17 @@ def test_residuals_released_after_backward_and_when_graph_dropped() -> None:
     backend = module.backend
     x = torch.randn(2, 4)
     out = module(x)
-    assert backend.live_residuals == 1
+    assert backend.engine.live_residuals == 1
     out.sum().backward()
-    assert backend.live_residuals == 0  # freed by backward (no retain_graph)
+    assert backend.engine.live_residuals == 0  # freed by backward (no retain_graph)
     with pytest.raises(RuntimeError, match="second time"):
         out.sum().backward()
 
     out = module(x)
-    assert backend.live_residuals == 1
+    assert backend.engine.live_residuals == 1
     del out
     gc.collect()
-    assert backend.live_residuals == 0  # freed with the torch graph
+    assert backend.engine.live_residuals == 0  # freed with the torch graph
 
 
 def test_retain_graph_allows_a_second_backward() -> None:
@@ -474,10 +474,10 @@ def test_retain_graph_allows_a_second_backward() -> None:
     out = module(torch.randn(2, 4))
     out.sum().backward(retain_graph=True)
     first = module.params["w"].grad.clone()
-    assert module.backend.live_residuals == 1
+    assert module.backend.engine.live_residuals == 1
     out.sum().backward()
     torch.testing.assert_close(module.params["w"].grad, 2 * first)
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0
 
 
 def test_no_retrace_per_call() -> None:

@@ -112,4 +112,4 @@ def test_no_call_tensors_outlive_the_call() -> None:
         del x, out
         gc.collect()
         assert watched() is None, f"grad={grad}"
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0

@@ -109,18 +109,6 @@ class LocalJaxBackend:
         self.jax_function = jax_function
         self.engine = Engine(jax_function)
 
-    @property
-    def vjp_calls(self) -> int:
-        return self.engine.vjp_calls
-
-    @property
-    def fused_calls(self) -> int:
-        return self.engine.fused_calls
-
-    @property
-    def live_residuals(self) -> int:
-        return self.engine.live_residuals
-
     def _program(self, call: Call, tensors: Sequence[torch.Tensor], with_grad: bool) -> Program:
         layout = tuple(
             (t.shape, t.dtype, with_grad and _is_differentiable_tensor(t)) for t in tensors
