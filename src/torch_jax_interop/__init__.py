@@ -3,6 +3,9 @@
 Library mode (this module) imports torch and JAX lazily, on first use of a name, so that
 ``torch_jax_interop.server`` (JAX only) and ``torch_jax_interop.client`` (torch only) can be
 imported in images that lack the other framework. Importing changes no jax or torch setting.
+Every exception is in :mod:`torch_jax_interop.errors`; the layers (base, torch side, JAX side,
+bridge) are described in the README and enforced by the import-linter contracts in
+``pyproject.toml``.
 """
 
 from __future__ import annotations
@@ -10,22 +13,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import (
+from ._version import __version__ as __version__
+from .errors import (
     ConversionError as ConversionError,
 )
-from ._errors import (
+from .errors import (
     CopyRequiredError as CopyRequiredError,
 )
-from ._errors import (
+from .errors import (
     IntegerOverflowError as IntegerOverflowError,
 )
-from ._errors import (
+from .errors import (
     InteropError as InteropError,
 )
-from ._errors import (
+from .errors import (
     UnsupportedTensorError as UnsupportedTensorError,
 )
-from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from ._wrapped import WrappedJaxFunction as WrappedJaxFunction

@@ -1,35 +1,5 @@
-"""The project's exceptions, in one module.
-
-Every error the library raises on purpose is an :class:`InteropError`. Where a
-builtin exception type is the natural one (a value out of range, an unsupported
-type), the project's class derives from both, so ``except OverflowError`` and
-``except InteropError`` both work::
-
-    InteropError
-    ├── ConversionError (TypeError)          a value cannot be converted
-    │   ├── UnsupportedTensorError           sparse, meta, int4, sharded, ...
-    │   ├── CopyRequiredError (ValueError)   ``copy=False`` but a copy is needed
-    │   └── IntegerOverflowError (OverflowError)
-    │                                        a 64-bit value does not fit 32 bits
-    ├── DoubleBackwardError (RuntimeError)   second derivative through a wrapper
-    ├── TransportError                       shared memory / CUDA IPC / inline bytes
-    │   ├── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
-    │   ├── RegionRejectedError (ValueError) a region failed the attach checks
-    │   ├── SliceOutOfBoundsError (ValueError)
-    │   │                                    a slice lies outside its region or is misaligned
-    │   └── PoolExhaustedError               the pool's ``max_total_bytes`` is reached
-    └── RemoteError                          a call to a JAX worker failed
-        ├── FunctionNotFoundError (LookupError)   unknown function name
-        ├── InvalidArgumentError (ValueError)     bad input, descriptor or arity
-        ├── ResourceExhaustedError                size or session limits
-        ├── AuthenticationError (PermissionError) missing or wrong token
-        ├── WorkerUnavailableError (ConnectionError)  worker gone or unreachable
-        ├── DeadlineExceededError (TimeoutError)  the call ran past its deadline
-        └── RemoteExecutionError                  the JAX function itself raised
-
-On the client, gRPC status codes map into the ``RemoteError`` branch (see
-``torch_jax_interop.client._errors_map``).
-"""
+"""Implementation of the exception hierarchy; the public face is ``torch_jax_interop.errors``
+(import from there; its docstring draws the tree). Imports no framework."""
 
 from __future__ import annotations
 

@@ -12,17 +12,17 @@ from typing import Any
 
 from . import _pytree
 from ._dtypes import BY_NAME, DTYPE_NAMES
+from ._dtypes import DTYPE_TO_ENUM as DTYPE_TO_ENUM
+from ._dtypes import ENUM_TO_DTYPE as ENUM_TO_DTYPE
 from ._errors import InvalidArgumentError, ResourceExhaustedError
+from ._layout import ALIGNMENT as ALIGNMENT
+from ._layout import align as align
 from .proto.v1 import interop_pb2 as pb
 
 PROTOCOL_VERSION = 1
-ALIGNMENT = 64  # JAX on CPU imports only 64-byte aligned buffers without a copy
 MAX_TREE_NODES = 100_000
 MAX_TREE_DEPTH = 64
 MAX_NDIM = 32
-
-DTYPE_TO_ENUM: dict[str, int] = {name: index + 1 for index, name in enumerate(DTYPE_NAMES)}
-ENUM_TO_DTYPE: dict[int, str] = {value: name for name, value in DTYPE_TO_ENUM.items()}
 
 _KIND = pb.TreeNode.Kind
 # Plain ints: attribute lookups through protobuf's enum wrapper cost ~0.5 us each.
@@ -37,10 +37,6 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def align(n: int, alignment: int = ALIGNMENT) -> int:
-    return (n + alignment - 1) // alignment * alignment
 
 
 def dtype_name(value: int) -> str:

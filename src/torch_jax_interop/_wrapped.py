@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ._call import Call, VjpBackend, is_tensor
+from ._compat._torch import keep_graph, run_outside_dynamo
 from ._errors import DoubleBackwardError
 from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 
@@ -38,9 +39,7 @@ __all__ = ["VjpBackend", "WrappedJaxFunction"]
 _Tensor = torch.Tensor
 _NO_CONTEXT = contextlib.nullcontext()
 _is_grad_enabled = torch.is_grad_enabled
-_keep_graph: Callable[[], bool] = getattr(
-    torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
-)
+_keep_graph: Callable[[], bool] = keep_graph
 
 
 def _select_backend(jax_function: Any) -> VjpBackend:
@@ -307,9 +306,7 @@ def _run_outside_dynamo(module: WrappedJaxFunction, args: tuple, kwargs: dict) -
 
 
 # torch.compile: dynamo must not trace into JAX; it graph-breaks around this call instead.
-# `torch._disable_dynamo` imports torch._dynamo only when first called (under compile, where
-# it is already imported), so importing this module stays cheap.
-_run_outside_dynamo = torch._disable_dynamo(_run_outside_dynamo)  # type: ignore[attr-defined]
+_run_outside_dynamo = run_outside_dynamo(_run_outside_dynamo)
 
 
 def apply_backend(backend: VjpBackend, args: tuple, kwargs: dict, *,

@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from ._names import TOKEN_ENV, TRANSPORTS
+
 
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -21,7 +23,8 @@ def _size(text: str) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .server import WorkerConfig, load_function, serve
+    from ._targets import load_function
+    from .server import WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
@@ -47,7 +50,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     import grpc
 
-    from .server._health import check_health
+    from ._health import check_health  # grpc only: no torch, no JAX (cheap, frequent probes)
 
     try:
         status = check_health(args.address, timeout=args.timeout)
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="unix:///path/worker.sock or HOST:PORT (repeatable)")
     worker.add_argument("--function", action="append", default=[],
                         help="NAME=package.module:attr (repeatable)")
-    worker.add_argument("--token-env", default="TORCH_JAX_INTEROP_TOKEN",
+    worker.add_argument("--token-env", default=TOKEN_ENV,
                         help="environment variable holding the token TCP clients must send")
     worker.add_argument("--shm-dir", default=None,
                         help="shared-memory directory (default $TORCH_JAX_INTEROP_SHM_DIR "
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--function", default="mlp")
             cmd.add_argument("--timeout", type=float, default=60.0)
         cmd.add_argument("--steps", type=int, default=200)
-        cmd.add_argument("--transport", default="auto", choices=["auto", "shm", "inline"])
+        cmd.add_argument("--transport", default="auto", choices=TRANSPORTS)
         cmd.set_defaults(run=run)
     return parser
 

@@ -177,7 +177,8 @@ def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> No
 
     loss = module(x)
     assert loss.shape == () and loss.requires_grad
-    assert (backend.engine.fused_calls, backend.engine.vjp_calls, backend.engine.live_residuals) == (1, 1, 1)
+    engine = backend.engine
+    assert (engine.fused_calls, engine.vjp_calls, engine.live_residuals) == (1, 1, 1)
     # a cotangent other than 1 (the gradients are scaled) and a used-twice graph
     (3.0 * loss + loss).backward()
     (4.0 * torch.mean(torch_linear_tanh(reference, x_ref) ** 2)).backward()

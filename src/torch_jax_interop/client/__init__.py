@@ -1,28 +1,28 @@
 """The torch side of service mode: ``connect()`` to a JAX worker. Imports torch, never JAX
 (except ``connect("inproc", ...)``, which runs the functions in this process)."""
 
-from .._errors import (
+from ..errors import (
     AuthenticationError as AuthenticationError,
 )
-from .._errors import (
+from ..errors import (
     DeadlineExceededError as DeadlineExceededError,
 )
-from .._errors import (
+from ..errors import (
     FunctionNotFoundError as FunctionNotFoundError,
 )
-from .._errors import (
+from ..errors import (
     InvalidArgumentError as InvalidArgumentError,
 )
-from .._errors import (
+from ..errors import (
     RemoteError as RemoteError,
 )
-from .._errors import (
+from ..errors import (
     RemoteExecutionError as RemoteExecutionError,
 )
-from .._errors import (
+from ..errors import (
     ResourceExhaustedError as ResourceExhaustedError,
 )
-from .._errors import (
+from ..errors import (
     WorkerUnavailableError as WorkerUnavailableError,
 )
 from ._connect import FunctionInfo as FunctionInfo

@@ -15,11 +15,9 @@ import torch
 
 from .. import _pytree, _wire
 from .._dtypes import DTYPE_NAMES
+from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
+from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, ResourceExhaustedError
-
-TORCH_TO_NAME: dict[torch.dtype, str] = {getattr(torch, n): n for n in DTYPE_NAMES}
-NAME_TO_TORCH: dict[str, torch.dtype] = {n: d for d, n in TORCH_TO_NAME.items()}
-
 
 _WIRE_KINDS = frozenset(
     {_pytree.LEAF, _pytree.NONE, _pytree.TUPLE, _pytree.LIST, _pytree.NAMEDTUPLE, _pytree.DICT}

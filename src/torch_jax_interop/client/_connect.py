@@ -26,6 +26,8 @@ from .._errors import (
     TransportError,
     WorkerUnavailableError,
 )
+from .._names import TOKEN_ENV, check_transport
+from .._targets import FunctionInfo as FunctionInfo
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import SharedMemoryPool, _cuda_ipc
@@ -34,19 +36,8 @@ from ._errors_map import to_remote_error
 
 log = logging.getLogger("torch_jax_interop.client")
 
-TOKEN_ENV = "TORCH_JAX_INTEROP_TOKEN"
 INLINE_THRESHOLD = 64 << 10  # smaller tensors travel inline: one RPC, no pool bookkeeping
 _MESSAGE_OVERHEAD = 16 << 20
-
-
-@dataclass(frozen=True)
-class FunctionInfo:
-    """A function a worker serves."""
-
-    name: str
-    signature: str
-    doc: str
-    target: str
 
 
 @dataclass
@@ -110,9 +101,7 @@ class Worker:
 
     def __init__(self, address: str, *, timeout: float, transport: str, token: str | None,
                  client_name: str) -> None:
-        if transport not in ("auto", "shm", "inline", "cuda_ipc"):
-            raise ValueError("transport must be 'auto', 'cuda_ipc', 'shm' or 'inline', got "
-                             f"{transport!r}")
+        check_transport(transport)
         self.address = address
         self.timeout = timeout
         self.requested_transport = transport
@@ -501,7 +490,7 @@ def connect(
     ``timeout`` bounds the connection and every call (deadline, seconds).
     """
     if address == "inproc" or address.startswith("inproc:"):
-        from ._inproc import InprocWorker
+        from ..interop_core._inproc import InprocWorker  # the bridge: imports JAX
 
         if not functions:
             raise ValueError("connect('inproc') needs functions={name: jax_function, ...}")

@@ -1,6 +1,6 @@
 """In-process interop: zero-copy conversions, ``WrappedJaxFunction``, ``torch_module_to_jax``.
 
-Imports both torch and JAX.
+The bridge layer: imports both torch and JAX (never the client or the worker's service).
 """
 
 from .._wrapped import WrappedJaxFunction as WrappedJaxFunction

@@ -43,37 +43,13 @@ from typing import Any, TypeVar, overload
 import jax
 import torch
 
+from .._compat._jax import ARRAY_TYPE, DLPackFastPath, is_single_cpu_buffer
+from .._compat._torch import from_dlpack_capsule, to_dlpack_capsule
+from .._dtypes_jax import x64_enabled as x64_enabled
 from .._errors import CopyRequiredError, IntegerOverflowError, UnsupportedTensorError
+from .._layout import ALIGNMENT
 from .._pytree import tree_map
 from ._dtype_map import SUPPORTED_LIST, TORCH_NARROW, TORCH_TO_NAME, torch_dtype_info
-
-try:  # the public flag lives in jax._src.config; fall back to the documented reader
-    from jax._src.config import enable_x64 as _x64_state
-
-    def x64_enabled() -> bool:
-        """Whether JAX's x64 mode is on right now (context managers included)."""
-        return bool(_x64_state.value)
-except Exception:  # pragma: no cover - other jax versions
-
-    def x64_enabled() -> bool:
-        return bool(jax.config.read("jax_enable_x64"))
-
-
-try:  # jax's own from_dlpack calls this after ~25 us of Python; we call it directly
-    from jax._src.lib import _jax as _jaxlib
-    from jax._src.lib import jaxlib_extension_version as _JAXLIB_VERSION
-
-    _ArrayImpl: Any = _jaxlib.ArrayImpl
-    _dlpack_to_buffer: Any = _jaxlib.dlpack_managed_tensor_to_buffer
-    _buffer_to_dlpack: Any = _jaxlib.buffer_to_dlpack_managed_tensor
-except Exception:  # pragma: no cover - other jaxlib versions
-    _JAXLIB_VERSION = 0
-    _ArrayImpl = jax.Array
-    _dlpack_to_buffer = None
-    _buffer_to_dlpack = None
-
-_torch_to_dlpack: Any = getattr(torch._C, "_to_dlpack", None)
-_torch_from_dlpack: Any = getattr(torch._C, "_from_dlpack", None) or torch.from_dlpack
 
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
@@ -81,46 +57,19 @@ _SUPPORTED_TORCH = frozenset(TORCH_TO_NAME)
 # The fast path takes only supported dtypes that need no x64 decision: sub-byte and other
 # unsupported dtypes (torch.int4, float8_e8m0fnu, ...) must reach the checked path's error.
 _FAST_TORCH_DTYPES = _SUPPORTED_TORCH - frozenset(TORCH_NARROW)
-_KDL_CPU = 1
-
-
-class _FastPaths:
-    """Which lower-level DLPack entry points work with the installed jax (probed once)."""
-
-    cpu_device: Any = None
-    import_ok: bool = False
-    export_ok: bool = False
-    probed: bool = False
-
-    @classmethod
-    def probe(cls) -> None:
-        cls.probed = True
-        try:
-            cls.cpu_device = jax.devices("cpu")[0]
-        except RuntimeError:  # pragma: no cover - a jax without a CPU backend
-            return
-        sample = torch.arange(16, dtype=torch.float32)
-        try:
-            array = _import_lowlevel(sample)
-            cls.import_ok = (
-                isinstance(array, jax.Array)
-                and array.unsafe_buffer_pointer() == sample.data_ptr()
-                and float(array[3]) == 3.0
-            )
-        except Exception:
-            cls.import_ok = False
-        try:
-            back = _torch_from_dlpack(_buffer_to_dlpack(jax.numpy.arange(4.0), stream=None))
-            cls.export_ok = bool(back.tolist() == [0.0, 1.0, 2.0, 3.0])
-        except Exception:
-            cls.export_ok = False
+_ALIGN_MASK = ALIGNMENT - 1
+# Which private DLPack entry points to use: Note [Private APIs] in torch_jax_interop._compat.
+_FastPaths = DLPackFastPath
 
 
 def _import_lowlevel(t: torch.Tensor) -> jax.Array:
-    capsule = _torch_to_dlpack(t)
-    if _JAXLIB_VERSION >= 467:
-        return _dlpack_to_buffer(capsule, _FastPaths.cpu_device, None, None, _KDL_CPU)
-    return _dlpack_to_buffer(capsule, _FastPaths.cpu_device, None, None)
+    """Zero-copy import of a CPU tensor through the probed private entry point."""
+    return _FastPaths.import_capsule(to_dlpack_capsule(t))  # type: ignore[misc]
+
+
+def _export_lowlevel(a: Any) -> torch.Tensor:
+    """Zero-copy export of a single-buffer CPU array through the probed private entry point."""
+    return from_dlpack_capsule(_FastPaths.export_capsule(a))  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,10 +86,10 @@ def _tensor_to_jax(t: torch.Tensor, copy: bool | None = None, device: Any = None
         and t.dtype in _FAST_TORCH_DTYPES
         and not t.requires_grad
         and t.is_contiguous()
-        and not (t.data_ptr() & 63)
+        and not (t.data_ptr() & _ALIGN_MASK)
         and not t.is_conj()
         and not t.is_neg()
-        and _FastPaths.import_ok
+        and _FastPaths.import_capsule is not None
     ):
         try:
             return _import_lowlevel(t)
@@ -184,13 +133,13 @@ def _tensor_to_jax_checked(t: torch.Tensor, copy: bool | None, device: Any) -> j
         t = t.clone(memory_format=torch.contiguous_format)
         copied = True
 
-    if t.is_cpu and t.numel() and t.data_ptr() & 63:
+    if t.is_cpu and t.numel() and t.data_ptr() & _ALIGN_MASK:
         if copy is False:
             raise CopyRequiredError(
-                f"the tensor's data pointer is not 64-byte aligned (storage offset "
+                f"the tensor's data pointer is not {ALIGNMENT}-byte aligned (storage offset "
                 f"{t.storage_offset()}), and JAX on CPU can only import aligned buffers "
                 "without a copy, but copy=False. Pass copy=None, or slice at a multiple of "
-                "64 bytes."
+                f"{ALIGNMENT} bytes."
             )
         t = t.clone(memory_format=torch.contiguous_format)
 
@@ -255,7 +204,7 @@ def _check_fits(t: torch.Tensor, narrow: torch.dtype) -> None:
 def _import_any(t: torch.Tensor, copy: bool | None) -> jax.Array:
     """DLPack import of an aligned tensor; a tensor JAX cannot stride is copied (or refused)."""
     try:
-        if t.is_cpu and _FastPaths.import_ok:
+        if t.is_cpu and _FastPaths.import_capsule is not None:
             return _import_lowlevel(t)
         return _import_public(t)
     except Exception as error:  # jaxlib raises JaxRuntimeError: UNIMPLEMENTED for strides
@@ -268,7 +217,7 @@ def _import_any(t: torch.Tensor, copy: bool | None) -> jax.Array:
                 "`.contiguous()` first, or pass copy=None."
             ) from None
         t = t.contiguous()
-        if t.is_cpu and _FastPaths.import_ok:
+        if t.is_cpu and _FastPaths.import_capsule is not None:
             return _import_lowlevel(t)
         return _import_public(t)
 
@@ -352,12 +301,11 @@ def _same_torch_device(a: torch.device, b: torch.device) -> bool:
 
 def _array_to_torch(a: Any, copy: bool | None = None, device: Any = None) -> torch.Tensor:
     """One array to one tensor. Shares memory unless a copy is forced or asked for."""
-    if copy is None and device is None and type(a) is _ArrayImpl and _FastPaths.export_ok:
+    if (copy is None and device is None and type(a) is ARRAY_TYPE
+            and _FastPaths.export_capsule is not None):
         try:
-            # is_deleted() first: ArrayImpl.platform() crashes the process (SIGSEGV) on a
-            # deleted or donated array in jaxlib 0.10.2.
-            if not a.is_deleted() and a.platform() == "cpu" and len(a._arrays) == 1:
-                tensor = _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
+            if is_single_cpu_buffer(a):
+                tensor = _export_lowlevel(a)
                 if tensor.dtype in _SUPPORTED_TORCH:
                     return tensor
         except Exception:
@@ -395,8 +343,8 @@ def _array_to_torch_checked(a: Any, copy: bool | None, device: Any) -> torch.Ten
             "`jax.random.key_data(key)`)."
         )
     platform = a.platform()
-    if platform == "cpu" and _FastPaths.export_ok:
-        tensor = _torch_from_dlpack(_buffer_to_dlpack(a, stream=None))
+    if platform == "cpu" and _FastPaths.export_capsule is not None:
+        tensor = _export_lowlevel(a)
     else:
         tensor = torch.from_dlpack(a)  # negotiates CUDA streams
     target = None if device is None else resolve_torch_device(device)

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 import torch
 
+from .._compat._torch import fake_tensor_mode
 from .._errors import UnsupportedTensorError
 from ._convert import _array_to_torch, _tensor_to_jax
 from ._dtype_map import TORCH_TO_NAME
@@ -129,9 +130,7 @@ class _ModuleRunner:
             except Exception as error:
                 errors.append(f"meta tensors: {type(error).__name__}: {error}")
             try:
-                from torch._subclasses.fake_tensor import FakeTensorMode
-
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with fake_tensor_mode(allow_non_fake_inputs=True) as mode:
                     fake: list[torch.Tensor] = [
                         mode.from_tensor(torch.empty_like(p, device="cpu")) for p in params
                     ]

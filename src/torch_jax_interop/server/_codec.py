@@ -10,51 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import _pytree, _wire
-from .._dtypes import BY_NAME
+from .._compat._jax import import_numpy as import_numpy
+from .._dtypes import BY_NAME, NARROW
+from .._dtypes_jax import NAME_TO_NUMPY, NUMPY_TO_NAME, x64_enabled
 from .._errors import InvalidArgumentError, ResourceExhaustedError
 from ..proto.v1 import interop_pb2 as pb
 from ..transport import _cuda_ipc, check_slice, numpy_view
 from ._session import Session
 
-_NUMPY = {name: np.dtype(getattr(jnp, name)) for name in BY_NAME}
-_NUMPY_TO_NAME = {dt: name for name, dt in _NUMPY.items()}
-_NARROW = {name: info.narrow for name, info in BY_NAME.items() if info.narrow}
-
-try:
-    from jax._src.lib import _jax as _jaxlib
-    from jax._src.lib import jaxlib_extension_version as _JAXLIB_VERSION
-
-    _dlpack_to_buffer: Any = _jaxlib.dlpack_managed_tensor_to_buffer
-except Exception:  # pragma: no cover - other jaxlib versions
-    _dlpack_to_buffer = None
-    _JAXLIB_VERSION = 0
-
-
-def _x64() -> bool:
-    return bool(jax.config.read("jax_enable_x64"))
+_NUMPY = NAME_TO_NUMPY
+_NUMPY_TO_NAME = NUMPY_TO_NAME
+_x64 = x64_enabled
 
 
 class Limits:
     def __init__(self, max_tensor_bytes: int, max_inline_bytes: int) -> None:
         self.max_tensor_bytes = max_tensor_bytes
         self.max_inline_bytes = max_inline_bytes
-
-
-def import_numpy(array: np.ndarray) -> jax.Array:
-    """A JAX array viewing ``array``'s memory (CPU, aligned), or a copy if it cannot."""
-    if _dlpack_to_buffer is not None and array.ctypes.data % 64 == 0 and array.flags.c_contiguous:
-        device = jax.devices("cpu")[0]
-        try:
-            if _JAXLIB_VERSION >= 467:
-                return _dlpack_to_buffer(array.__dlpack__(), device, None, None, 1)
-            return _dlpack_to_buffer(array.__dlpack__(), device, None, None)
-        except Exception:
-            pass
-    return jnp.array(array)
 
 
 def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array | np.ndarray:
@@ -87,7 +62,7 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
         return _decode_cuda(message.cuda_ipc, name, shape, nbytes, session)
     else:
         raise InvalidArgumentError("tensor has no location (shm, cuda_ipc or inline_data)")
-    narrow = _NARROW.get(name)
+    narrow = NARROW.get(name)
     if narrow is not None and not _x64():
         return _narrowed(array, name, narrow)
     # Inline bytes: jit takes the (read-only) numpy array as it is, faster than jnp.array.
@@ -109,7 +84,7 @@ def _decode_cuda(where: Any, name: str, shape: tuple[int, ...], nbytes: int,
         )
     except ValueError as error:
         raise InvalidArgumentError(str(error)) from None
-    narrow = _NARROW.get(name)
+    narrow = NARROW.get(name)
     if narrow is not None and not _x64():
         # Rare policy path (64-bit values, x64 off): range-checked on the host.
         return _narrowed(mapping.host_copy(where.offset, _NUMPY[name], shape), name, narrow)

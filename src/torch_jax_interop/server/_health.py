@@ -1,59 +1,32 @@
-"""The standard ``grpc.health.v1`` service: SERVING once ready, NOT_SERVING while draining.
-
-Uses grpcio-health-checking when installed; machines without it (the GPU image) get the
-same protocol from a copy generated into ``torch_jax_interop.proto.health``.
-"""
+"""The standard ``grpc.health.v1`` service, worker half: SERVING once ready, NOT_SERVING while
+draining. The check a client runs is ``torch_jax_interop._health.check_health``."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-try:
-    from grpc_health.v1 import health as _health
-    from grpc_health.v1 import health_pb2 as health_pb2
-    from grpc_health.v1 import health_pb2_grpc as health_pb2_grpc
-except ImportError:  # pragma: no cover - exercised on machines without the package
-    _health = None
-    from ..proto.health import health_pb2 as health_pb2  # type: ignore[no-redef]
-    from ..proto.health import health_pb2_grpc as health_pb2_grpc  # type: ignore[no-redef]
-
-
-class _MinimalHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    def __init__(self) -> None:
-        self.status = health_pb2.HealthCheckResponse.NOT_SERVING
-
-    def set(self, service: str, status: Any) -> None:
-        self.status = status
-
-    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return health_pb2.HealthCheckResponse(status=self.status)
+from .._health import SERVICES
+from .._health import check_health as check_health
 
 
 class HealthState:
-    def __init__(self, servicer: Any) -> None:
+    """Switches every name in ``SERVICES`` between SERVING and NOT_SERVING."""
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
         self._servicer = servicer
 
     def serving(self) -> None:
-        for service in ("", "torch_jax_interop.v1.JaxWorker"):
+        for service in SERVICES:
             self._servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def not_serving(self) -> None:
-        for service in ("", "torch_jax_interop.v1.JaxWorker"):
+        for service in SERVICES:
             self._servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 def add_health_service(server: grpc.Server) -> HealthState:
-    servicer = _health.HealthServicer() if _health is not None else _MinimalHealth()
+    """Register the health service on ``server`` (NOT_SERVING until ``serving()``)."""
+    servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return HealthState(servicer)
-
-
-def check_health(address: str, timeout: float = 5.0) -> str:
-    """The worker's status name (``SERVING``, ``NOT_SERVING``, ...) or raise grpc.RpcError."""
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
-                              wait_for_ready=True)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

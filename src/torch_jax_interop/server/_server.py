@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -13,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from .._names import TOKEN_ENV
+from .._targets import load_function as load_function
 from ..transport import cleanup_orphans
 from ._compiled import CompiledFunction
 from ._health import add_health_service
@@ -20,27 +21,7 @@ from ._servicer import JaxWorkerServicer, LenientHandlers, WorkerConfig
 
 log = logging.getLogger("torch_jax_interop.server")
 
-TOKEN_ENV = "TORCH_JAX_INTEROP_TOKEN"
 _GRPC_MESSAGE_OVERHEAD = 16 << 20
-
-
-def load_function(spec: str) -> tuple[str, Callable[..., Any], str]:
-    """Parse ``name=package.module:attr`` (or ``package.module:attr``) and import it."""
-    name, sep, target = spec.partition("=")
-    if not sep:
-        name, target = spec.rpartition(":")[2], spec
-    module_name, colon, attr = target.partition(":")
-    if not colon or not module_name or not attr or not name:
-        raise ValueError(
-            f"bad function spec `{spec}`; expected NAME=package.module:attr, e.g. "
-            "mlp=torch_jax_interop.examples.mlp:apply"
-        )
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"`{target}` is not callable")
-    return name, obj, target
 
 
 def _is_tcp(address: str) -> bool:

@@ -1,7 +1,8 @@
 """``connect("inproc", functions=...)``: the client API, with the functions run in-process.
 
 Tensors cross through the zero-copy DLPack core instead of a transport, so switching between
-a worker and in-process execution is one string. This module imports JAX.
+a worker and in-process execution is one string. Part of the bridge (imports torch and JAX,
+never the worker): ``client.connect`` imports it only for ``connect("inproc")``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 import jax
 import torch
 
-from ..interop_core import jax_to_torch, torch_to_jax
-from ._connect import FunctionInfo
+from .._errors import FunctionNotFoundError
+from .._targets import FunctionInfo, load_function
+from ._convert import jax_to_torch, torch_to_jax
 
 
 class InprocFunction:
@@ -41,7 +43,7 @@ class InprocFunction:
 
     def __torch_jax_interop_backend__(self) -> Any:
         if self._backend is None:
-            from ..interop_core._local_backend import LocalJaxBackend
+            from ._local_backend import LocalJaxBackend
 
             self._backend = LocalJaxBackend(self.fn)
         return self._backend
@@ -61,8 +63,6 @@ class InprocWorker:
         for name, fn in functions.items():
             target = ""
             if isinstance(fn, str):
-                from ..server._server import load_function
-
                 _, fn, target = load_function(f"{name}={fn}")
             self._functions[name] = InprocFunction(name, fn, target)
 
@@ -81,8 +81,6 @@ class InprocWorker:
         try:
             return self._functions[name]
         except KeyError:
-            from .._errors import FunctionNotFoundError
-
             raise FunctionNotFoundError(
                 f"unknown function `{name}`; in-process functions: "
                 f"{', '.join(sorted(self._functions)) or 'none'}"

@@ -1,0 +1,52 @@
+"""Torch side of Note [Private APIs] (in ``torch_jax_interop._compat``). Imports torch,
+never JAX."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_private_to_dlpack: Any = getattr(torch._C, "_to_dlpack", None)
+_private_from_dlpack: Any = getattr(torch._C, "_from_dlpack", None)
+
+
+def _public_to_dlpack(t: torch.Tensor) -> Any:
+    return t.__dlpack__()
+
+
+to_dlpack_capsule: Callable[[torch.Tensor], Any] = _private_to_dlpack or _public_to_dlpack
+"""A DLPack capsule of a tensor (shares its memory)."""
+
+from_dlpack_capsule: Callable[[Any], torch.Tensor] = _private_from_dlpack or torch.from_dlpack
+"""A tensor from a DLPack capsule (shares its memory)."""
+
+keep_graph: Callable[[], bool] = getattr(
+    torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
+)
+"""Whether the running backward pass keeps its graph (``retain_graph``); ``True`` when
+unknown, so that residuals are kept until the graph is freed rather than lost."""
+
+
+def run_outside_dynamo(fn: F) -> F:
+    """``fn`` made opaque to ``torch.compile`` (dynamo graph-breaks around it).
+
+    ``torch._disable_dynamo`` imports ``torch._dynamo`` only when first called (under
+    compile, where it is already imported); the public ``torch.compiler.disable`` imports it
+    at decoration (~1.9 s), so it serves only as the fallback.
+    """
+    disable = getattr(torch, "_disable_dynamo", None)
+    if disable is not None:
+        return disable(fn)  # type: ignore[no-any-return]
+    return torch.compiler.disable(fn)  # pragma: no cover - torch without _disable_dynamo
+
+
+def fake_tensor_mode(**kwargs: Any) -> Any:
+    """``torch._subclasses.fake_tensor.FakeTensorMode(**kwargs)``; ``ImportError`` where
+    the installed torch has none (callers fall back to meta tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(**kwargs)

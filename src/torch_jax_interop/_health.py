@@ -1,0 +1,28 @@
+"""The standard ``grpc.health.v1`` check, client half: what ``torch-jax-interop health`` runs.
+
+Imports grpc and the generated protocol, never torch or JAX: a health probe (a Docker
+healthcheck runs one every few seconds) must stay cheap, and must work in an image that has
+only one of the two frameworks. The worker's half is ``server/_health.py``.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .proto.v1 import interop_pb2 as _pb
+
+SERVICES: tuple[str, ...] = ("", *(s.full_name for s in _pb.DESCRIPTOR.services_by_name.values()))
+"""Health service names the worker reports: the whole server (``""``) and its gRPC service."""
+
+
+def check_health(address: str, timeout: float = 5.0) -> str:
+    """The worker's status name (``SERVING``, ``NOT_SERVING``, ...) or raise ``grpc.RpcError``.
+
+    Waits up to ``timeout`` seconds for the worker to answer (``wait_for_ready``).
+    """
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+                              wait_for_ready=True)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

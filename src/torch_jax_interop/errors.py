@@ -1,0 +1,79 @@
+"""The exceptions of torch-jax-interop, in one public module.
+
+Every error the library raises on purpose is an :class:`InteropError`, importable from
+here (``from torch_jax_interop.errors import TransportError``). Where a
+builtin exception type is the natural one (a value out of range, an unsupported
+type), the project's class derives from both, so ``except OverflowError`` and
+``except InteropError`` both work::
+
+    InteropError
+    ├── ConversionError (TypeError)          a value cannot be converted
+    │   ├── UnsupportedTensorError           sparse, meta, int4, sharded, ...
+    │   ├── CopyRequiredError (ValueError)   ``copy=False`` but a copy is needed
+    │   └── IntegerOverflowError (OverflowError)
+    │                                        a 64-bit value does not fit 32 bits
+    ├── DoubleBackwardError (RuntimeError)   second derivative through a wrapper
+    ├── TransportError                       shared memory / CUDA IPC / inline bytes
+    │   ├── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
+    │   ├── RegionRejectedError (ValueError) a region failed the attach checks
+    │   ├── SliceOutOfBoundsError (ValueError)
+    │   │                                    a slice lies outside its region or is misaligned
+    │   └── PoolExhaustedError               the pool's ``max_total_bytes`` is reached
+    └── RemoteError                          a call to a JAX worker failed
+        ├── FunctionNotFoundError (LookupError)   unknown function name
+        ├── InvalidArgumentError (ValueError)     bad input, descriptor or arity
+        ├── ResourceExhaustedError                size or session limits
+        ├── AuthenticationError (PermissionError) missing or wrong token
+        ├── WorkerUnavailableError (ConnectionError)  worker gone or unreachable
+        ├── DeadlineExceededError (TimeoutError)  the call ran past its deadline
+        └── RemoteExecutionError                  the JAX function itself raised
+
+On the client, gRPC status codes map into the ``RemoteError`` branch (see
+``torch_jax_interop.client._errors_map``); an exception raised by the served JAX function
+itself arrives as ``RemoteExecutionError``, whatever its Python type. Importing this module
+imports neither torch nor JAX.
+"""
+
+from __future__ import annotations
+
+from ._errors import AuthenticationError as AuthenticationError
+from ._errors import ConversionError as ConversionError
+from ._errors import CopyRequiredError as CopyRequiredError
+from ._errors import DeadlineExceededError as DeadlineExceededError
+from ._errors import DoubleBackwardError as DoubleBackwardError
+from ._errors import FunctionNotFoundError as FunctionNotFoundError
+from ._errors import IntegerOverflowError as IntegerOverflowError
+from ._errors import InteropError as InteropError
+from ._errors import InvalidArgumentError as InvalidArgumentError
+from ._errors import PoolExhaustedError as PoolExhaustedError
+from ._errors import RegionRejectedError as RegionRejectedError
+from ._errors import RemoteError as RemoteError
+from ._errors import RemoteExecutionError as RemoteExecutionError
+from ._errors import ResourceExhaustedError as ResourceExhaustedError
+from ._errors import SharedMemoryFullError as SharedMemoryFullError
+from ._errors import SliceOutOfBoundsError as SliceOutOfBoundsError
+from ._errors import TransportError as TransportError
+from ._errors import UnsupportedTensorError as UnsupportedTensorError
+from ._errors import WorkerUnavailableError as WorkerUnavailableError
+
+__all__ = [
+    "AuthenticationError",
+    "ConversionError",
+    "CopyRequiredError",
+    "DeadlineExceededError",
+    "DoubleBackwardError",
+    "FunctionNotFoundError",
+    "IntegerOverflowError",
+    "InteropError",
+    "InvalidArgumentError",
+    "PoolExhaustedError",
+    "RegionRejectedError",
+    "RemoteError",
+    "RemoteExecutionError",
+    "ResourceExhaustedError",
+    "SharedMemoryFullError",
+    "SliceOutOfBoundsError",
+    "TransportError",
+    "UnsupportedTensorError",
+    "WorkerUnavailableError",
+]
