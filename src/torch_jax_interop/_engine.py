@@ -44,6 +44,7 @@ whose graph is never backpropagated computed gradients for nothing; evaluate und
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -178,13 +179,16 @@ class Engine:
     ``max_programs`` bounds the number of cached programs (input signatures); the least
     recently used is dropped past it. ``vjp_calls`` / ``fused_calls`` / ``live_residuals``
     count forward passes that kept residuals, those of a scalar output that computed the
-    gradients too (Note [Scalar outputs]), and residual sets not yet released.
+    gradients too (Note [Scalar outputs]), and residual sets not yet released (residuals a
+    caller drops without ``release``, as the worker's residual store does when a session
+    ends, are not counted down).
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_programs: int | None = None) -> None:
         self.fn = fn
         self.max_programs = max_programs
         self.programs: OrderedDict[Hashable, Program] = OrderedDict()
+        self._lock = threading.Lock()
         self.vjp_calls = 0
         self.fused_calls = 0
         self.live_residuals = 0
@@ -194,14 +198,15 @@ class Engine:
         """The program of ``key`` (made with ``build`` the first time). ``key`` must
         determine everything else: structure, statics, shapes, dtypes, ``diff``, ``has_aux``.
         Raises TypeError when ``key`` is not hashable."""
-        program = self.programs.get(key)
-        if program is None:
-            program = Program(build, num_inputs, diff, has_aux)
-            self.programs[key] = program
-            if self.max_programs is not None and len(self.programs) > self.max_programs:
-                self.programs.popitem(last=False)
-        elif self.max_programs is not None:
-            self.programs.move_to_end(key)
+        with self._lock:  # the worker serves calls from several threads
+            program = self.programs.get(key)
+            if program is None:
+                program = Program(build, num_inputs, diff, has_aux)
+                self.programs[key] = program
+                if self.max_programs is not None and len(self.programs) > self.max_programs:
+                    self.programs.popitem(last=False)
+            elif self.max_programs is not None:
+                self.programs.move_to_end(key)
         return program
 
     # -- no residuals --------------------------------------------------------------------

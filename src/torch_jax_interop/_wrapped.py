@@ -216,11 +216,12 @@ class WrappedJaxFunction(torch.nn.Module):
     Gradients flow to parameters and to inputs that require grad through a jitted
     ``jax.vjp`` compiled once per input signature. Under ``torch.no_grad()`` (or when
     nothing requires grad) no residuals are kept. Second derivatives raise
-    ``DoubleBackwardError``. Two details of the in-process backend (``LocalJaxBackend``):
-    a function whose output is one real scalar (a loss) gets its gradients in the forward
-    pass's XLA computation, and backward only scales them; inputs the backward pass needs
-    are kept by reference (shared memory), like torch's saved tensors, so modifying one in
-    place before ``backward()`` raises torch's "modified by an inplace operation" error.
+    ``DoubleBackwardError``. Two details of the JAX engine (``_engine.py``, used in this
+    process and by a worker): a function whose output is one real scalar (a loss) gets its
+    gradients in the forward pass's XLA computation, and backward only scales them; inputs
+    the backward pass needs are kept by reference (shared memory), like torch's saved
+    tensors, so in this process modifying one in place before ``backward()`` raises torch's
+    "modified by an inplace operation" error.
     """
 
     def __init__(
