@@ -113,3 +113,21 @@ def test_no_call_tensors_outlive_the_call() -> None:
         gc.collect()
         assert watched() is None, f"grad={grad}"
     assert module.backend.engine.live_residuals == 0
+
+
+def test_registered_nodes_as_inputs_and_outputs() -> None:
+    """A Flax struct as an argument (its tensors get gradients) and as the output."""
+
+    def f(p: jax.Array, batch: DenseParams) -> DenseParams:
+        return DenseParams(w=batch.w * p, b=jnp.sin(batch.b), scale=batch.scale * 2)
+
+    module = WrappedJaxFunction(f, jnp.full((4, 3), 2.0))
+    w = torch.randn(4, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    out = module(DenseParams(w=w, b=b, scale=0.25))
+    assert type(out) is DenseParams and out.scale == 0.5
+    assert isinstance(out.w, torch.Tensor) and out.w.requires_grad
+    (out.w.sum() + out.b.sum()).backward()
+    torch.testing.assert_close(w.grad, torch.full((4, 3), 2.0))
+    torch.testing.assert_close(b.grad, torch.cos(b.detach()))
+    torch.testing.assert_close(module.params[0].grad, w.detach())
