@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_jax_interop._errors import SliceOutOfBoundsError, TransportError
-from torch_jax_interop.transport import _cuda_ipc
-from torch_jax_interop.transport._cuda_ipc import (
+from torch_jax_interop.transport import cuda
+from torch_jax_interop.transport.cuda import (
     CUDA_ALIGNMENT,
     check_cuda_descriptor,
     choose_transport,
@@ -334,19 +334,19 @@ def test_unknown_transport_names_are_refused() -> None:
 
 @pytest.mark.skipif(HAS_CUPY, reason="cupy is installed here: covered by the gpu tests")
 def test_without_cupy_there_is_no_support_and_the_message_says_what_to_do() -> None:
-    support = _cuda_ipc.cuda_ipc_support()
+    support = cuda.cuda_ipc_support()
     assert not support.available and "cupy" in support.reason
-    message = _cuda_ipc.no_support_message(support)
+    message = cuda.no_support_message(support)
     assert "no CUDA IPC support" in message and "shared memory" in message
     with pytest.raises(TransportError, match="no CUDA IPC support"):
-        _cuda_ipc.open_region(bytes(64), 2 << 20, UUID_A)
+        cuda.open_region(bytes(64), 2 << 20, UUID_A)
 
 
 @pytest.mark.skipif(HAS_CUPY, reason="cupy is installed here: covered by the gpu tests")
 def test_client_channel_without_cupy_falls_back_once_and_logs_why(
         caplog: pytest.LogCaptureFixture) -> None:
     registered: list[object] = []
-    channel = _cuda_ipc.CudaIpcChannel(
+    channel = cuda.CudaIpcChannel(
         "auto", register=lambda buffer: registered.append(buffer) or (1, 1),  # type: ignore[func-returns-value]
         release=lambda region_id: None, same_host=True, worker_pid=os.getpid(),
     )
@@ -359,7 +359,7 @@ def test_client_channel_without_cupy_falls_back_once_and_logs_why(
         f"CUDA tensors on cuda:0 fall back to the host path (through host memory): "
         f"{channel.reasons[0]}"
     ]
-    insisting = _cuda_ipc.CudaIpcChannel(
+    insisting = cuda.CudaIpcChannel(
         "cuda_ipc", register=lambda buffer: (1, 1), release=lambda region_id: None,
         same_host=True, worker_pid=os.getpid(),
     )
@@ -368,7 +368,7 @@ def test_client_channel_without_cupy_falls_back_once_and_logs_why(
 
 
 def test_client_channel_for_a_remote_worker_registers_nothing() -> None:
-    channel = _cuda_ipc.CudaIpcChannel(
+    channel = cuda.CudaIpcChannel(
         "auto", register=lambda buffer: (_ for _ in ()).throw(AssertionError("registered")),
         release=lambda region_id: None, same_host=False, worker_pid=1,
     )
@@ -380,7 +380,7 @@ def test_client_channel_for_a_remote_worker_registers_nothing() -> None:
 def test_importing_the_transport_imports_no_gpu_library(run_python) -> None:  # noqa: ANN001
     result = run_python("""
         import sys
-        import torch_jax_interop.transport._cuda_ipc
+        import torch_jax_interop.transport.cuda
         import torch_jax_interop.server._codec  # noqa: F401 (imports jax, not torch/cupy)
         print(sorted(m for m in ("cupy", "torch") if m in sys.modules))
     """)
@@ -402,7 +402,7 @@ def gpu_pool():  # noqa: ANN201
         region_id = next(ids)
         return region_id, region_id
 
-    pool = _cuda_ipc.CudaIpcPool(register, 0, min_region_bytes=4 << 20)
+    pool = cuda.CudaIpcPool(register, 0, min_region_bytes=4 << 20)
     yield pool, buffers
     pool.close()
 
@@ -445,16 +445,17 @@ def test_a_slice_is_released_when_its_last_view_dies(gpu_pool) -> None:  # noqa:
 _WORKER_SIDE = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from torch_jax_interop.transport import _cuda_ipc
+from torch_jax_interop.transport import cuda
+from torch_jax_interop.transport.cuda import _worker
 handle, uuid = bytes.fromhex(sys.argv[1]), sys.argv[3]
 size, offset, out_offset = int(sys.argv[2]), int(sys.argv[4]), int(sys.argv[5])
-first = _cuda_ipc.open_region(handle, size, uuid)
-second = _cuda_ipc.open_region(handle, size, uuid)  # the same session re-registering
+first = cuda.open_region(handle, size, uuid)
+second = cuda.open_region(handle, size, uuid)  # the same session re-registering
 x = first.jax_array(offset, np.float32, (1024,))
 aliased = x.unsafe_buffer_pointer() == first.ptr + offset
 bf = first.jax_array(offset, jnp.bfloat16, (8,))
 first.write(out_offset, x * 2)
-print(json.dumps({"sum": float(x.sum()), "aliased": aliased, "opened": _cuda_ipc.open_count,
+print(json.dumps({"sum": float(x.sum()), "aliased": aliased, "opened": _worker.open_count,
                   "same_ptr": first.ptr == second.ptr, "bf16": bf.dtype.name,
                   "platform": x.devices().pop().platform}))
 """

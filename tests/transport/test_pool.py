@@ -31,11 +31,14 @@ from torch_jax_interop._errors import (
 )
 from torch_jax_interop.transport import (
     NAME_PATTERN,
+    Pool,
+    PoolSlice,
     RegionSlice,
     SharedMemoryPool,
     SharedMemoryRegion,
     check_slice,
 )
+from torch_jax_interop.transport._pool import BufferKind
 
 SHM = "/dev/shm"
 MakePool = Callable[..., SharedMemoryPool]
@@ -508,3 +511,179 @@ def test_concurrent_allocate_and_release_from_8_threads(make_pool: MakePool) -> 
     gc.collect()
     assert pool.used_bytes == 0
     assert pool.num_regions >= 1
+
+
+# -- the release scheme (Note [Releasing from finalizers] in transport/_pool.py) --------------
+
+
+class _Cycle:
+    """Holds an object in a reference cycle, so that only the cyclic GC frees it."""
+
+    def __init__(self, payload: object) -> None:
+        self.payload = payload
+        self.me = self
+
+
+def test_a_finalizer_release_inside_the_pools_own_critical_section_is_queued(
+    make_pool: MakePool,
+) -> None:
+    # The GC runs a release_when_collected finalizer in the very thread that holds the pool
+    # lock: it must neither deadlock (the lock is not reentrant) nor touch the free list
+    # mid-update; the holder applies it when its critical section ends.
+    pool = make_pool()
+    piece = pool.allocate(4096)
+    array = piece.numpy(np.float32, (1024,))
+    finalizer = piece.release_when_collected(array)
+    _Cycle(array)
+    del array
+    gc.disable()  # only the collect() below may run the finalizer
+    try:
+        with pool._locked():
+            gc.collect()
+            assert not finalizer.alive  # it ran, here, under the lock
+            assert not piece.released and pool._state.regions[piece.region_id].used == 4096
+    finally:
+        gc.enable()
+    assert piece.released and pool.used_bytes == 0
+
+
+def test_a_release_while_another_thread_holds_the_lock_does_not_wait(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool()
+    piece = pool.allocate(100)
+    done = threading.Event()
+
+    def release() -> None:
+        piece.release()  # from a finalizer this must never block on the pool lock
+        done.set()
+
+    with pool._locked():
+        thread = threading.Thread(target=release)
+        thread.start()
+        returned = done.wait(timeout=10)
+        assert not piece.released  # queued: the holder applies it
+    thread.join(timeout=10)
+    assert returned, "release() waited for a lock held by another thread"
+    assert piece.released and pool.used_bytes == 0
+
+
+def test_no_release_waits_for_a_later_allocation(make_pool: MakePool) -> None:
+    # Releases race with critical sections of other threads; once every thread is done,
+    # every released slice is back, without any further call into the pool (reading only
+    # `released` and the free lists, not the pool's properties, which would drain).
+    pool = make_pool(min_region_bytes=256 * KiB)
+    pieces = [pool.allocate(64) for _ in range(2000)]
+    start = threading.Barrier(3)
+
+    def churn() -> None:
+        start.wait()
+        for _ in range(2000):
+            pool.allocate(64).release()
+
+    def give_back(mine: list[RegionSlice]) -> None:
+        start.wait()
+        for piece in mine:
+            piece.release()
+
+    threads = [threading.Thread(target=churn),
+               threading.Thread(target=give_back, args=(pieces[::2],)),
+               threading.Thread(target=give_back, args=(pieces[1::2],))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(piece.released for piece in pieces)
+    assert not pool._pending
+    assert sum(entry.used for entry in pool._state.regions.values()) == 0
+
+
+# -- the generic pool over another buffer kind ---------------------------------------------
+
+
+class _HostBuffer:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.data = bytearray(size)
+        self.closed = False
+
+
+class _HostKind(BufferKind[_HostBuffer]):
+    """A buffer kind with CUDA IPC's layout (256-byte slices, 2 MiB buffers) in host memory."""
+
+    name = "test"
+    label = "test"
+    alignment = 256
+    granularity = 2 << 20
+
+    def __init__(self) -> None:
+        self.created: list[_HostBuffer] = []
+
+    def create(self, size: int) -> _HostBuffer:
+        buffer = _HostBuffer(size)
+        self.created.append(buffer)
+        return buffer
+
+    def close(self, buffer: _HostBuffer) -> None:
+        buffer.closed = True
+
+
+class _HostPool(Pool[_HostBuffer, PoolSlice[_HostBuffer]]):
+    slice_type = PoolSlice
+
+
+def _host_pool(**kwargs: object) -> tuple[_HostPool, _HostKind, list[_HostBuffer]]:
+    kind = _HostKind()
+    registered: list[_HostBuffer] = []
+
+    def register(buffer: _HostBuffer) -> tuple[int, int]:
+        registered.append(buffer)
+        return len(registered), len(registered) + 100
+
+    return _HostPool(kind, register, **kwargs), kind, registered  # type: ignore[arg-type]
+
+
+def test_the_generic_pool_follows_its_kinds_alignment_and_granularity() -> None:
+    pool, kind, registered = _host_pool(min_region_bytes=3 << 20)
+    a, b = pool.allocate(1000), pool.allocate(0)
+    assert registered == kind.created and len(registered) == 1
+    assert registered[0].size == 4 << 20  # min_region_bytes rounded up to 2 MiB
+    assert (a.offset, b.offset) == (0, 1024) and pool.used_bytes == 1024 + 256
+    assert (a.region_id, a.generation, a.kind) == (1, 101, "test")
+    big = pool.allocate(5 << 20)  # fits nowhere: a buffer of the request in 2 MiB multiples
+    assert registered[1].size == 6 << 20 and big.offset == 0 and pool.region_ids == [1, 2]
+
+    class Descriptor:
+        region_id = generation = offset = nbytes = -1
+
+    message = Descriptor()
+    big.fill(message)
+    assert (message.region_id, message.generation, message.offset, message.nbytes) == \
+        (2, 102, 0, 5 << 20)
+    a.release()
+    assert pool.allocate(700).offset == 0  # reused
+    pool.release_region(2)
+    assert registered[1].closed and not registered[0].closed and pool.num_regions == 1
+    big.release()  # inert: its buffer is gone
+    pool.close()
+    assert registered[0].closed and pool.closed
+    with pytest.raises(TransportError, match="test pool is closed"):
+        pool.allocate(1)
+
+
+def test_the_generic_pool_closes_a_buffer_the_worker_refused_and_keeps_its_limit() -> None:
+    kind = _HostKind()
+
+    def refuse(buffer: _HostBuffer) -> tuple[int, int]:
+        raise ConnectionError("worker went away")
+
+    pool = _HostPool(kind, refuse, min_region_bytes=2 << 20)
+    with pytest.raises(ConnectionError):
+        pool.allocate(10)
+    assert kind.created[0].closed and pool.num_regions == 0 and pool.total_bytes == 0
+    limited, _, _ = _host_pool(min_region_bytes=4 << 20, max_total_bytes=6 << 20)
+    limited.allocate(4 << 20)  # fills the first buffer
+    # A full-size buffer would pass the limit: a buffer just big enough is made instead.
+    assert limited.allocate(2 << 20).offset == 0 and limited.total_bytes == 6 << 20
+    with pytest.raises(PoolExhaustedError, match="test pool would grow past"):
+        limited.allocate(1)

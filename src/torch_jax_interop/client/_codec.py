@@ -88,7 +88,7 @@ class Encoder:
         self.leases: list[Any] = []
         self.inline_bytes = 0
         self.shm_bytes = 0
-        # CUDA IPC (transport/_cuda_ipc.py): the session's CudaIpcChannel, or None.
+        # CUDA IPC (transport/cuda): the session's CudaIpcChannel, or None.
         self.cuda = cuda
         self.cuda_ipc_bytes = 0
         self.cuda_pool: Any = None  # pool of the first CUDA IPC input: the output arena's
@@ -130,10 +130,7 @@ class Encoder:
         self.leases.append(lease)
         target = torch.from_numpy(lease.numpy(np.uint8, (nbytes,)))
         target.copy_(t.reshape(-1).view(torch.uint8))
-        message.shm.region_id = lease.region_id
-        message.shm.generation = lease.generation
-        message.shm.offset = lease.offset
-        message.shm.nbytes = nbytes
+        lease.fill(message.shm)
         self.shm_bytes += nbytes
         return nbytes
 
@@ -206,27 +203,23 @@ class Decoder:
                 raise InvalidArgumentError("worker sent an inline tensor of the wrong size")
             raw = torch.frombuffer(bytearray(message.inline_data), dtype=torch.uint8)
             return self._placed(raw.view(dtype).reshape(shape))
-        arena_kind = getattr(self.arena, "kind", "shm")
-        if location == "cuda_ipc" and self.arena is not None and arena_kind == "cuda_ipc":
-            where = message.cuda_ipc
-            start = where.offset - self.arena.offset
-            if (where.region_id != self.arena.region_id or where.nbytes != nbytes
-                    or where.device_uuid != self.arena.device_uuid
-                    or start < 0 or start + nbytes > self.arena.nbytes):
-                raise InvalidArgumentError("worker pointed an output outside the output arena")
-            return self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape)
-        if location == "shm" and self.arena is not None and arena_kind == "shm":
-            where = message.shm
-            start = where.offset - self.arena.offset
-            if (where.region_id != self.arena.region_id or where.nbytes != nbytes
-                    or start < 0 or start + nbytes > self.arena.nbytes):
+        arena = self.arena
+        if arena is not None and location == arena.kind:
+            # The worker wrote it into the output arena: the same descriptor as the arena's
+            # (region, generation, GPU) with the output's own offset and size.
+            where = getattr(message, location)
+            expected = type(where)()
+            arena.fill(expected)
+            expected.offset, expected.nbytes = where.offset, nbytes
+            start = where.offset - arena.offset
+            if where != expected or start < 0 or start + nbytes > arena.nbytes:
                 raise InvalidArgumentError("worker pointed an output outside the output arena")
             return self._placed(
                 self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape))
         raise InvalidArgumentError(f"worker sent an output with location `{location}`")
 
     def _arena_tensor(self) -> torch.Tensor:
-        if self._base is None and getattr(self.arena, "kind", "shm") == "cuda_ipc":
+        if self._base is None and self.arena.kind == "cuda_ipc":
             # A CUDA view of the device slot; the slot is reused once the last output dies.
             self._base = self.arena.torch_bytes(release_when_collected=True)
         if self._base is None:

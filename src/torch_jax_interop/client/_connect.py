@@ -30,7 +30,8 @@ from .._names import TOKEN_ENV, check_transport
 from .._targets import FunctionInfo as FunctionInfo
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryPool, _cuda_ipc
+from ..transport import SharedMemoryPool
+from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
 from ._errors_map import to_remote_error
 
@@ -168,7 +169,7 @@ class Worker:
         session.pool, session.transport = self._choose_transport(session, first)
         if self.requested_transport in ("auto", "cuda_ipc"):
             # Decides per GPU at the first CUDA tensor: nothing touches CUDA before that.
-            session.cuda = _cuda_ipc.CudaIpcChannel(
+            session.cuda = CudaIpcChannel(
                 self.requested_transport,
                 register=lambda buffer: self._register_cuda(session, buffer),
                 release=lambda region_id: self._release_region(session, region_id),
@@ -363,10 +364,7 @@ class Worker:
             request.ClearField("output_arena")
             return Decoder(None, device)
         arena = session.pool.allocate(nbytes)
-        request.output_arena.shm.region_id = arena.region_id
-        request.output_arena.shm.generation = arena.generation
-        request.output_arena.shm.offset = arena.offset
-        request.output_arena.shm.nbytes = arena.nbytes
+        arena.fill(request.output_arena.shm)
         return Decoder(arena, device)
 
     def backward(self, handle: ResidualHandle, cotangents: Any, *,

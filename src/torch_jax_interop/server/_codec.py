@@ -18,12 +18,13 @@ from .._dtypes import BY_NAME, NARROW
 from .._dtypes_jax import NAME_TO_NUMPY, NUMPY_TO_NAME, x64_enabled
 from .._errors import InvalidArgumentError, ResourceExhaustedError
 from ..proto.v1 import interop_pb2 as pb
-from ..transport import _cuda_ipc, check_slice, numpy_view
-from ._session import Session
+from ._session import CUDA_IPC, SHM, Session, WorkerRegion
 
 _NUMPY = NAME_TO_NUMPY
 _NUMPY_TO_NAME = NUMPY_TO_NAME
+_NARROW = NARROW
 _x64 = x64_enabled
+REGION_KINDS = (SHM, CUDA_IPC)
 
 
 class Limits:
@@ -37,6 +38,9 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
     shape = tuple(message.shape)
     nbytes = _wire.tensor_nbytes(name, shape, limit=limits.max_tensor_bytes)
     location = message.WhichOneof("location")
+    narrow = _NARROW.get(name)
+    if narrow is not None and _x64():
+        narrow = None  # x64 on: 64-bit values stay 64-bit
     if location == "inline_data":
         data = message.inline_data
         if len(data) != nbytes:
@@ -45,50 +49,24 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
                 f"got {len(data)}"
             )
         array = np.frombuffer(data, dtype=_NUMPY[name]).reshape(shape)
-    elif location == "shm":
-        where = message.shm
-        region = session.region(where.region_id, where.generation)
-        if where.nbytes != nbytes:
-            raise InvalidArgumentError(
-                f"slice holds {where.nbytes} bytes but shape {list(shape)} x {name} needs "
-                f"{nbytes}"
-            )
-        try:
-            check_slice(region.size, where.offset, where.nbytes)
-        except ValueError as error:
-            raise InvalidArgumentError(str(error)) from None
-        array = numpy_view(region.buffer, where.offset, _NUMPY[name], shape)
-    elif location == "cuda_ipc":
-        return _decode_cuda(message.cuda_ipc, name, shape, nbytes, session)
-    else:
+        # jit takes the (read-only) numpy array as it is, faster than jnp.array.
+        return array if narrow is None else _narrowed(array, name, narrow)
+    if location not in REGION_KINDS:
         raise InvalidArgumentError("tensor has no location (shm, cuda_ipc or inline_data)")
-    narrow = NARROW.get(name)
-    if narrow is not None and not _x64():
-        return _narrowed(array, name, narrow)
-    # Inline bytes: jit takes the (read-only) numpy array as it is, faster than jnp.array.
-    return import_numpy(array) if location == "shm" else array
-
-
-def _decode_cuda(where: Any, name: str, shape: tuple[int, ...], nbytes: int,
-                 session: Session) -> Any:
-    """A JAX array viewing a slice of the client's device memory (no copy), validated:
-    a CUDA IPC region of this session, its generation, its GPU, bounds and alignment."""
-    support = _cuda_ipc.cuda_ipc_support()
-    if not support.available:
-        raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-    mapping = session.cuda_region(where.region_id, where.generation)
-    try:
-        _cuda_ipc.check_cuda_descriptor(
-            region_size=mapping.size, region_uuid=mapping.uuid, offset=where.offset,
-            nbytes=where.nbytes, device_uuid=where.device_uuid, expected_nbytes=nbytes,
+    # A slice of a registered region (Note [Worker regions]): either kind, one path.
+    where = getattr(message, location)
+    region = session.region(location, where)
+    if where.nbytes != nbytes:
+        raise InvalidArgumentError(
+            f"slice holds {where.nbytes} bytes but shape {list(shape)} x {name} needs "
+            f"{nbytes}"
         )
-    except ValueError as error:
-        raise InvalidArgumentError(str(error)) from None
-    narrow = NARROW.get(name)
-    if narrow is not None and not _x64():
-        # Rare policy path (64-bit values, x64 off): range-checked on the host.
-        return _narrowed(mapping.host_copy(where.offset, _NUMPY[name], shape), name, narrow)
-    return mapping.jax_array(where.offset, _NUMPY[name], shape)
+    region.check(where)
+    if narrow is not None:
+        # Policy path (64-bit values, x64 off): a range-checked copy on the host.
+        return _narrowed(region.host(where.offset, _NUMPY[name], shape), name, narrow)
+    view = region.view(where.offset, _NUMPY[name], shape)
+    return import_numpy(view) if isinstance(view, np.ndarray) else view
 
 
 def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
@@ -140,95 +118,49 @@ def required_bytes(shapes: Any, max_inline: int) -> int:
 
 
 class OutputWriter:
-    """Places output arrays into the client's arena (large) or inline (small)."""
+    """Places output arrays into the client's arena (large) or inline (small).
+
+    The arena is a slice of a region of either kind (Note [Worker regions]): shared memory
+    or a device buffer, written by one path. Each output's descriptor is the arena's with
+    its own offset and size.
+    """
 
     def __init__(self, arena: Any, session: Session, inline_threshold: int, limits: Limits):
         self.inline_threshold = inline_threshold
         self.limits = limits
         self.session = session
-        self.region = None
-        self.base = 0
+        self.region: WorkerRegion | None = None
+        self.kind = ""
+        self.arena: Any = None  # the arena's descriptor
         self.capacity = 0
         self.used = 0
-        self.region_id = 0
-        self.generation = 0
-        self.cuda: Any = None  # a CudaIpcMapping when the arena is device memory
-        if arena is not None and arena.WhichOneof("location") == "cuda_ipc":
-            where = arena.cuda_ipc
-            support = _cuda_ipc.cuda_ipc_support()
-            if not support.available:
-                raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-            self.cuda = session.cuda_region(where.region_id, where.generation)
-            try:
-                _cuda_ipc.check_cuda_descriptor(
-                    region_size=self.cuda.size, region_uuid=self.cuda.uuid,
-                    offset=where.offset, nbytes=where.nbytes, device_uuid=where.device_uuid,
-                    expected_nbytes=None,
-                )
-            except ValueError as error:
-                raise InvalidArgumentError(f"output arena: {error}") from None
-            self.base, self.capacity = where.offset, where.nbytes
-            self.region_id, self.generation = where.region_id, where.generation
-        if arena is not None and arena.WhichOneof("location") == "shm":
-            where = arena.shm
-            self.region = session.region(where.region_id, where.generation)
-            try:
-                check_slice(self.region.size, where.offset, where.nbytes)
-            except ValueError as error:
-                raise InvalidArgumentError(f"output arena: {error}") from None
-            self.base, self.capacity = where.offset, where.nbytes
-            self.region_id, self.generation = where.region_id, where.generation
+        if arena is not None:
+            self.kind = arena.WhichOneof("location")
+            if self.kind is None:
+                raise InvalidArgumentError("output arena has no location (shm or cuda_ipc)")
+            self.arena = getattr(arena, self.kind)
+            self.region = session.region(self.kind, self.arena)
+            self.region.check(self.arena, "output arena: ")
+            self.capacity = self.arena.nbytes
 
     def write_tree(self, leaves: list[Any], spec: _pytree.TreeSpec, out: Any) -> None:
         _wire.encode_spec(spec, out.nodes)
         for leaf in leaves:
-            if self.cuda is not None:
-                self.write_device(leaf, out.leaves.add())
-            else:
-                self.write(np.asarray(leaf), out.leaves.add())
+            self.write(leaf, out.leaves.add())
 
-    def write_device(self, leaf: Any, message: Any) -> None:
-        """CUDA IPC arena: a large output is copied device-to-device into the client's slot
-        (no trip through host memory); a small one travels inline."""
+    def write(self, leaf: Any, message: Any) -> None:
+        """A large output is copied into the arena (device to device for a device arena,
+        no trip through host memory); a small one travels inline."""
         dtype = np.dtype(leaf.dtype)
-        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize
-        if nbytes <= self.inline_threshold:
-            self.write(np.asarray(leaf), message)
-            return
         name = _NUMPY_TO_NAME.get(dtype)
         if name is None:
             raise InvalidArgumentError(
                 f"the function returned dtype {dtype}, which torch cannot receive; "
                 "cast it in the function"
             )
-        offset = _wire.align(self.used)
-        if offset + nbytes > self.capacity:
-            raise ResourceExhaustedError(
-                f"output arena of {self.capacity} bytes is too small (the client sized it "
-                "from an earlier call with other shapes); retry"
-            )
-        self.used = offset + nbytes
-        with self.session.cuda_writing(self.region_id, self.generation) as mapping:
-            mapping.write(self.base + offset, leaf)
         message.dtype = _wire.DTYPE_TO_ENUM[name]
         message.shape.extend(leaf.shape)
-        where = message.cuda_ipc
-        where.region_id = self.region_id
-        where.generation = self.generation
-        where.offset = self.base + offset
-        where.nbytes = nbytes
-        where.device_uuid = self.cuda.uuid
-
-    def write(self, array: np.ndarray, message: Any) -> None:
-        name = _NUMPY_TO_NAME.get(array.dtype)
-        if name is None:
-            raise InvalidArgumentError(
-                f"the function returned dtype {array.dtype}, which torch cannot receive; "
-                "cast it in the function"
-            )
-        message.dtype = _wire.DTYPE_TO_ENUM[name]
-        message.shape.extend(array.shape)
-        nbytes = array.nbytes
+        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize
         if self.region is not None and nbytes > self.inline_threshold:
             offset = _wire.align(self.used)
             if offset + nbytes > self.capacity:
@@ -237,14 +169,12 @@ class OutputWriter:
                     "from an earlier call with other shapes); retry"
                 )
             self.used = offset + nbytes
-            with self.session.writing(self.region_id, self.generation) as region:
-                target = numpy_view(region.buffer, self.base + offset, array.dtype, array.shape)
-                np.copyto(target, array, casting="no")
-                del target
-            message.shm.region_id = self.region_id
-            message.shm.generation = self.generation
-            message.shm.offset = self.base + offset
-            message.shm.nbytes = nbytes
+            with self.session.writing(self.region, self.arena) as region:
+                region.write(self.arena.offset + offset, leaf)
+            where = getattr(message, self.kind)
+            where.CopyFrom(self.arena)
+            where.offset = self.arena.offset + offset
+            where.nbytes = nbytes
             return
         if nbytes > self.limits.max_inline_bytes:
             raise ResourceExhaustedError(
@@ -252,7 +182,7 @@ class OutputWriter:
                 f"{self.limits.max_inline_bytes} bytes (--max-inline-bytes); use the "
                 "shared-memory transport (same host) for large tensors"
             )
-        message.inline_data = np.ascontiguousarray(array).tobytes()
+        message.inline_data = np.ascontiguousarray(leaf).tobytes()
 
 
 def signature_key(request_args: Any, request_kwargs: Any, extra: Any) -> Any:

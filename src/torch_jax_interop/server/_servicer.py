@@ -24,7 +24,7 @@ from .._errors import (
 )
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SHM_PREFIX, SharedMemoryRegion, _cuda_ipc, default_shm_dir
+from ..transport import SHM_PREFIX, default_shm_dir
 from ._codec import (
     Limits,
     OutputWriter,
@@ -34,7 +34,13 @@ from ._codec import (
     signature_key,
 )
 from ._compiled import CompiledFunction
-from ._session import Residual, Session
+from ._session import (
+    CudaIpcWorkerRegion,
+    Residual,
+    Session,
+    SharedMemoryWorkerRegion,
+    WorkerRegion,
+)
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -65,7 +71,6 @@ class WorkerConfig:
 
 
 _SERVICE_PREFIX = "/torch_jax_interop.v1.JaxWorker/"
-_MIN_REGION_LIMIT = 64 << 20
 
 
 class UndecodableRequest:
@@ -249,44 +254,27 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
     @_handler
     def RegisterRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
+        max_tensor_bytes = self.config.limits.max_tensor_bytes
+        region: WorkerRegion
         if request.kind == pb.CUDA_IPC:
-            return self._register_cuda_region(session, request)
-        if request.kind not in (pb.SHARED_MEMORY, pb.TRANSPORT_UNSPECIFIED):
+            # Note [CUDA IPC ownership] in transport/cuda/__init__.py.
+            region = CudaIpcWorkerRegion.open(request.cuda_ipc_handle, request.size,
+                                              request.device_uuid,
+                                              max_tensor_bytes=max_tensor_bytes)
+        elif request.kind in (pb.SHARED_MEMORY, pb.TRANSPORT_UNSPECIFIED):
+            region = SharedMemoryWorkerRegion.attach(request.name, request.size,
+                                                     directory=self.config.shm_dir,
+                                                     max_tensor_bytes=max_tensor_bytes)
+        else:
             raise InvalidArgumentError("this worker registers shared-memory regions only")
-        # A pool region holds many tensors and is at least 8 MiB (the client's minimum):
-        # a small --max-tensor-bytes must not turn shared memory off for every client.
-        largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
-        if request.size <= 0 or request.size > largest:
-            raise ResourceExhaustedError(
-                f"region size {request.size} is outside 1..{largest} bytes (twice "
-                "--max-tensor-bytes, at least 64 MiB)"
-            )
-        region = SharedMemoryRegion.attach(request.name, request.size,
-                                           directory=self.config.shm_dir)
         region_id, generation = session.add_region(region)
-        if not session.transport_logged:
+        if isinstance(region, CudaIpcWorkerRegion):
+            log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
+                     session.id[:8], region_id, region.size, region.mapping.uuid,
+                     region.mapping.device_index)
+        elif not session.transport_logged:
             session.transport_logged = True
             log.info("session %s uses shared memory in %s", session.id[:8], self.config.shm_dir)
-        return pb.RegisterRegionResponse(region_id=region_id, generation=generation)
-
-    def _register_cuda_region(self, session: Session, request: Any) -> Any:
-        """RegisterRegion(kind=CUDA_IPC): see Note [CUDA IPC ownership] in
-        transport/_cuda_ipc.py. INVALID_ARGUMENT (TransportError) where this worker has no
-        CUDA IPC support, cannot see the GPU, or cannot open the handle."""
-        support = _cuda_ipc.cuda_ipc_support()
-        if not support.available:
-            raise InvalidArgumentError(_cuda_ipc.no_support_message(support))
-        largest = max(self.config.limits.max_tensor_bytes * 2, _MIN_REGION_LIMIT)
-        if request.size <= 0 or request.size > largest:
-            raise ResourceExhaustedError(
-                f"region size {request.size} is outside 1..{largest} bytes (twice "
-                "--max-tensor-bytes, at least 64 MiB)"
-            )
-        mapping = _cuda_ipc.open_region(request.cuda_ipc_handle, request.size,
-                                        request.device_uuid)
-        region_id, generation = session.add_cuda_region(mapping)
-        log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
-                 session.id[:8], region_id, request.size, mapping.uuid, mapping.device_index)
         return pb.RegisterRegionResponse(region_id=region_id, generation=generation)
 
     @_handler

@@ -3,11 +3,14 @@
 See Note [Shared memory ownership] in ``transport/_shm.py``: the worker only *maps* regions
 the client created and registered in this session; it never unlinks a live client's region
 and never owns one. When the session ends (the client's ``OpenSession`` stream ends, whether
-the client closed it or died), the worker drops the residuals and its mappings.
+the client closed it or died), the worker drops the residuals and its mappings. Regions of
+both kinds (shared memory, CUDA IPC) are one abstraction, :class:`WorkerRegion`: see Note
+[Worker regions].
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import itertools
 import logging
@@ -17,8 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .._errors import InvalidArgumentError, ResourceExhaustedError
-from ..transport import SharedMemoryRegion
+from ..transport import SharedMemoryRegion, check_slice, cuda, numpy_view
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -75,15 +80,168 @@ class ResidualStore:
         return len(self._items)
 
 
-@dataclass
-class MappedRegion:
-    region: Any  # SharedMemoryRegion, or a CudaIpcMapping
-    generation: int
-    kind: str = "shm"
-
+# -- regions ------------------------------------------------------------------------------
 
 SHM = "shm"
 CUDA_IPC = "cuda_ipc"
+"""Region kinds: the names of the descriptor fields (``Tensor.location`` and
+``OutputArena.location``) that point into a region of that kind."""
+
+_MIN_REGION_LIMIT = 64 << 20
+
+
+def max_region_bytes(max_tensor_bytes: int) -> int:
+    """The largest region a client may register: twice ``--max-tensor-bytes``, and at least
+    64 MiB (a pool region holds many tensors and is at least 8 MiB: a small
+    ``--max-tensor-bytes`` must not turn shared memory off for every client)."""
+    return max(max_tensor_bytes * 2, _MIN_REGION_LIMIT)
+
+
+def _check_region_size(size: int, max_tensor_bytes: int) -> None:
+    largest = max_region_bytes(max_tensor_bytes)
+    if size <= 0 or size > largest:
+        raise ResourceExhaustedError(
+            f"region size {size} is outside 1..{largest} bytes (twice "
+            "--max-tensor-bytes, at least 64 MiB)"
+        )
+
+
+def require_cuda_ipc() -> None:
+    """INVALID_ARGUMENT, saying to use shared memory, where this worker has no CUDA IPC."""
+    support = cuda.cuda_ipc_support()
+    if not support.available:
+        raise InvalidArgumentError(cuda.no_support_message(support))
+
+
+class WorkerRegion(abc.ABC):
+    """A region a client registered in its session, of either kind.
+
+    Note [Worker regions]
+    =====================
+
+    The worker reads inputs from, and writes outputs into, regions the client owns: shared
+    memory (:class:`SharedMemoryWorkerRegion`) or an exported device buffer
+    (:class:`CudaIpcWorkerRegion`). Both are one abstraction, so that the size check at
+    registration, the bounds check of every descriptor, the views of input slices and the
+    output writes each exist once:
+
+    * registration checks the size once (:func:`max_region_bytes`), before mapping;
+    * :meth:`check` validates a descriptor against the size checked at registration
+      (never a size the peer could change later), offset + nbytes overflow included;
+    * :meth:`view` gives a zero-copy view of a slice (numpy over shared memory, a JAX array
+      over device memory), :meth:`host` a host array (the same view, or a copy from the
+      device), :meth:`write` copies an output into a slice and returns once it is done.
+
+    Who maps and unmaps is Note [Shared memory ownership] (``transport/_shm.py``) and Note
+    [CUDA IPC ownership] (``transport/cuda/__init__.py``).
+    """
+
+    kind: str  # SHM or CUDA_IPC, set by each subclass
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def check(self, where: Any, what: str = "") -> None:
+        """Validate a descriptor (``where.offset``, ``where.nbytes``) of this region;
+        INVALID_ARGUMENT, prefixed with ``what``, when it is out of bounds or misaligned."""
+        try:
+            self._check(where)
+        except ValueError as error:
+            raise InvalidArgumentError(f"{what}{error}") from None
+
+    @abc.abstractmethod
+    def _check(self, where: Any) -> None: ...
+
+    @abc.abstractmethod
+    def view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+        """A C-order array over a checked slice; SHARES memory with the client."""
+
+    @abc.abstractmethod
+    def host(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A host numpy array of a checked slice (a view where the region is host memory)."""
+
+    @abc.abstractmethod
+    def write(self, offset: int, array: Any) -> None:
+        """Copy ``array`` (numpy or JAX, C order) to ``offset``; done when it returns."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Drop this worker's mapping; arrays still viewing it keep it until they die."""
+
+
+class SharedMemoryWorkerRegion(WorkerRegion):
+    """A client's shared-memory region, attached (never owned) by the worker."""
+
+    kind = SHM
+
+    def __init__(self, region: SharedMemoryRegion) -> None:
+        super().__init__(region.size)
+        self.region = region
+
+    @classmethod
+    def attach(cls, name: str, size: int, *, directory: str,
+               max_tensor_bytes: int) -> SharedMemoryWorkerRegion:
+        """RegisterRegion for shared memory: size check, then ``SharedMemoryRegion.attach``."""
+        _check_region_size(size, max_tensor_bytes)
+        return cls(SharedMemoryRegion.attach(name, size, directory=directory))
+
+    def _check(self, where: Any) -> None:
+        check_slice(self.size, where.offset, where.nbytes)
+
+    def view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        return numpy_view(self.region.buffer, offset, dtype, shape)
+
+    host = view
+
+    def write(self, offset: int, array: Any) -> None:
+        source = np.asarray(array)
+        target = numpy_view(self.region.buffer, offset, source.dtype, source.shape)
+        np.copyto(target, source, casting="no")
+
+    def close(self) -> None:
+        try:
+            self.region.close()
+        except BufferError:
+            # A JAX array still views the mapping (e.g. an output being sent); the mapping
+            # goes away with the last view.
+            pass
+
+
+class CudaIpcWorkerRegion(WorkerRegion):
+    """A client's exported device buffer, opened by the worker (``CudaIpcMapping``)."""
+
+    kind = CUDA_IPC
+
+    def __init__(self, mapping: cuda.CudaIpcMapping) -> None:
+        super().__init__(mapping.size)
+        self.mapping = mapping
+
+    @classmethod
+    def open(cls, handle: bytes, size: int, device_uuid: str, *,
+             max_tensor_bytes: int) -> CudaIpcWorkerRegion:
+        """RegisterRegion for CUDA IPC: support and size checks, then open the handle
+        (TransportError, INVALID_ARGUMENT on the wire, where it cannot be opened)."""
+        require_cuda_ipc()
+        _check_region_size(size, max_tensor_bytes)
+        return cls(cuda.open_region(handle, size, device_uuid))
+
+    def _check(self, where: Any) -> None:
+        cuda.check_cuda_descriptor(
+            region_size=self.size, region_uuid=self.mapping.uuid, offset=where.offset,
+            nbytes=where.nbytes, device_uuid=where.device_uuid, expected_nbytes=None,
+        )
+
+    def view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
+        return self.mapping.jax_array(offset, dtype, shape)
+
+    def host(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        return self.mapping.host_copy(offset, dtype, shape)
+
+    def write(self, offset: int, array: Any) -> None:
+        self.mapping.write(offset, array)
+
+    def close(self) -> None:
+        self.mapping.close()
 
 
 class Session:
@@ -94,14 +252,16 @@ class Session:
         self.client = client
         self.residuals = ResidualStore(max_residuals)
         self.max_regions = max_regions
-        # Shared-memory regions and CUDA IPC mappings (transport/_cuda_ipc.py), one id space.
-        self._regions: dict[int, MappedRegion] = {}
+        # Regions of both kinds (Note [Worker regions]), one id space.
+        self._regions: dict[int, tuple[int, WorkerRegion]] = {}  # id -> (generation, region)
         self._region_ids = itertools.count(1)
         self._lock = threading.Lock()
         self.closed = False
         self.transport_logged = False
 
-    def _add(self, region: Any, kind: str) -> tuple[int, int]:
+    def add_region(self, region: WorkerRegion) -> tuple[int, int]:
+        """Keep ``region`` for this session; its ``(region_id, generation)``. Closes it and
+        raises RESOURCE_EXHAUSTED at ``--max-regions``."""
         with self._lock:
             if len(self._regions) >= self.max_regions:
                 region.close()
@@ -111,83 +271,63 @@ class Session:
                 )
             region_id = next(self._region_ids)
             # The generation is unique per (session, id): a stale slice never matches.
-            self._regions[region_id] = MappedRegion(region, region_id, kind)
+            self._regions[region_id] = (region_id, region)
             return region_id, region_id
 
-    def add_region(self, region: SharedMemoryRegion) -> tuple[int, int]:
-        return self._add(region, SHM)
-
-    def add_cuda_region(self, mapping: Any) -> tuple[int, int]:
-        """Keep a ``CudaIpcMapping`` for this session; same cap and ids as ``add_region``."""
-        return self._add(mapping, CUDA_IPC)
-
-    def _lookup(self, region_id: int, generation: int, kind: str) -> Any:
-        mapped = self._regions.get(region_id)
-        if mapped is None or mapped.kind != kind:
+    def region(self, kind: str, where: Any) -> WorkerRegion:
+        """The region of ``kind`` a descriptor ``where`` (``region_id``, ``generation``)
+        names; INVALID_ARGUMENT unless this session registered it and it is current."""
+        if kind == CUDA_IPC:
+            require_cuda_ipc()
+        region_id, generation = where.region_id, where.generation
+        generation_now, region = self._regions.get(region_id, (0, None))
+        if region is None or region.kind != kind:
             what = "CUDA IPC region" if kind == CUDA_IPC else "region"
             raise InvalidArgumentError(
                 f"{what} {region_id} is not registered in this session; register it first "
                 "(RegisterRegion) — a session can only use its own regions"
             )
-        if mapped.generation != generation:
+        if generation_now != generation:
             raise InvalidArgumentError(
                 f"stale generation {generation} for region {region_id} (current "
-                f"{mapped.generation}): the region was released and re-registered"
+                f"{generation_now}): the region was released and re-registered"
             )
-        return mapped.region
-
-    def region(self, region_id: int, generation: int) -> SharedMemoryRegion:
-        return self._lookup(region_id, generation, SHM)  # type: ignore[no-any-return]
-
-    def cuda_region(self, region_id: int, generation: int) -> Any:
-        """The ``CudaIpcMapping`` of a CUDA IPC region of this session."""
-        return self._lookup(region_id, generation, CUDA_IPC)
+        return region
 
     @contextlib.contextmanager
-    def writing(self, region_id: int, generation: int,
-                kind: str = SHM) -> Iterator[Any]:
-        """The region, held for one output write. Generation fencing: a region released (or
-        a session ended) before the write is refused, and ``release_region`` waits for a
-        write in progress, so nothing is written into a region after it was given back."""
-        with self._lock:
-            mapped = self._regions.get(region_id)
-            if mapped is None or mapped.generation != generation or mapped.kind != kind:
-                raise InvalidArgumentError(
-                    f"output region {region_id} was released while the call ran; nothing was "
-                    "written to it. Keep a region registered until its calls have returned"
-                )
-            yield mapped.region
+    def writing(self, region: WorkerRegion, where: Any) -> Iterator[WorkerRegion]:
+        """``region`` (found by :meth:`region` for ``where``), held for one output write.
 
-    def cuda_writing(self, region_id: int, generation: int) -> Any:
-        """``writing`` for a CUDA IPC output region."""
-        return self.writing(region_id, generation, CUDA_IPC)
+        Generation fencing: a region released (or a session ended) before the write is
+        refused, and ``release_region`` waits for a write in progress, so nothing is
+        written into a region after it was given back."""
+        with self._lock:
+            current = self._regions.get(where.region_id)
+            if current is None or current != (where.generation, region):
+                raise InvalidArgumentError(
+                    f"output region {where.region_id} was released while the call ran; "
+                    "nothing was written to it. Keep a region registered until its calls "
+                    "have returned"
+                )
+            yield region
 
     def release_region(self, region_id: int) -> None:
         with self._lock:
-            mapped = self._regions.pop(region_id, None)
-        if mapped is None:
+            entry = self._regions.pop(region_id, None)
+        if entry is None:
             raise InvalidArgumentError(f"region {region_id} is not registered in this session")
-        _close_quietly(mapped.region)
+        entry[1].close()
 
     def close(self) -> None:
         """Drop residuals first (they may alias region memory), then the mappings."""
         self.closed = True
         self.residuals.clear()
         with self._lock:
-            regions = list(self._regions.values())
+            regions = [region for _, region in self._regions.values()]
             self._regions.clear()
-        for mapped in regions:
-            _close_quietly(mapped.region)
+        for region in regions:
+            region.close()
 
     @property
     def num_regions(self) -> int:
         return len(self._regions)
-
-
-def _close_quietly(region: SharedMemoryRegion) -> None:
-    try:
-        region.close()
-    except BufferError:
-        # A JAX array still views the mapping (e.g. an output being sent); the mapping goes
-        # away with the last view.
-        pass

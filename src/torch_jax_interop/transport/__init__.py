@@ -1,25 +1,20 @@
 """Moving tensor bytes between the torch client and the JAX worker without copies.
 
-Shared memory: :class:`SharedMemoryRegion` maps one POSIX shared-memory file;
-:class:`SharedMemoryPool` carves client-owned regions into 64-byte aligned slices
-(:class:`RegionSlice`). Who creates, maps and unlinks what is the subject of
-Note [Shared memory ownership] in ``_shm.py``.
+One pool, generic over its buffer kind (``_pool.py``): :class:`SharedMemoryPool` carves
+client-owned shared-memory regions (:class:`SharedMemoryRegion`) into 64-byte aligned
+:class:`RegionSlice` s; :class:`CudaIpcPool` carves exported device buffers into
+:class:`DeviceSlice` s. Releases follow Note [Releasing from finalizers] in ``_pool.py``;
+who creates, maps and unlinks what is Note [Shared memory ownership] in ``_shm.py``.
 
-CUDA IPC (``_cuda_ipc.py``): :class:`CudaIpcPool` exports client-owned device buffers,
-:class:`CudaIpcMapping` opens them in the worker, :func:`choose_transport` decides what
-``transport="auto"`` does; see Note [CUDA IPC ownership]. Imports neither torch nor jax
+CUDA IPC lives in :mod:`.cuda`, split by role: policy (:func:`choose_transport`, routing by
+GPU UUID), driver, worker side (:class:`CudaIpcMapping`) and client side (the pool, the
+session's channel); see Note [CUDA IPC ownership] there. Imports neither torch nor jax
 (nor cupy, which the CUDA IPC parts import on first use).
 """
 
-from ._cuda_ipc import CudaIpcMapping as CudaIpcMapping
-from ._cuda_ipc import CudaIpcPool as CudaIpcPool
-from ._cuda_ipc import DeviceSlice as DeviceSlice
-from ._cuda_ipc import choose_transport as choose_transport
-from ._cuda_ipc import parse_gpu_uuid as parse_gpu_uuid
-from ._cuda_ipc import route_device as route_device
-from ._cuda_ipc import validate_cuda_slice as validate_cuda_slice
-from ._pool import RegionSlice as RegionSlice
-from ._pool import SharedMemoryPool as SharedMemoryPool
+from . import cuda as cuda
+from ._pool import Pool as Pool
+from ._pool import PoolSlice as PoolSlice
 from ._shm import ALIGNMENT as ALIGNMENT
 from ._shm import NAME_PATTERN as NAME_PATTERN
 from ._shm import SHM_DIR_ENV as SHM_DIR_ENV
@@ -29,3 +24,12 @@ from ._shm import check_slice as check_slice
 from ._shm import cleanup_orphans as cleanup_orphans
 from ._shm import default_shm_dir as default_shm_dir
 from ._shm import numpy_view as numpy_view
+from ._shm_pool import RegionSlice as RegionSlice
+from ._shm_pool import SharedMemoryPool as SharedMemoryPool
+from .cuda import CudaIpcMapping as CudaIpcMapping
+from .cuda import CudaIpcPool as CudaIpcPool
+from .cuda import DeviceSlice as DeviceSlice
+from .cuda import choose_transport as choose_transport
+from .cuda import parse_gpu_uuid as parse_gpu_uuid
+from .cuda import route_device as route_device
+from .cuda import validate_cuda_slice as validate_cuda_slice

@@ -1,10 +1,40 @@
-"""A client-side pool of shared-memory regions, carved into 64-byte aligned slices.
+"""One client-side pool, generic over the kind of buffer it carves into aligned slices.
 
-Regions are created once, registered with the worker once and reused for every call
+Two kinds exist: shared-memory regions (``SharedMemoryPool`` and ``RegionSlice`` in
+``_shm_pool.py``) and exported device allocations (``CudaIpcPool`` and ``DeviceSlice``
+in ``cuda/_client.py``). Both are :class:`Pool` with a :class:`BufferKind`: the free lists,
+growing under a lock, the ``max_total_bytes`` limit, registration with the worker, retiring
+and closing, and the release scheme of Note [Releasing from finalizers] exist once, here.
+
+Buffers are created once, registered with the worker once and reused for every call
 (creating a fresh 64 MiB segment per call measured ~16x slower than copying into a warm
-one). Ownership follows Note [Shared memory ownership] in ``_shm.py``: the pool creates
-every region, unlinks its name right after the worker has attached it, and unmaps it on
-:meth:`SharedMemoryPool.close`, on garbage collection or at interpreter exit.
+one). Ownership follows Note [Shared memory ownership] in ``_shm.py`` and Note [CUDA IPC
+ownership] in ``cuda/__init__.py``.
+
+Note [Releasing from finalizers]
+================================
+
+Slices are often released by a ``weakref.finalize`` (``release_when_collected``: the last
+array or tensor viewing a slice died). A finalizer runs wherever the garbage collector
+happens to run: in any thread, in the middle of any bytecode, including inside the pool's
+own critical section (an allocation in ``FreeList.take`` can trigger a collection).
+Two schemes existed; this pool keeps the one that never waits:
+
+* ``release()`` appends the slice to a queue (``collections.deque.append`` is atomic) and
+  then only TRIES to take the lock (``acquire(blocking=False)``). If it gets it, it applies
+  the queue; otherwise whoever holds the lock applies it when its critical section ends.
+* Every critical section (``_locked``) applies the queue on entry and on exit, and once
+  more after it has dropped the lock: a release queued after the holder's last drain saw a
+  held lock, so the holder, which drops the lock after that release was queued, sees it.
+  No release is left waiting for an unrelated later allocation.
+
+The other scheme (a reentrant lock, the holder's thread id, and a *blocking* acquire when
+another thread holds the lock) is wrong for finalizers: a finalizer interrupts a thread
+that may hold any other lock (logging's, a gRPC channel's, the CUDA handle cache's), and
+blocking there on the pool lock can deadlock as soon as the pool's holder needs one of
+those locks — which the holder can, since its own allocations may run other finalizers.
+The queue scheme takes no lock it could wait for, re-enters nothing (a plain Lock: a
+nested try from the holding thread fails and queues), and so cannot deadlock.
 """
 
 from __future__ import annotations
@@ -16,35 +46,67 @@ import operator
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
-from typing import Any
-
-import numpy as np
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
 
 from .._errors import PoolExhaustedError, TransportError
+from .._layout import ALIGNMENT, round_up
 from ._freelist import FreeList
-from ._shm import ALIGNMENT, SharedMemoryRegion, numpy_view
-
-RegisterFn = Callable[[SharedMemoryRegion], tuple[int, int]]
-"""Registers a new region with the worker and returns its ``(region_id, generation)``."""
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
 
 
-class _PoolRegion(FreeList):
-    """One region of the pool and its free list (sorted, coalesced ``[offset, size]`` blocks)."""
+BufferT = TypeVar("BufferT", bound=_Sized)
 
-    __slots__ = ("region", "region_id", "generation", "retired")
 
-    def __init__(self, region: SharedMemoryRegion, region_id: int, generation: int) -> None:
-        super().__init__(region.size)
-        self.region = region
+class BufferKind(Generic[BufferT]):
+    """What a :class:`Pool` needs to know about one kind of buffer.
+
+    Subclasses set the class attributes and implement :meth:`create` and :meth:`close`.
+    """
+
+    name: str = ""
+    """The descriptor a slice of this kind fills: ``"shm"`` or ``"cuda_ipc"``."""
+    label: str = ""
+    """How messages name the pool: ``"shared-memory"`` or ``"CUDA IPC"``."""
+    alignment: int = ALIGNMENT
+    """Every slice starts at a multiple of this many bytes."""
+    granularity: int = mmap.PAGESIZE
+    """Buffers are sized in multiples of this many bytes (``min_region_bytes`` too)."""
+
+    def preferred_size(self, block: int) -> int:
+        """Bytes of a new buffer for a ``block`` that fits nowhere (``min_region_bytes`` aside)."""
+        return round_up(block, self.granularity)
+
+    def create(self, size: int) -> BufferT:
+        """A new buffer of ``size`` bytes, owned by this process."""
+        raise NotImplementedError
+
+    def registered(self, buffer: BufferT) -> None:
+        """Called once the worker has accepted ``buffer``."""
+
+    def close(self, buffer: BufferT) -> None:
+        """Drop ``buffer``: views still alive keep its memory until they die."""
+
+
+RegisterFn = Callable[[Any], tuple[int, int]]
+"""Registers a new buffer with the worker and returns its ``(region_id, generation)``."""
+
+
+class _Entry(FreeList, Generic[BufferT]):
+    """One registered buffer of a pool and its free list."""
+
+    __slots__ = ("buffer", "region_id", "generation", "retired")
+
+    def __init__(self, buffer: BufferT, region_id: int, generation: int) -> None:
+        super().__init__(buffer.size)
+        self.buffer = buffer
         self.region_id = region_id
         self.generation = generation
-        self.retired = False
+        self.retired = False  # released or closed: slices of it no longer return bytes
 
 
 class _PoolState:
@@ -53,17 +115,11 @@ class _PoolState:
     __slots__ = ("regions", "closed")
 
     def __init__(self) -> None:
-        self.regions: dict[int, _PoolRegion] = {}
+        self.regions: dict[int, _Entry[Any]] = {}
         self.closed = False
 
 
-def _dispose(region: SharedMemoryRegion) -> None:
-    if region.owner:
-        region.unlink()
-    region.close()
-
-
-def _close_state(state: _PoolState, creator_pid: int) -> None:
+def _close_state(state: _PoolState, kind: BufferKind[Any], creator_pid: int) -> None:
     if os.getpid() != creator_pid:
         return  # a forked child inherited the object, not the ownership
     state.closed = True
@@ -71,78 +127,51 @@ def _close_state(state: _PoolState, creator_pid: int) -> None:
     state.regions.clear()
     for entry in entries:
         entry.retired = True
-        _dispose(entry.region)
+        kind.close(entry.buffer)
 
 
-class _SliceMemory:
-    """The base object of every numpy array :meth:`RegionSlice.numpy` hands out.
+class PoolSlice(Generic[BufferT]):
+    """An aligned slice of one of a pool's buffers: what a wire descriptor names.
 
-    numpy collapses view chains onto the first base that is not an ndarray, so a plain
-    ``np.frombuffer`` array can die while views of it (``a[2:]``, and the tensors
-    ``torch.from_numpy`` made from those views) still use its memory. Every array derived
-    from a slice's arrays keeps this object alive instead; it is weak-referenceable, which
-    a memoryview is not, so :meth:`RegionSlice.release_when_collected` watches it.
+    Give it back with :meth:`release` (or the context manager) once neither side needs the
+    bytes: the pool then hands the same bytes to the next allocation, so views still in
+    use would see them change. Subclasses add the views of their buffer kind.
     """
 
-    __slots__ = ("__array_interface__", "_keep", "__weakref__")
+    __slots__ = ("_pool", "_entry", "_offset", "_nbytes", "_block", "_released", "__weakref__")
 
-    def __init__(self, raw: np.ndarray) -> None:
-        self._keep = raw  # holds the memoryview, hence the mapping, alive
-        self.__array_interface__ = {
-            "shape": raw.shape,
-            "typestr": "|u1",
-            "data": (raw.ctypes.data, False),
-            "version": 3,
-        }
-
-
-class RegionSlice:
-    """A 64-byte aligned slice of a pooled region: what a ``SharedMemorySlice`` describes.
-
-    :meth:`memoryview` and :meth:`numpy` SHARE memory with the region, and so with the
-    worker. Give the slice back with :meth:`release` (or the context manager, or
-    :meth:`release_when_collected`) once neither side needs the bytes: the pool then hands
-    the same bytes to the next :meth:`SharedMemoryPool.allocate`, so views still in use
-    would see them change.
-    """
-
-    __slots__ = ("_pool", "_entry", "_offset", "_nbytes", "_block", "_released", "_memory",
-                 "__weakref__")
-
-    def __init__(
-        self, pool: SharedMemoryPool, entry: _PoolRegion, offset: int, nbytes: int, block: int
-    ) -> None:
+    def __init__(self, pool: Pool[BufferT, Any], entry: _Entry[BufferT], offset: int, nbytes: int,
+                 block: int) -> None:
         self._pool = pool
         self._entry = entry
         self._offset = offset
         self._nbytes = nbytes
         self._block = block
         self._released = False
-        self._memory: weakref.ref[_SliceMemory] | None = None
 
     @property
-    def region(self) -> SharedMemoryRegion:
-        """The region the slice lies in."""
-        return self._entry.region
+    def kind(self) -> str:
+        """The descriptor this slice fills: ``"shm"`` or ``"cuda_ipc"``."""
+        return self._pool.kind.name
 
     @property
     def region_id(self) -> int:
-        """The id the worker gave the region at registration."""
+        """The id the worker gave the buffer at registration."""
         return self._entry.region_id
 
     @property
     def generation(self) -> int:
-        """The region's generation at registration (fences reuse of a region id)."""
+        """The buffer's generation at registration (fences reuse of a region id)."""
         return self._entry.generation
 
     @property
     def offset(self) -> int:
-        """Bytes from the start of the region; a multiple of 64."""
+        """Bytes from the start of the buffer; a multiple of the kind's alignment."""
         return self._offset
 
     @property
     def nbytes(self) -> int:
-        """Bytes asked for (the pool may have reserved up to 63 more, and 64 for 0)."""
+        """Bytes asked for (the pool may have reserved up to one alignment block more)."""
         return self._nbytes
 
     @property
@@ -150,102 +179,67 @@ class RegionSlice:
         """True once the bytes went back to the pool."""
         return self._released
 
-    def memoryview(self) -> memoryview:
-        """Writable memoryview of exactly the slice's bytes; SHARES memory, no copy."""
+    def fill(self, message: Any) -> None:
+        """Write this slice into a descriptor message (``SharedMemorySlice`` /
+        ``CudaIpcSlice``): the one place that spells the descriptor's fields."""
+        message.region_id = self._entry.region_id
+        message.generation = self._entry.generation
+        message.offset = self._offset
+        message.nbytes = self._nbytes
+
+    def _check_live(self) -> None:
         if self._released:
             raise TransportError(
                 f"slice at offset {self._offset} of region {self.region_id} was released; "
                 "its bytes may already belong to another allocation"
             )
-        return self._entry.region.buffer[self._offset : self._offset + self._nbytes]
-
-    def numpy(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
-        """A C-order numpy array over the slice; SHARES memory, no copy.
-
-        Every array from this method, and every numpy view or ``torch.from_numpy`` tensor
-        derived from one, keeps one common base object alive; see
-        :meth:`release_when_collected`. Raises :class:`SliceOutOfBoundsError` when
-        ``dtype`` x ``shape`` needs more than :attr:`nbytes` bytes.
-        """
-        # Validates dtype and shape against the slice and gives the layout.
-        template = numpy_view(self.memoryview(), 0, dtype, shape)
-        needed = template.nbytes
-        del template
-        memory = self._memory() if self._memory is not None else None
-        if memory is None:
-            raw = np.frombuffer(
-                self._entry.region.buffer, dtype=np.uint8, count=self._nbytes,
-                offset=self._offset,
-            )
-            memory = _SliceMemory(raw)
-            self._memory = weakref.ref(memory)
-        flat: np.ndarray = np.asarray(memory)
-        return flat[:needed].view(np.dtype(dtype)).reshape(tuple(shape))
 
     def release(self) -> None:
-        """Give the bytes back to the pool (idempotent, thread-safe)."""
+        """Give the bytes back to the pool (idempotent, thread-safe, never blocks; see
+        Note [Releasing from finalizers])."""
         if not self._released:
             self._pool._release(self)
 
-    def release_when_collected(self, obj: object) -> weakref.finalize:
-        """Release the slice once ``obj``, and everything sharing its memory, is collected.
-
-        For an array from :meth:`numpy` (or any numpy view of one) the slice is released
-        when the LAST array from :meth:`numpy` or derived from one dies: numpy views
-        (``a[1:]``, ``a.view(...)``) and tensors made by ``torch.from_numpy`` from any of
-        them all keep it alive. For any other object (a memoryview, a tensor made some other
-        way) only that object's own lifetime counts. Returns the finalizer (``.detach()``
-        cancels it).
-        """
-        target = obj
-        while isinstance(target, np.ndarray) and target.base is not None:
-            target = target.base
-        memory = self._memory() if self._memory is not None else None
-        if memory is not None and target is memory:
-            obj = memory
-        return weakref.finalize(obj, self.release)
-
-    def __enter__(self) -> RegionSlice:
+    def __enter__(self) -> PoolSlice[BufferT]:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+    def _describe(self) -> str:
+        return (f"region_id={self.region_id}, generation={self.generation}, "
+                f"offset={self._offset}, nbytes={self._nbytes}")
 
     def __repr__(self) -> str:
         state = ", released" if self._released else ""
-        return (
-            f"RegionSlice(region_id={self.region_id}, generation={self.generation}, "
-            f"offset={self._offset}, nbytes={self._nbytes}{state})"
-        )
+        return f"{type(self).__name__}({self._describe()}{state})"
 
 
-class SharedMemoryPool:
-    """Client-side pool of shared-memory regions, thread-safe.
+SliceT = TypeVar("SliceT", bound=PoolSlice[Any])
 
-    ``register(region)`` is called (outside the pool's lock, one new region at a time) for
-    every region the pool creates; it must make the worker attach the region and return
-    the ``(region_id, generation)`` the worker assigned. When it returns, the pool unlinks
-    the region's name (``unlink_after_register``), so no crash of either process can leave
-    the region in ``/dev/shm`` (Note [Shared memory ownership] in ``_shm.py``). When it
-    raises, the pool unlinks and unmaps the region and re-raises.
 
-    New regions hold ``max(min_region_bytes, next power of two >= request)`` bytes; the
-    pool never grows past ``max_total_bytes`` (None: no limit).
+class Pool(Generic[BufferT, SliceT]):
+    """Client-side pool of registered buffers of one :class:`BufferKind`, thread-safe.
+
+    ``register(buffer)`` is called (outside the pool's lock, one new buffer at a time) for
+    every buffer the pool creates; it must make the worker map the buffer and return the
+    ``(region_id, generation)`` the worker assigned. When it raises, the pool closes the
+    buffer and re-raises.
+
+    New buffers hold ``max(min_region_bytes, kind.preferred_size(block))`` bytes; the pool
+    never grows past ``max_total_bytes`` (None: no limit): near it, a buffer just big enough
+    for the request is made instead.
     """
+
+    slice_type: type[SliceT]
 
     def __init__(
         self,
+        kind: BufferKind[BufferT],
         register: RegisterFn,
         *,
-        directory: str | None = None,
-        min_region_bytes: int = 8 << 20,
+        min_region_bytes: int,
         max_total_bytes: int | None = None,
-        unlink_after_register: bool = True,
     ) -> None:
         min_region_bytes = operator.index(min_region_bytes)
         if min_region_bytes <= 0:
@@ -254,37 +248,34 @@ class SharedMemoryPool:
             max_total_bytes = operator.index(max_total_bytes)
             if max_total_bytes <= 0:
                 raise ValueError(f"`max_total_bytes` must be positive, got {max_total_bytes}")
+        self.kind = kind
         self._register = register
-        self._directory = directory
-        self._min_region_bytes = _round_up(min_region_bytes, mmap.PAGESIZE)
+        self._min_region_bytes = round_up(min_region_bytes, kind.granularity)
         self._max_total_bytes = max_total_bytes
-        self._unlink_after_register = unlink_after_register
-        # RLock + _holder: a weakref finalizer (release_when_collected) may run in a thread
-        # that already holds the lock, in the middle of a free-list update. Such a release
-        # is queued in _pending and applied when the critical section ends.
-        self._lock = threading.RLock()
-        self._holder: int | None = None
-        self._grow_lock = threading.Lock()  # one region creation (and RPC) at a time
-        self._pending: collections.deque[RegionSlice] = collections.deque()
+        # Note [Releasing from finalizers]: a plain Lock, only ever tried by releases.
+        self._lock = threading.Lock()
+        self._grow_lock = threading.Lock()  # one buffer creation (and RPC) at a time
+        self._pending: collections.deque[PoolSlice[BufferT]] = collections.deque()
         self._state = _PoolState()
-        self._reserved = 0
-        self._finalizer = weakref.finalize(self, _close_state, self._state, os.getpid())
+        self._reserved = 0  # bytes of a buffer being created and registered right now
+        self._finalizer = weakref.finalize(self, _close_state, self._state, kind, os.getpid())
 
-    # -- locking -------------------------------------------------------------------------
+    # -- locking (Note [Releasing from finalizers]) ----------------------------------------
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with self._lock:
-            outer = self._holder
-            self._holder = threading.get_ident()
-            try:
+        try:
+            with self._lock:
                 self._drain()
-                yield
-            finally:
-                self._drain()
-                self._holder = outer
+                try:
+                    yield
+                finally:
+                    self._drain()
+        finally:
+            self._drain_if_free()
 
     def _drain(self) -> None:
+        """Apply queued releases; only under the lock."""
         while self._pending:
             piece = self._pending.popleft()
             if piece._released:
@@ -294,59 +285,63 @@ class SharedMemoryPool:
             if not entry.retired:
                 entry.give_back(piece._offset, piece._block)
 
-    def _release(self, piece: RegionSlice) -> None:
+    def _drain_if_free(self) -> None:
+        while self._pending and self._lock.acquire(blocking=False):
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _release(self, piece: PoolSlice[BufferT]) -> None:
         self._pending.append(piece)
-        if self._holder == threading.get_ident():
-            return  # re-entered from a finalizer inside a critical section: applied on exit
-        with self._locked():
-            pass
+        self._drain_if_free()
 
     # -- allocation ----------------------------------------------------------------------
 
-    def _first_fit(self, block: int, nbytes: int) -> RegionSlice | None:
+    def _first_fit(self, block: int, nbytes: int) -> SliceT | None:
         for entry in self._state.regions.values():
             offset = entry.take(block)
             if offset is not None:
-                return RegionSlice(self, entry, offset, nbytes, block)
+                return self.slice_type(self, entry, offset, nbytes, block)
         return None
 
     def _check_open(self) -> None:
         if self._state.closed:
-            raise TransportError("the shared-memory pool is closed; create a new one")
+            raise TransportError(f"the {self.kind.label} pool is closed; create a new one")
 
     def _new_region_size(self, block: int, nbytes: int) -> int:
-        size = max(self._min_region_bytes, 1 << (block - 1).bit_length())
+        size = max(self._min_region_bytes, self.kind.preferred_size(block))
         limit = self._max_total_bytes
         if limit is None:
             return size
         room = limit - self._total_bytes() - self._reserved
         if size <= room:
             return size
-        size = min(_round_up(block, mmap.PAGESIZE), room)
+        size = min(round_up(block, self.kind.granularity), room)
         if size >= block:
             return size
         raise PoolExhaustedError(
-            f"cannot allocate {nbytes} bytes: the shared-memory pool would grow past its "
+            f"cannot allocate {nbytes} bytes: the {self.kind.label} pool would grow past its "
             f"`max_total_bytes` limit of {limit} bytes ({self._total_bytes()} bytes in "
             f"{len(self._state.regions)} regions, {self._used_bytes()} in use). Release "
-            "slices that are no longer needed (RegionSlice.release(), or let arrays "
-            "registered with release_when_collected() be collected), or raise "
-            "`max_total_bytes`."
+            f"slices that are no longer needed ({self.slice_type.__name__}.release(), or let "
+            "the arrays and tensors viewing them be collected), or raise `max_total_bytes`."
         )
 
-    def allocate(self, nbytes: int) -> RegionSlice:
-        """A slice of at least ``nbytes`` bytes (0 allowed) at a 64-byte aligned offset.
+    def allocate(self, nbytes: int) -> SliceT:
+        """A slice of at least ``nbytes`` bytes (0 allowed) at an aligned offset.
 
-        First fit among the existing regions; otherwise a new region is created and
+        First fit among the existing buffers; otherwise a new buffer is created and
         registered (see the class docstring). The bytes are NOT zeroed: a reused slice holds
         whatever was written there before. Raises :class:`PoolExhaustedError` at the
-        ``max_total_bytes`` limit and :class:`SharedMemoryFullError` when ``/dev/shm`` is full.
+        ``max_total_bytes`` limit.
         """
         nbytes = operator.index(nbytes)
         if nbytes < 0:
             raise ValueError(f"`nbytes` must be >= 0, got {nbytes}")
+        alignment = self.kind.alignment
         # A zero-byte slice still takes one aligned block, so it has its own valid offset.
-        block = max(ALIGNMENT, _round_up(nbytes, ALIGNMENT))
+        block = max(alignment, round_up(nbytes, alignment))
         with self._locked():
             self._check_open()
             piece = self._first_fit(block, nbytes)
@@ -361,44 +356,44 @@ class SharedMemoryPool:
                 size = self._new_region_size(block, nbytes)
                 self._reserved += size
             try:
-                region_id, generation, region = self._create_and_register(size)
+                region_id, generation, buffer = self._create_and_register(size)
             finally:
                 with self._locked():
                     self._reserved -= size
             with self._locked():
                 if self._state.closed or region_id in self._state.regions:
-                    _dispose(region)
+                    self.kind.close(buffer)
                     self._check_open()
                     raise TransportError(
-                        f"the worker registered a new region under id {region_id}, which this "
-                        "pool already uses: region ids must be unique within a session"
+                        f"the worker registered a new {self.kind.label} region under id "
+                        f"{region_id}, which this pool already uses: region ids must be "
+                        "unique within a session"
                     )
-                entry = _PoolRegion(region, region_id, generation)
+                entry = _Entry(buffer, region_id, generation)
                 self._state.regions[region_id] = entry
                 offset = entry.take(block)
                 assert offset is not None
-                return RegionSlice(self, entry, offset, nbytes, block)
+                return self.slice_type(self, entry, offset, nbytes, block)
 
-    def _create_and_register(self, size: int) -> tuple[int, int, SharedMemoryRegion]:
-        region = SharedMemoryRegion.create(size, directory=self._directory)
+    def _create_and_register(self, size: int) -> tuple[int, int, BufferT]:
+        buffer = self.kind.create(size)
         try:
-            region_id, generation = self._register(region)
+            region_id, generation = self._register(buffer)
             region_id = operator.index(region_id)
             generation = operator.index(generation)
         except BaseException:
-            _dispose(region)
+            self.kind.close(buffer)
             raise
-        if self._unlink_after_register:
-            region.unlink()
-        return region_id, generation, region
+        self.kind.registered(buffer)
+        return region_id, generation, buffer
 
     # -- giving back ---------------------------------------------------------------------
 
     def release_region(self, region_id: int) -> None:
-        """Drop one region: unlink its name, unmap it here, stop allocating from it.
+        """Drop one buffer: stop allocating from it and close it here.
 
-        Slices still alive in it become inert (their :meth:`RegionSlice.release` is a
-        no-op), and their views keep the mapping alive until they die. Telling the worker
+        Slices still alive in it become inert (their :meth:`PoolSlice.release` is a no-op),
+        and their views keep its memory alive until they die. Telling the worker
         (ReleaseRegion) is the caller's job. Raises KeyError for an unknown id.
         """
         with self._locked():
@@ -406,10 +401,10 @@ class SharedMemoryPool:
             if entry is None:
                 raise KeyError(f"the pool holds no region with id {region_id}")
             entry.retired = True
-        _dispose(entry.region)
+        self.kind.close(entry.buffer)
 
     def close(self) -> None:
-        """Unlink and unmap every region (idempotent). Also runs at GC and at exit."""
+        """Close every buffer (idempotent). Also runs at GC and at exit."""
         with self._locked():
             self._state.closed = True
             self._finalizer()
@@ -419,45 +414,46 @@ class SharedMemoryPool:
         """True once :meth:`close` ran."""
         return self._state.closed
 
-    def __enter__(self) -> SharedMemoryPool:
+    def __enter__(self) -> Pool[BufferT, SliceT]:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- statistics ----------------------------------------------------------------------
 
     def _total_bytes(self) -> int:
-        return sum(entry.region.size for entry in self._state.regions.values())
+        return sum(entry.buffer.size for entry in self._state.regions.values())
 
     def _used_bytes(self) -> int:
         return sum(entry.used for entry in self._state.regions.values())
 
     @property
     def total_bytes(self) -> int:
-        """Bytes of shared memory the pool holds mapped (all regions)."""
+        """Bytes of the buffers the pool holds."""
         with self._locked():
             return self._total_bytes()
 
     @property
     def used_bytes(self) -> int:
-        """Bytes handed out in live slices, counted in whole 64-byte blocks."""
+        """Bytes handed out in live slices, counted in whole alignment blocks."""
         with self._locked():
             return self._used_bytes()
 
     @property
     def num_regions(self) -> int:
-        """Number of regions the pool holds."""
+        """Number of buffers the pool holds."""
         with self._locked():
             return len(self._state.regions)
 
+    @property
+    def region_ids(self) -> list[int]:
+        """Ids of the buffers the pool holds."""
+        with self._locked():
+            return list(self._state.regions)
+
     def __repr__(self) -> str:
         return (
-            f"SharedMemoryPool(num_regions={len(self._state.regions)}, "
+            f"{type(self).__name__}(num_regions={len(self._state.regions)}, "
             f"total_bytes={self._total_bytes()}, closed={self._state.closed})"
         )

@@ -1,11 +1,14 @@
 """POSIX shared-memory regions shared by the torch client and the JAX worker.
 
 Pure Python plus numpy: neither torch nor jax is imported here, because both ends use this
-module. Regions are files in a tmpfs directory (``/dev/shm`` unless
-``TORCH_JAX_INTEROP_SHM_DIR`` says otherwise), opened with :func:`os.open` and mapped with
-:mod:`mmap`. :mod:`multiprocessing.shared_memory` is deliberately not used: on Python < 3.13
-every process that merely opens a segment registers it with its resource tracker, which
-unlinks the segment when that process exits (cpython gh-82300).
+module. Slices are aligned to :data:`~torch_jax_interop._layout.ALIGNMENT` (64 bytes: JAX on
+CPU imports aligned buffers without a copy), the one definition of that fact.
+
+Regions are files in a tmpfs directory (``/dev/shm`` unless ``TORCH_JAX_INTEROP_SHM_DIR``
+says otherwise), opened with :func:`os.open` and mapped with :mod:`mmap`.
+:mod:`multiprocessing.shared_memory` is deliberately not used: on Python < 3.13 every
+process that merely opens a segment registers it with its resource tracker, which unlinks
+the segment when that process exits (cpython gh-82300).
 
 Note [Shared memory ownership]
 ==============================
@@ -66,15 +69,13 @@ from .._errors import (
     SliceOutOfBoundsError,
     TransportError,
 )
+from .._layout import ALIGNMENT
 
 SHM_PREFIX = "tji-"
 """Prefix of every region name this project creates."""
 
 SHM_DIR_ENV = "TORCH_JAX_INTEROP_SHM_DIR"
 """Environment variable naming the directory regions live in (default ``/dev/shm``)."""
-
-ALIGNMENT = 64
-"""Byte alignment of every slice: JAX on CPU imports 64-byte aligned buffers without a copy."""
 
 # pid: 1 to 10 digits, no leading zero (pid 0 must never reach os.kill: it means "my process
 # group"). Lower-case hex only, so there is exactly one spelling of each name.

@@ -1,0 +1,164 @@
+"""The shared-memory kind of the one pool: :class:`SharedMemoryPool` and :class:`RegionSlice`.
+
+The pool itself (free lists, growth, limits, Note [Releasing from finalizers]) is
+``_pool.py``; who creates, maps and unlinks a region is Note [Shared memory ownership] in
+``_shm.py``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._pool import BufferKind, Pool, PoolSlice, _Entry
+from ._shm import SharedMemoryRegion, numpy_view
+
+
+class _SharedMemoryKind(BufferKind[SharedMemoryRegion]):
+    """Shared-memory regions (Note [Shared memory ownership] in ``_shm.py``)."""
+
+    name = "shm"
+    label = "shared-memory"
+
+    def __init__(self, directory: str | None, unlink_after_register: bool) -> None:
+        self.directory = directory
+        self.unlink_after_register = unlink_after_register
+
+    def preferred_size(self, block: int) -> int:
+        return 1 << (block - 1).bit_length()  # the next power of two
+
+    def create(self, size: int) -> SharedMemoryRegion:
+        return SharedMemoryRegion.create(size, directory=self.directory)
+
+    def registered(self, buffer: SharedMemoryRegion) -> None:
+        if self.unlink_after_register:
+            buffer.unlink()  # the worker has its mapping: nothing can leak the name now
+
+    def close(self, buffer: SharedMemoryRegion) -> None:
+        if buffer.owner:
+            buffer.unlink()
+        buffer.close()
+
+
+class _SliceMemory:
+    """The base object of every numpy array :meth:`RegionSlice.numpy` hands out.
+
+    numpy collapses view chains onto the first base that is not an ndarray, so a plain
+    ``np.frombuffer`` array can die while views of it (``a[2:]``, and the tensors
+    ``torch.from_numpy`` made from those views) still use its memory. Every array derived
+    from a slice's arrays keeps this object alive instead; it is weak-referenceable, which
+    a memoryview is not, so :meth:`RegionSlice.release_when_collected` watches it.
+    """
+
+    __slots__ = ("__array_interface__", "_keep", "__weakref__")
+
+    def __init__(self, raw: np.ndarray) -> None:
+        self._keep = raw  # holds the memoryview, hence the mapping, alive
+        self.__array_interface__ = {
+            "shape": raw.shape,
+            "typestr": "|u1",
+            "data": (raw.ctypes.data, False),
+            "version": 3,
+        }
+
+
+class RegionSlice(PoolSlice[SharedMemoryRegion]):
+    """A 64-byte aligned slice of a pooled region: what a ``SharedMemorySlice`` describes.
+
+    :meth:`memoryview` and :meth:`numpy` SHARE memory with the region, and so with the
+    worker. Give the slice back with :meth:`release` (or the context manager, or
+    :meth:`release_when_collected`) once neither side needs the bytes.
+    """
+
+    __slots__ = ("_memory",)
+
+    def __init__(self, pool: Pool[SharedMemoryRegion, Any], entry: _Entry[SharedMemoryRegion],
+                 offset: int, nbytes: int, block: int) -> None:
+        super().__init__(pool, entry, offset, nbytes, block)
+        self._memory: weakref.ref[_SliceMemory] | None = None
+
+    @property
+    def region(self) -> SharedMemoryRegion:
+        """The region the slice lies in."""
+        return self._entry.buffer
+
+    def memoryview(self) -> memoryview:
+        """Writable memoryview of exactly the slice's bytes; SHARES memory, no copy."""
+        self._check_live()
+        return self._entry.buffer.buffer[self._offset : self._offset + self._nbytes]
+
+    def numpy(self, dtype: Any, shape: Sequence[int]) -> np.ndarray:
+        """A C-order numpy array over the slice; SHARES memory, no copy.
+
+        Every array from this method, and every numpy view or ``torch.from_numpy`` tensor
+        derived from one, keeps one common base object alive; see
+        :meth:`release_when_collected`. Raises :class:`SliceOutOfBoundsError` when
+        ``dtype`` x ``shape`` needs more than :attr:`nbytes` bytes.
+        """
+        # Validates dtype and shape against the slice and gives the layout.
+        template = numpy_view(self.memoryview(), 0, dtype, shape)
+        needed = template.nbytes
+        del template
+        memory = self._memory() if self._memory is not None else None
+        if memory is None:
+            raw = np.frombuffer(
+                self._entry.buffer.buffer, dtype=np.uint8, count=self._nbytes,
+                offset=self._offset,
+            )
+            memory = _SliceMemory(raw)
+            self._memory = weakref.ref(memory)
+        flat: np.ndarray = np.asarray(memory)
+        return flat[:needed].view(np.dtype(dtype)).reshape(tuple(shape))
+
+    def release_when_collected(self, obj: object) -> weakref.finalize:
+        """Release the slice once ``obj``, and everything sharing its memory, is collected.
+
+        For an array from :meth:`numpy` (or any numpy view of one) the slice is released
+        when the LAST array from :meth:`numpy` or derived from one dies: numpy views
+        (``a[1:]``, ``a.view(...)``) and tensors made by ``torch.from_numpy`` from any of
+        them all keep it alive. For any other object (a memoryview, a tensor made some other
+        way) only that object's own lifetime counts. Returns the finalizer (``.detach()``
+        cancels it). The release follows Note [Releasing from finalizers].
+        """
+        target = obj
+        while isinstance(target, np.ndarray) and target.base is not None:
+            target = target.base
+        memory = self._memory() if self._memory is not None else None
+        if memory is not None and target is memory:
+            obj = memory
+        return weakref.finalize(obj, self.release)
+
+
+class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
+    """Client-side pool of shared-memory regions, carved into 64-byte aligned slices.
+
+    ``register(region)`` must make the worker attach the region and return the
+    ``(region_id, generation)`` it assigned. When it returns, the pool unlinks the region's
+    name (``unlink_after_register``), so no crash of either process can leave the region in
+    ``/dev/shm`` (Note [Shared memory ownership] in ``_shm.py``). When it raises, the pool
+    unlinks and unmaps the region and re-raises. Regions are unmapped on :meth:`close`, on
+    garbage collection or at interpreter exit.
+
+    New regions hold ``max(min_region_bytes, next power of two >= request)`` bytes; the
+    pool never grows past ``max_total_bytes`` (None: no limit). :meth:`allocate` raises
+    :class:`SharedMemoryFullError` when ``/dev/shm`` is full.
+    """
+
+    slice_type = RegionSlice
+
+    def __init__(
+        self,
+        register: Callable[[SharedMemoryRegion], tuple[int, int]],
+        *,
+        directory: str | None = None,
+        min_region_bytes: int = 8 << 20,
+        max_total_bytes: int | None = None,
+        unlink_after_register: bool = True,
+    ) -> None:
+        super().__init__(
+            _SharedMemoryKind(directory, unlink_after_register), register,
+            min_region_bytes=min_region_bytes, max_total_bytes=max_total_bytes,
+        )
