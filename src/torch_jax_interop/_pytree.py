@@ -86,9 +86,7 @@ class TreeSpec:
         kind = self.kind
         if kind == DICT:
             return tuple(self.meta[0])
-        if kind == DATACLASS:
-            return tuple(self.meta[1])
-        if kind == REGISTERED:
+        if kind in (DATACLASS, REGISTERED):  # field names / JAX key names
             return tuple(self.meta[1])
         return tuple(range(len(self.children)))
 

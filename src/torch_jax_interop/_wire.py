@@ -77,6 +77,21 @@ def tensor_nbytes(dtype: str, shape: Any, *, limit: int) -> int:
     return nbytes
 
 
+_DESCRIBABLE = frozenset(
+    {_pytree.LEAF, _pytree.NONE, _pytree.TUPLE, _pytree.LIST, _pytree.NAMEDTUPLE, _pytree.DICT}
+)
+
+
+def describable(spec: _pytree.TreeSpec) -> bool:
+    """Whether ``encode_spec`` can describe ``spec``: tuples (namedtuples travel as tuples),
+    lists, dicts with str keys and None; no registered node, no dataclass."""
+    if spec.kind not in _DESCRIBABLE:
+        return False
+    if spec.kind == _pytree.DICT and not all(isinstance(k, str) for k in spec.meta[0]):
+        return False
+    return all(describable(child) for child in spec.children)
+
+
 def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
     """Append ``spec`` in pre-order to the repeated ``TreeNode`` field ``nodes``."""
     kind = spec.kind

@@ -19,15 +19,6 @@ from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
 from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, ResourceExhaustedError
 
-_WIRE_KINDS = frozenset(
-    {_pytree.LEAF, _pytree.NONE, _pytree.TUPLE, _pytree.LIST, _pytree.NAMEDTUPLE, _pytree.DICT}
-)
-
-
-def _wire_ready(spec: _pytree.TreeSpec) -> bool:
-    """Whether the wire can describe ``spec`` (no registered node, no dataclass)."""
-    return spec.kind in _WIRE_KINDS and all(_wire_ready(c) for c in spec.children)
-
 
 def wire_specs(call: Any, name: str) -> tuple[_pytree.TreeSpec, _pytree.TreeSpec]:
     """The ``args`` and ``kwargs`` structures of a call plan (``_call.Call``) as sent, with
@@ -48,7 +39,7 @@ def wire_specs(call: Any, name: str) -> tuple[_pytree.TreeSpec, _pytree.TreeSpec
     params = call.params
     if params is None:
         return args_spec, kwargs_spec
-    if params.constants or not _wire_ready(params.spec):
+    if params.constants or not _wire.describable(params.spec):
         params_spec = _pytree.TreeSpec(_pytree.LIST, (_pytree.LEAF_SPEC,) * params.num_slots,
                                        None, params.num_slots)
     else:
