@@ -105,3 +105,19 @@ def test_declared_params_rebuild_a_flat_list() -> None:
     assert grad_x is None
     with pytest.raises(InvalidArgumentError, match="declares parameters with 2 arrays"):
         _program(function, ([a, b, b], x), ())
+
+
+def test_the_compile_cache_is_bounded() -> None:
+    traces: list[tuple[int, ...]] = []
+
+    def add_one(x: jax.Array) -> jax.Array:
+        traces.append(x.shape)  # runs only while JAX traces
+        return x + 1
+
+    function = CompiledFunction("add_one", add_one, max_programs=2)
+    for n in (1, 2, 3, 2, 1):
+        out, _ = function.call(*_program(function, (np.ones(n, np.float32),), ()))
+        np.testing.assert_array_equal(out, np.full(n, 2.0))
+    assert len(function.engine.programs) == 2
+    # (2,) stayed cached; (1,) was the least recently used when (3,) came: traced again
+    assert traces == [(1,), (2,), (3,), (1,)]
