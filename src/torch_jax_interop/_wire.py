@@ -82,6 +82,21 @@ def tensor_nbytes(dtype: str, shape: Any, *, limit: int) -> int:
     return nbytes
 
 
+_DESCRIBABLE = frozenset(
+    {_pytree.LEAF, _pytree.NONE, _pytree.TUPLE, _pytree.LIST, _pytree.NAMEDTUPLE, _pytree.DICT}
+)
+
+
+def describable(spec: _pytree.TreeSpec) -> bool:
+    """Whether ``encode_spec`` can describe ``spec``: tuples (namedtuples travel as tuples),
+    lists, dicts with str keys and None; no registered node, no dataclass."""
+    if spec.kind not in _DESCRIBABLE:
+        return False
+    if spec.kind == _pytree.DICT and not all(isinstance(k, str) for k in spec.meta[0]):
+        return False
+    return all(describable(child) for child in spec.children)
+
+
 def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
     """Append ``spec`` in pre-order to the repeated ``TreeNode`` field ``nodes``."""
     kind = spec.kind
@@ -101,6 +116,13 @@ def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
                 "convert the keys to str"
             )
         nodes.add(kind=_DICT, keys=keys)
+    elif kind == _pytree.REGISTERED:
+        raise TypeError(
+            f"a `{spec.meta[0]}` node (registered with jax.tree_util) cannot travel between "
+            "a client and a worker: use tuples, lists, dicts with str keys and None, or "
+            "declare the parameters' structure on the served function (Note [Registered "
+            "pytree nodes in service mode] in server/_compiled.py)"
+        )
     else:
         raise TypeError(
             f"a {kind} cannot be sent to a worker; use tuples, lists, dicts with str keys "
@@ -151,7 +173,7 @@ def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
         children = tuple(build(depth + 1) for _ in range(count))
         leaves = sum(c.num_leaves for c in children)
         if kind == _DICT:
-            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None), leaves)
+            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None, None), leaves)
         return _pytree.TreeSpec(
             _pytree.TUPLE if kind == _TUPLE else _pytree.LIST, children, None, leaves
         )

@@ -203,12 +203,14 @@ def test_unix_socket_is_private(worker: WorkerProcess) -> None:
 
 
 def test_has_aux_outputs_come_back(worker: WorkerProcess) -> None:
+    from torch_jax_interop._call import Call
     from torch_jax_interop.client._connect import RemoteBackend
 
     with connect(worker.address) as w:
         backend = RemoteBackend(w, "with_aux")
-        out, aux = backend.call((torch.tensor(2.0), torch.tensor([3.0, 4.0])), {},
-                                has_aux=True)
+        call, tensors = Call.of(backend, True, (torch.tensor(2.0), torch.tensor([3.0, 4.0])), {})
+        outputs, out_spec, aux = backend.flat_call(call, tensors)
+    out = out_spec.unflatten(outputs)
     assert torch.equal(out, torch.tensor([6.0, 8.0]))
     assert torch.allclose(aux["norm"], torch.tensor(5.0))
 

@@ -35,12 +35,12 @@ from ..transport import default_shm_dir
 from ._codec import (
     Limits,
     OutputWriter,
-    decode_tree,
+    decode_leaves,
     flatten_outputs,
     required_bytes,
     signature_key,
 )
-from ._compiled import CompiledFunction, is_float0
+from ._compiled import CompiledFunction
 from ._session import (
     CudaIpcWorkerRegion,
     Residual,
@@ -198,36 +198,32 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         session = self._session(request.session_id)
         function = self._function(request.function)
         limits = self.config.limits
-        args = decode_tree(request.args, session, limits)
-        kwargs = decode_tree(request.kwargs, session, limits) if request.kwargs.nodes else {}
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise InvalidArgumentError("args must be a tuple and kwargs a dict")
+        args_spec, arrays = decode_leaves(request.args, session, limits)
+        kwargs_spec = None
+        if request.kwargs.nodes:
+            kwargs_spec, kwargs_arrays = decode_leaves(request.kwargs, session, limits)
+            arrays.extend(kwargs_arrays)
         response = pb.CallResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
                               session, self.config.inline_threshold, limits)
-        self._check_arguments(function, args, kwargs)
+        no_grad = _no_grad_leaves(request)
+        diff = (tuple(i for i in range(len(arrays)) if i not in no_grad)
+                if request.keep_residuals else ())
+        program = function.program(signature_key(request.args, request.kwargs, None),
+                                   args_spec, kwargs_spec, request.has_aux, diff)
+        self._check_arguments(function, args_spec, kwargs_spec)
         with _served(request.function):
-            plan = function.plan(signature_key(request.args, request.kwargs, request.has_aux),
-                                 args, kwargs)
+            shapes = function.describe(program, arrays)
         if session.num_regions:
-            if plan.arena_bytes is None:
-                plan.arena_bytes = required_bytes(plan.shapes, self.config.inline_threshold)
-            need = plan.arena_bytes
+            need = required_bytes(shapes, self.config.inline_threshold)
             if need > writer.capacity:
                 response.required_output_bytes = need
                 return response
-        no_grad = _no_grad_leaves(request) if request.keep_residuals else frozenset()
         with _served(request.function):
             if request.keep_residuals:
-                out, aux, vjp_fn = function.call_with_vjp(args, kwargs, request.has_aux, no_grad)
+                out, aux, vjp_fn = function.call_with_vjp(program, arrays)
             else:
-                out, aux = function.call(args, kwargs, plan), None
-        if request.has_aux and not request.keep_residuals:
-            if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                raise InvalidArgumentError(
-                    f"has_aux=True but `{request.function}` does not return (output, aux)"
-                )
-            out, aux = out
+                out, aux = function.call(program, arrays)
         out_leaves, out_spec = flatten_outputs(out)
         with _served(request.function):  # errors of an asynchronous run surface here
             jax.block_until_ready(out_leaves)
@@ -236,35 +232,35 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             aux_leaves, aux_spec = flatten_outputs(aux)
             writer.write_tree(aux_leaves, aux_spec, response.aux)
         if request.keep_residuals:
-            response.residual_id = session.residuals.put(
-                Residual(function, vjp_fn, request.args, request.kwargs)
-            )
+            response.residual_id = session.residuals.put(Residual(function, vjp_fn))
         return response
 
     def Backward(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         # Decode first: a malformed request is refused without consuming the residuals.
-        cotangents = decode_tree(request.cotangents, session, self.config.limits)
+        _, cotangents = decode_leaves(request.cotangents, session, self.config.limits)
         residual = session.residuals.get(request.residual_id, pop=not request.keep_residuals)
-        grad_args, grad_kwargs = residual.function.backward(residual.vjp_fn, cotangents)
+        grad_args, grad_kwargs = residual.function.backward(
+            residual.vjp_fn, cotangents, retain=request.keep_residuals
+        )
         response = pb.BackwardResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
                               session, self.config.inline_threshold, self.config.limits)
         for grads, out in ((grad_args, response.grad_args), (grad_kwargs, response.grad_kwargs)):
-            leaves, spec = _pytree.flatten(grads, is_leaf=lambda v: isinstance(v, jax.Array))
-            kept = [leaf for leaf in leaves if not is_float0(leaf)]
-            spec = _drop_float0(spec, leaves)
-            jax.block_until_ready(kept)
-            writer.write_tree(kept, spec, out)
+            leaves, spec = flatten_outputs(grads)  # inputs without gradient: None
+            jax.block_until_ready(leaves)
+            writer.write_tree(leaves, spec, out)
         return response
 
     def Release(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         return pb.ReleaseResponse(released=session.residuals.release(list(request.residual_ids)))
 
-    def _check_arguments(self, function: CompiledFunction, args: tuple, kwargs: dict) -> None:
+    def _check_arguments(self, function: CompiledFunction, args_spec: _pytree.TreeSpec,
+                         kwargs_spec: _pytree.TreeSpec | None) -> None:
         """Arguments the function's signature cannot take are an error of the request
-        (INVALID_ARGUMENT), found before the function runs."""
+        (INVALID_ARGUMENT), found before the function runs: only their number and keyword
+        names matter, so the wire structures suffice."""
         if function.name not in self._signatures:
             try:
                 self._signatures[function.name] = inspect.signature(function.fn)
@@ -273,12 +269,14 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         signature = self._signatures[function.name]
         if signature is None:
             return
+        positional = len(args_spec.children)  # a tuple: ``function.program`` checked it
+        keywords = list(kwargs_spec.meta[0]) if kwargs_spec is not None else []
         try:
-            signature.bind(*args, **kwargs)
+            signature.bind(*[None] * positional, **dict.fromkeys(keywords))
         except TypeError as error:
             raise InvalidArgumentError(
-                f"`{function.name}{signature}` cannot take {len(args)} positional arguments "
-                f"and keyword arguments {sorted(kwargs)}: {error}"
+                f"`{function.name}{signature}` cannot take {positional} positional arguments "
+                f"and keyword arguments {sorted(keywords)}: {error}"
             ) from None
 
 
@@ -316,18 +314,3 @@ def _no_grad_leaves(request: Any) -> frozenset[int]:
         )
     return no_grad
 
-
-def _drop_float0(spec: _pytree.TreeSpec, leaves: list[Any]) -> _pytree.TreeSpec:
-    """The same structure with float0 leaves (no gradient) turned into ``None`` nodes."""
-    iterator = iter(leaves)
-
-    def rebuild(node: _pytree.TreeSpec) -> _pytree.TreeSpec:
-        if node.kind == _pytree.LEAF:
-            return _pytree.NONE_SPEC if is_float0(next(iterator)) else node
-        if not node.children:
-            return node
-        children = tuple(rebuild(child) for child in node.children)
-        return _pytree.TreeSpec(node.kind, children, node.meta,
-                                sum(c.num_leaves for c in children))
-
-    return rebuild(spec)

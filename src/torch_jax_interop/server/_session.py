@@ -15,10 +15,9 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,10 +31,7 @@ log = logging.getLogger("torch_jax_interop.server")
 @dataclass
 class Residual:
     function: Any  # CompiledFunction
-    vjp_fn: Any
-    args_spec: Any
-    kwargs_spec: Any
-    created: float = field(default_factory=time.monotonic)
+    vjp_fn: Any  # its VjpResiduals: no request message (their inline bytes) kept alive
 
 
 class ResidualStore:
