@@ -108,9 +108,12 @@ def _zeros(like: torch.Tensor) -> torch.Tensor:
 
 
 class TorchFn:
-    """A torch computation on flat tensor lists, as JAX sees it (one primitive call)."""
+    """A torch computation on flat tensor lists, as JAX sees it (one primitive call).
 
-    num_inputs: int
+    Derivatives carry ``mask``: one flag per input of the function they derive from (so
+    ``len(mask)`` is where their own tangents or cotangents start).
+    """
+
     linear_from: int | None = None  # inputs from here on enter linearly (Jvp, Vjp)
 
     def __init__(self) -> None:
@@ -276,16 +279,15 @@ def _forward_for(
     fn: TorchFn, leaves: list[torch.Tensor], mask: tuple[bool, ...]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Outputs of ``fn`` differentiable w.r.t. the masked leaves, and those leaves."""
-    n = fn.num_inputs
+    n = len(mask)
     if isinstance(fn, Replay):
         graph = fn.kept(leaves[:n], mask)
         if graph is not None:
             return graph.outs, [t for t, m in zip(graph.leaves, mask[:-2], strict=True) if m]
-    xs = [_leaf(t) if m else t for t, m in zip(leaves[:n], mask, strict=False)]
-    xs += leaves[len(xs):n]
+    xs = [_leaf(t) if m else t for t, m in zip(leaves[:n], mask, strict=True)]
     with torch.enable_grad():
         outs = fn.evaluate(xs)
-    return outs, [t for t, m in zip(xs, mask, strict=False) if m]
+    return outs, [t for t, m in zip(xs, mask, strict=True) if m]
 
 
 def _float_outputs(outs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -299,21 +301,20 @@ class Vjp(TorchFn):
         super().__init__()
         self.inner = inner
         self.mask = mask
-        self.num_inputs = inner.num_inputs  # plus one cotangent per float output
-        self.linear_from = inner.num_inputs
+        self.linear_from = len(mask)  # then one cotangent per float output of ``inner``
 
     def out_avals(self, in_avals: Sequence[Aval]) -> list[Aval]:
-        return [a for a, m in zip(in_avals[: self.inner.num_inputs], self.mask, strict=True) if m]
+        return [a for a, m in zip(in_avals[: len(self.mask)], self.mask, strict=True) if m]
 
     def differentiable(self, in_avals: Sequence[Aval]) -> tuple[bool, ...]:
-        n = self.inner.num_inputs
+        n = len(self.mask)
         return (*self.inner.differentiable(in_avals[:n]), *super().differentiable(in_avals[n:]))
 
     def transpose(self) -> TorchFn:
         return self.inner.jvp(self.mask)
 
     def evaluate(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-        n = self.inner.num_inputs
+        n = len(self.mask)
         cts = leaves[n:]
         create = any(t.requires_grad for t in leaves)
         outs, wrt = _forward_for(self.inner, leaves[:n], self.mask)
@@ -340,22 +341,21 @@ class Jvp(TorchFn):
         super().__init__()
         self.inner = inner
         self.mask = mask
-        self.num_inputs = inner.num_inputs  # plus one tangent per masked input
-        self.linear_from = inner.num_inputs
+        self.linear_from = len(mask)  # then one tangent per masked input
 
     def out_avals(self, in_avals: Sequence[Aval]) -> list[Aval]:
-        outs = self.inner.out_avals(in_avals[: self.inner.num_inputs])
+        outs = self.inner.out_avals(in_avals[: len(self.mask)])
         return [a for a in outs if _inexact(a.dtype)]
 
     def differentiable(self, in_avals: Sequence[Aval]) -> tuple[bool, ...]:
-        n = self.inner.num_inputs
+        n = len(self.mask)
         return (*self.inner.differentiable(in_avals[:n]), *super().differentiable(in_avals[n:]))
 
     def transpose(self) -> TorchFn:
         return self.inner.vjp(self.mask)
 
     def evaluate(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-        n = self.inner.num_inputs
+        n = len(self.mask)
         tangents = leaves[n:]
         create = any(t.requires_grad for t in leaves)
         outs, wrt = _forward_for(self.inner, leaves[:n], self.mask)
