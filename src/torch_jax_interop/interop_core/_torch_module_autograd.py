@@ -317,6 +317,11 @@ class Vjp(TorchFn):
         n = len(self.mask)
         cts = leaves[n:]
         create = any(t.requires_grad for t in leaves)
+        if create:
+            # A backward that torch cannot differentiate (``once_differentiable``) raises
+            # only when its incoming gradient requires grad; otherwise it would return a
+            # constant, read as a zero second derivative.
+            cts = [_leaf(c) if _is_float(c) else c for c in cts]
         outs, wrt = _forward_for(self.inner, leaves[:n], self.mask)
         pairs = [
             (o, c) for o, c in zip(_float_outputs(outs), cts, strict=True) if o.requires_grad
@@ -331,7 +336,35 @@ class Vjp(TorchFn):
                     create_graph=create,
                     allow_unused=True,
                 )
+        if create:
+            _check_differentiable(grads)
         return [_zeros(w) if g is None else g for w, g in zip(wrt, grads, strict=True)]
+
+
+_ERROR_NODE = "torch::autograd::Error"  # what ``once_differentiable`` puts in the graph
+
+
+def _check_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
+    """Refuse gradients whose own graph cannot be differentiated (torch would read the
+    missing second derivative as zero)."""
+    seen: set[Any] = set()
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == _ERROR_NODE:
+            raise NotImplementedError(
+                "torch_module_to_jax: a second (or higher) derivative through this module "
+                "needs to differentiate its backward pass, but part of it is a "
+                "`torch.autograd.Function` whose backward is marked `once_differentiable` "
+                "(it cannot differentiate twice a function that was marked with "
+                "@once_differentiable). Reverse-mode first derivatives (jax.grad, jax.vjp) "
+                "work; for jax.hessian or jax.jvp, give that Function a differentiable "
+                "backward."
+            )
+        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 class Jvp(TorchFn):
