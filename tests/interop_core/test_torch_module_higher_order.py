@@ -155,5 +155,5 @@ def test_second_derivative_of_a_module_without_double_backward_says_so() -> None
     apply, params = torch_module_to_jax(Module())
     f = lambda x: jnp.sum(apply(params, x))  # noqa: E731
     np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray([2.0]))), [12.0])
-    with pytest.raises(Exception, match="differentiate twice a function that was marked with @once_differentiable"):
+    with pytest.raises(Exception, match="cannot differentiate twice a function that was marked"):
         jax.hessian(f)(jnp.asarray([2.0]))

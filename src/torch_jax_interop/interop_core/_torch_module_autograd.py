@@ -348,7 +348,7 @@ def _check_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
     """Refuse gradients whose own graph cannot be differentiated (torch would read the
     missing second derivative as zero)."""
     seen: set[Any] = set()
-    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    stack: list[Any] = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -364,7 +364,7 @@ def _check_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
                 "work; for jax.hessian or jax.jvp, give that Function a differentiable "
                 "backward."
             )
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
 
 
 class Jvp(TorchFn):
