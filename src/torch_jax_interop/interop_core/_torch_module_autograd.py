@@ -38,6 +38,12 @@ dropped when ``GRAPHS`` holds more than ``MAX_KEPT_GRAPHS`` (oldest first); ``Jv
 graph too. Re-runs never advance the global generators, so a sequence of steps draws the
 same numbers as the same steps in pure torch.
 
+Not covered: ``jax.checkpoint`` (remat) around a module that draws random numbers. Remat
+runs the forward again inside the backward, and that second ``KeepGraph`` is a new call that
+draws new numbers (as any stateful callback under remat would), so the gradient belongs to
+other draws than the returned value. Keep random modules outside ``jax.checkpoint``, or put
+them in eval mode there.
+
 # Note [In-place writes to inputs]
 
 Inside the callback the module's inputs are views of XLA's buffers: the caller's arrays, or
