@@ -365,3 +365,20 @@ def test_transformer_encoder_layer_with_dropout_gives_torchs_gradients(jit: bool
     assert_close(x_grad, xt.grad, rtol=1e-4, atol=1e-5)
     for g, p in zip(grads, layer.parameters(), strict=True):
         assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_inputs_and_parameters_are_differentiated() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    apply, params = torch_module_to_jax(model)
+    x = jnp.ones((2, 3), jnp.bfloat16)
+    grads, x_grad = jax.grad(
+        lambda p, x: jnp.sum(apply(p, x).astype(jnp.float32)), argnums=(0, 1)
+    )(params, x)
+    xt = torch.ones(2, 3, dtype=torch.bfloat16, requires_grad=True)
+    model(xt).float().sum().backward()
+    assert x_grad.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(x_grad, np.float32), xt.grad.float().numpy())
+    np.testing.assert_array_equal(
+        np.asarray(grads[0], np.float32), model.weight.grad.float().numpy()
+    )

@@ -83,6 +83,7 @@ __all__ = [
     "Replay",
     "TorchFn",
     "Vjp",
+    "inexact",
 ]
 
 MAX_KEPT_GRAPHS = 16
@@ -96,8 +97,9 @@ class InPlaceWriteError(RuntimeError):
     """The module wrote in place to an input that the first call did not write."""
 
 
-def _inexact(dtype: Any) -> bool:
-    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
+def inexact(dtype: Any) -> bool:
+    """Whether JAX differentiates values of ``dtype`` (floats, bfloat16 and complex)."""
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
 
 
 def _is_float(t: torch.Tensor) -> bool:
@@ -135,7 +137,7 @@ class TorchFn:
         raise NotImplementedError
 
     def differentiable(self, in_avals: Sequence[Aval]) -> tuple[bool, ...]:
-        return tuple(_inexact(a.dtype) for a in in_avals)
+        return tuple(inexact(a.dtype) for a in in_avals)
 
     def _derive(self, key: Any, make: Callable[[], TorchFn]) -> TorchFn:
         # One object per derivative: equal primitive parameters keep jit's caches warm.
@@ -384,7 +386,7 @@ class Jvp(TorchFn):
 
     def out_avals(self, in_avals: Sequence[Aval]) -> list[Aval]:
         outs = self.inner.out_avals(in_avals[: len(self.mask)])
-        return [a for a in outs if _inexact(a.dtype)]
+        return [a for a in outs if inexact(a.dtype)]
 
     def differentiable(self, in_avals: Sequence[Aval]) -> tuple[bool, ...]:
         n = len(self.mask)

@@ -38,7 +38,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from ._convert import _array_to_torch
-from ._torch_module_autograd import Aval, KeepGraph, ModuleCall, TorchFn
+from ._torch_module_autograd import Aval, KeepGraph, ModuleCall, TorchFn, inexact
 
 try:  # jax >= 0.7: callbacks on XLA's device buffers, zero-copy, on XLA's stream
     from jax.experimental.buffer_callback import ExecutionStage as _ExecutionStage
@@ -57,10 +57,6 @@ torch_call_p.multiple_results = True
 
 def _avals(values: Sequence[Any]) -> list[Aval]:
     return [Aval(tuple(v.shape), v.dtype) for v in values]
-
-
-def _inexact(dtype: Any) -> bool:
-    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
 
 
 def _abstract_eval(*avals: Any, fn: TorchFn) -> list[Any]:
@@ -107,7 +103,7 @@ def _jvp(primals: Sequence[Any], tangents: Sequence[Any], *, fn: TorchFn) -> Any
         residuals = list(primals)
         derivative = fn.jvp(mask)
     computed = iter(torch_call_p.bind(*residuals, *live, fn=derivative))
-    out_tangents = [next(computed) if _inexact(o.dtype) else _tangent_zero(o) for o in outs]
+    out_tangents = [next(computed) if inexact(o.dtype) else _tangent_zero(o) for o in outs]
     return [*outs, *extra], [*out_tangents, *(_tangent_zero(e) for e in extra)]
 
 
