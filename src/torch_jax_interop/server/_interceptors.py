@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 
 from .. import _wire
+from .._names import TOKEN_ENV
 from .._errors import (
     FunctionNotFoundError,
     InteropError,
@@ -120,7 +121,7 @@ def _unix_peers_only(behavior: Behavior, streams: bool) -> Behavior:
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong token: pass token=... to connect() or set "
-                "TORCH_JAX_INTEROP_TOKEN to the worker's token",
+                f"{TOKEN_ENV} to the worker's token",
             )
         return behavior(request, context)
 
