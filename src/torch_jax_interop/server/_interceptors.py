@@ -39,7 +39,6 @@ from typing import Any
 import grpc
 
 from .. import _wire
-from .._names import TOKEN_ENV
 from .._errors import (
     FunctionNotFoundError,
     InteropError,
@@ -49,6 +48,7 @@ from .._errors import (
     ResourceExhaustedError,
     TransportError,
 )
+from .._names import TOKEN_ENV
 
 log = logging.getLogger("torch_jax_interop.server")
 
