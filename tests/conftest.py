@@ -16,11 +16,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from support.workers import WorkerProcess, start_worker, stop_worker
 
 
 def _gpu_missing_reason() -> str | None:
@@ -222,3 +224,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(text, file=sys.stderr)
     if session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Real JAX worker processes on temporary unix sockets (and TCP with a token), for the client
+# and server tests (tests/support/workers.py starts and stops them).
+
+@pytest.fixture
+def short_tmp() -> Iterator[str]:
+    """A short directory for unix sockets (paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="tji", dir="/tmp") as tmp:
+        yield tmp
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[WorkerProcess]:
+    """One worker shared by a module's tests (unix socket + TCP with a token)."""
+    with tempfile.TemporaryDirectory(prefix="tji", dir="/tmp") as tmp:
+        process = start_worker(tmp, tcp=True, token="s3cret-test-token")
+        try:
+            yield process
+        finally:
+            assert stop_worker(process) == 0, process.log()
+
+
+@pytest.fixture
+def fresh_worker(short_tmp: str) -> Iterator[WorkerProcess]:
+    """A worker of its own, for tests that kill or stop it."""
+    process = start_worker(short_tmp)
+    try:
+        yield process
+    finally:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait()

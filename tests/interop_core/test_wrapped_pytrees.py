@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from pytree_models import (
+from support.pytree_models import (
     MODELS,
     DenseParams,
     assert_trained_like_jax,

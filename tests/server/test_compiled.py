@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support.served import mlp_apply, mlp_loss
 
 from torch_jax_interop import _pytree
 from torch_jax_interop._errors import InvalidArgumentError
-from torch_jax_interop.examples.functions import mlp_apply, mlp_loss
 from torch_jax_interop.server._compiled import PARAMS_ATTRIBUTE, CompiledFunction
 
 

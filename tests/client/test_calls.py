@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import torch
-from service_workers import FUNCTIONS, WorkerProcess
+from support.workers import FUNCTIONS, WorkerProcess
 
 from torch_jax_interop._dtypes import DTYPE_NAMES
 from torch_jax_interop.client import (
@@ -223,7 +223,7 @@ def test_64_bit_integers_that_do_not_fit_are_refused_with_the_fix(worker: Worker
 
 @pytest.mark.parametrize("transport", ["inline", "shm"])
 def test_x64_worker_round_trips_64_bit_values_exactly(short_tmp: str, transport: str) -> None:
-    from service_workers import start_worker, stop_worker
+    from support.workers import start_worker, stop_worker
 
     process = start_worker(short_tmp, env={"JAX_ENABLE_X64": "1"})
     try:

@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from reliability import record
-from service_workers import WorkerProcess, start_worker, stop_worker
+from support.reliability import record
+from support.workers import WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import WorkerUnavailableError, connect

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 import torch
-from service_workers import FUNCTIONS, WorkerProcess
+from support.workers import FUNCTIONS, WorkerProcess
 
 from torch_jax_interop import WrappedJaxFunction
 from torch_jax_interop.client import WorkerUnavailableError, connect
@@ -133,7 +133,7 @@ def test_freed_graphs_release_their_residuals(worker: WorkerProcess) -> None:
 
 
 def test_backward_after_the_worker_restarted_says_to_rerun_forward(short_tmp: str) -> None:
-    from service_workers import start_worker, stop_worker
+    from support.workers import start_worker, stop_worker
 
     first = start_worker(short_tmp)
     with connect(first.address, timeout=30) as w:

@@ -19,8 +19,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from reliability import record
-from service_workers import WorkerProcess, start_worker, stop_worker
+from support.reliability import record
+from support.workers import WorkerProcess, start_worker, stop_worker
 
 CLIENTS = 8
 CALLS = 500

@@ -4,13 +4,12 @@ functions that declare their parameters' structure; the client sends the array l
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 import torch
-from pytree_models import (
+from support.pytree_models import (
     MODELS,
     SERVED,
     DenseParams,
@@ -26,18 +25,15 @@ from torch_jax_interop.client import connect
 
 pytestmark = pytest.mark.usefixtures("jax_default_cpu")
 
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def pytree_worker() -> Iterator[str]:
-    from service_workers import start_worker, stop_worker
+    from support.workers import start_worker, stop_worker
 
     extra = [arg for name, target in SERVED.items()
              for arg in ("--function", f"{name}={target}")]
-    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory(prefix="tji", dir="/tmp") as tmp:
-        process = start_worker(tmp, extra=extra, env={"PYTHONPATH": path})
+        process = start_worker(tmp, extra=extra)
         try:
             yield process.address
         finally:

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 import torch
-from service_workers import WorkerProcess, start_worker, stop_worker
+from support.workers import WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import (

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from reliability import record
-from service_workers import WorkerProcess, start_worker, stop_worker
+from support.reliability import record
+from support.workers import WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop._wire import PROTOCOL_VERSION, SERVICE_NAME
 from torch_jax_interop.client import AuthenticationError, ResourceExhaustedError, connect

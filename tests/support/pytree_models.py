@@ -58,7 +58,7 @@ _declare(dense_apply, init_dense)
 _declare(mlp_apply, init_mlp)
 
 MODELS = {"flax": (dense_apply, init_dense), "equinox": (mlp_apply, init_mlp)}
-SERVED = {"flax": "pytree_models:dense_apply", "equinox": "pytree_models:mlp_apply"}
+SERVED = {"flax": "support.pytree_models:dense_apply", "equinox": "support.pytree_models:mlp_apply"}
 
 
 def train_in_jax(apply: Callable[..., Any], params: Any, data: list[tuple[Any, Any]],

@@ -14,7 +14,8 @@ request must have been valid (an oracle checks), an accepted identity call must 
 exactly the bytes of the slice it named, outputs must land inside the arena the request gave,
 error messages must not echo region names the requester did not send, and at the end the
 guard bytes, the stale region and session B's regions are untouched and the worker serves a
-normal client. The case counts go to ``.cache/reliability.json`` (see ``reliability.py``).
+normal client. The case counts go to ``.cache/reliability.json`` (see
+``tests/support/reliability.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability import record
-from service_workers import WorkerProcess, start_worker, stop_worker
+from support.reliability import record
+from support.workers import WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop._dtypes import BY_NAME
 from torch_jax_interop._wire import (

@@ -15,7 +15,7 @@ import pytest
 import torch
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_workers import WorkerProcess
+from support.workers import WorkerProcess
 
 from torch_jax_interop._version import __version__
 from torch_jax_interop._wire import PROTOCOL_VERSION, SERVICE_NAME

@@ -10,8 +10,11 @@ import sys
 import time
 from dataclasses import dataclass
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The tests folder: on the worker's ``PYTHONPATH``, so that it can serve ``support.*``."""
+
 FUNCTIONS = {
-    name: f"torch_jax_interop.examples.functions:{name}"
+    name: f"support.served:{name}"
     for name in ("identity", "add_one", "scale", "mlp_apply", "mlp_loss", "checksum", "with_aux",
                  "fails", "rejects_input", "slow_identity")
 }
@@ -57,6 +60,9 @@ def start_worker(tmp: str, *, tcp: bool = False, token: str | None = None,
     if token:
         full_env["TORCH_JAX_INTEROP_TOKEN"] = token
     full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (TESTS, full_env.get("PYTHONPATH")) if p
+    )
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from service_workers import FUNCTIONS, WorkerProcess, start_worker, stop_worker
+from support.workers import FUNCTIONS, WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop import WrappedJaxFunction
 from torch_jax_interop._wire import PROTOCOL_VERSION

@@ -1,0 +1,1 @@
+"""Test support: worker processes, served test functions, shared models, reliability counts."""
