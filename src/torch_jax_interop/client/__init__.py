@@ -25,6 +25,7 @@ from ..errors import (
 from ..errors import (
     WorkerUnavailableError as WorkerUnavailableError,
 )
+from .._ranks import rank_address as rank_address
 from ._connect import FunctionInfo as FunctionInfo
 from ._connect import RemoteFunction as RemoteFunction
 from ._connect import Worker as Worker
@@ -43,4 +44,5 @@ __all__ = [
     "Worker",
     "WorkerUnavailableError",
     "connect",
+    "rank_address",
 ]
