@@ -65,7 +65,8 @@ def rank_address(
 
     Each field comes from the keyword argument of the same name or else from the variable
     ``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``; read
-    from ``environ``, by default ``os.environ``). A plain address comes back unchanged.
+    from ``environ``, by default ``os.environ``). A plain address comes back unchanged; ``{{`` and
+    ``}}`` stand for literal braces, as in ``str.format``.
 
     Example: under ``torchrun --nproc_per_node=2``, rank 1 gets
     ``rank_address("unix:///run/tji/worker-{local_rank}.sock")`` ==
@@ -76,7 +77,7 @@ def rank_address(
             (the message names the variable and how to set it).
     """
     fields = template_fields(template)
-    if not fields:
+    if "{" not in template and "}" not in template:
         return template
     given = {"rank": rank, "local_rank": local_rank, "world_size": world_size,
              "local_world_size": local_world_size}
