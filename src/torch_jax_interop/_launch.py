@@ -46,6 +46,10 @@ WORKER_MODULE = "torch_jax_interop.server"
 """``python -m WORKER_MODULE ...`` is ``torch-jax-interop worker ...`` (JAX only, no torch)."""
 
 
+STOP_MARGIN_S = 5.0
+"""Seconds the launcher waits past the workers' ``--grace`` before it SIGKILLs them."""
+
+
 def _parent_death_signal() -> Callable[[], None] | None:
     """A ``preexec_fn`` that asks Linux to SIGTERM the child when its parent dies, or None
     where that is not available. libc is loaded here, before the fork, so the child only
@@ -256,9 +260,10 @@ def serve_ranks(
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    # A worker drains for up to `grace` seconds; the group waits a little longer.
+    # A worker drains for up to `grace` seconds; the group waits a little longer (and an
+    # orchestrator's stop timeout should be longer still: compose's stop_grace_period).
     group = WorkerGroup(listen, ranks, worker_args, start_timeout=start_timeout,
-                        stop_timeout=grace + 10.0, kill_with_parent=True)
+                        stop_timeout=grace + STOP_MARGIN_S, kill_with_parent=True)
     try:
         try:
             group.start(cancel=stop)
@@ -308,4 +313,4 @@ def serve_ranks(
             signal.signal(signum, handler)
 
 
-__all__ = ["WORKER_MODULE", "WorkerGroup", "serve_ranks"]
+__all__ = ["STOP_MARGIN_S", "WORKER_MODULE", "WorkerGroup", "serve_ranks"]

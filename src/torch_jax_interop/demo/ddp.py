@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .._names import TRANSPORTS
 from ..client import connect, rank_address
 from . import BATCH, build_model, synthetic_batch
 
@@ -93,8 +94,8 @@ def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = rank_address(address)
         with connect(mine, timeout=timeout, transport=transport) as worker:
-            print(f"rank {rank}/{world}: worker {mine}; transport: {worker.transport}",
-                  flush=True)
+            print(f"rank {rank}/{world} (pid {os.getpid()}): worker {mine}; transport: "
+                  f"{worker.transport}", flush=True)
             model = DistributedDataParallel(build_model(worker.function("mlp"), seed).to(device))
             optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
             losses = []
@@ -110,7 +111,8 @@ def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate
     return losses
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (what follows ``-m torch_jax_interop.demo.ddp``)."""
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc_per_node=N -m torch_jax_interop.demo.ddp",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
@@ -123,10 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="samples per step over all ranks (split evenly)")
     parser.add_argument("--accumulate", type=int, default=1,
                         help="micro-batches per step per rank (no_sync gradient accumulation)")
-    parser.add_argument("--transport", default="auto")
+    parser.add_argument("--transport", default="auto", choices=TRANSPORTS)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--backend", default=None, choices=("gloo", "nccl"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     losses = train_ddp(args.address, steps=args.steps, global_batch=args.global_batch,
                        accumulate=args.accumulate, transport=args.transport,
                        timeout=args.timeout, backend=args.backend)
