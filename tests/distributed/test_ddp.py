@@ -80,7 +80,8 @@ def job() -> Iterator[dict[str, Any]]:
             pytest.fail("the torchrun job ran for more than 300 s:\n"
                         + output.decode(errors="replace")[-4000:])
         text = output.decode(errors="replace")
-        assert process.returncode == 0, f"torchrun exited with {process.returncode}:\n{text[-6000:]}"
+        assert process.returncode == 0, (
+            f"torchrun exited with {process.returncode}:\n{text[-6000:]}")
         metas = [json.loads((out / f"meta-rank{r}.json").read_text()) for r in range(RANKS)]
         states = {name: torch.load(out / f"{name}.pt") for name in ("init", "single")}
         for run in ("ddp", "accumulate", "fsdp"):

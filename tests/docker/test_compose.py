@@ -268,9 +268,8 @@ def test_healthcheck_uses_the_grpc_health_cli(compose: dict[str, Any], worker: s
 
 @pytest.mark.parametrize("name", [n for pair in PAIRS for n in pair[:2]])
 def test_commands_parse_with_the_cli(compose: dict[str, Any], name: str) -> None:
-    from torch_jax_interop.cli import build_parser  # imports neither torch nor jax
-
     from torch_jax_interop._launch import STOP_MARGIN_S
+    from torch_jax_interop.cli import build_parser  # imports neither torch nor jax
 
     service = _service(compose, name)
     parser = build_parser()

@@ -1,6 +1,7 @@
 """The torch side of service mode: ``connect()`` to a JAX worker. Imports torch, never JAX
 (except ``connect("inproc", ...)``, which runs the functions in this process)."""
 
+from .._ranks import rank_address as rank_address
 from ..errors import (
     AuthenticationError as AuthenticationError,
 )
@@ -25,7 +26,6 @@ from ..errors import (
 from ..errors import (
     WorkerUnavailableError as WorkerUnavailableError,
 )
-from .._ranks import rank_address as rank_address
 from ._connect import FunctionInfo as FunctionInfo
 from ._connect import RemoteFunction as RemoteFunction
 from ._connect import Worker as Worker

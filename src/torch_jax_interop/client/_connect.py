@@ -487,8 +487,9 @@ def connect(
 
     ``address`` may be a template with ``{local_rank}`` (or ``{rank}``, ``{world_size}``,
     ``{local_world_size}``), filled from the variables ``torchrun`` sets in each rank, so one
-    training script reaches one worker per rank: ``connect("unix:///run/tji/worker-{local_rank}.sock")``
-    (see ``rank_address``; ``torch-jax-interop worker --ranks N`` starts those workers).
+    training script reaches one worker per rank:
+    ``connect("unix:///run/tji/worker-{local_rank}.sock")`` (see ``rank_address``;
+    ``torch-jax-interop worker --ranks N`` starts those workers).
     """
     address = rank_address(address)  # a plain address comes back unchanged
     if address == "inproc" or address.startswith("inproc:"):

@@ -101,7 +101,8 @@ def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate
             losses = []
             for step in range(steps):
                 x, y = synthetic_batch(step, global_batch)
-                x, y = local_shard(x, rank, world).to(device), local_shard(y, rank, world).to(device)
+                x = local_shard(x, rank, world).to(device)
+                y = local_shard(y, rank, world).to(device)
                 micro = list(zip(x.chunk(accumulate), y.chunk(accumulate), strict=True))
                 loss = torch.tensor(train_step(model, optimizer, micro), device=device)
                 dist.all_reduce(loss)
