@@ -5,11 +5,14 @@ the test compares; rank 0 also trains one plain model on the whole global batch.
 1. ``DistributedDataParallel`` (default buckets, ``find_unused_parameters=False``), one
    micro-batch per step;
 2. the same with two micro-batches per step, the first under ``no_sync()``;
-3. FSDP2: ``fully_shard`` on the wrapped function and on the whole model.
+3. FSDP2: ``fully_shard`` on the wrapped function and on the whole model;
+
+and records what FSDP2 does with the same model in library mode (``connect("inproc")``: the
+JAX function in this process, reading the parameters in place).
 
 A comm hook counts DDP's all-reduces (per bucket), so the test can see that ``no_sync()``
 really skipped the first micro-batch's. Writes ``<out>/<run>-rank<R>.pt`` (state dicts) and
-``<out>/meta-rank<R>.json``. Imports torch, never JAX.
+``<out>/meta-rank<R>.json``. Imports torch; JAX only for the library-mode attempt.
 """
 
 from __future__ import annotations
@@ -65,6 +68,27 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             .detach().clone() for k, v in state.items()}
 
 
+def library_mode_fsdp(global_batch: int) -> dict[str, Any]:
+    """Where FSDP2 fails with the JAX function in this process: wrap, first forward, or not."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    functions = {"mlp": "torch_jax_interop.examples.mlp:apply"}
+    with connect("inproc", functions=functions) as local:
+        model = build_model(local.function("mlp"), SEED)
+        try:
+            fully_shard(model[1])
+            fully_shard(model)
+        except Exception as error:
+            return {"stage": "wrap", "error": f"{type(error).__name__}: {error}"}
+        x, y = synthetic_batch(0, global_batch)
+        try:
+            loss = torch.nn.functional.mse_loss(model(local_shard(x, rank, world)),
+                                                local_shard(y, rank, world))
+            loss.backward()
+        except Exception as error:
+            return {"stage": "first step", "error": f"{type(error).__name__}: {error}"}
+        return {"stage": "none", "error": ""}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
@@ -106,6 +130,7 @@ def main() -> None:
                 train_step(model, optimizer, [synthetic_batch(step, args.global_batch)])
             torch.save(plain_state(model), f"{args.out}/single.pt")
         meta["moved"] = str(worker.stats)
+    meta["fsdp_library_mode"] = library_mode_fsdp(args.global_batch)
     dist.barrier()
     dist.destroy_process_group()
     with open(f"{args.out}/meta-rank{rank}.json", "w") as f:
