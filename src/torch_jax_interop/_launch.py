@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._ranks import local_rank_addresses
@@ -229,10 +229,6 @@ class WorkerGroup:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def __iter__(self) -> Iterator[str]:
-        """The first bound address of each rank's worker, in rank order."""
-        return iter(addresses[0] for addresses in self.bound)
 
 
 def serve_ranks(

@@ -136,6 +136,31 @@ def test_workers_follow_a_killed_launcher(launcher: Launcher) -> None:
     assert not any(os.path.exists(p) for p in launcher.sockets())
 
 
+@pytest.mark.slow
+def test_local_rank_serves_one_rank_of_a_template(tmp_path: Path) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="tji", dir="/tmp"))  # socket paths < 107 bytes
+    ready = tmp_path / "ready.json"
+    process = subprocess.Popen(
+        [*CLI, "worker", "--local-rank", "1", "--listen",
+         f"unix://{directory}/worker-{{local_rank}}.sock", "--function", FUNCTION,
+         "--grace", "5", "--ready-file", str(ready)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: ready.exists() or process.poll() is not None, 180,
+                   "the worker did not serve")
+        assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
+        assert json.loads(ready.read_text())["addresses"] == [f"unix://{directory}/worker-1.sock"]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["worker", "--listen", "unix:///tmp/w-{local_rank}.sock", "--function", FUNCTION],
      "is an address template: give --ranks N"),
@@ -146,10 +171,15 @@ def test_workers_follow_a_killed_launcher(launcher: Launcher) -> None:
     (["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"],
      "give at least one --function"),
     (["health", "--ranks", "2", "unix:///tmp/w.sock"], "2 workers need 2 addresses"),
+    (["worker", "--local-rank", "1", "--listen", "unix:///tmp/w-{local_world_size}.sock",
+      "--function", FUNCTION], r"\$LOCAL_WORLD_SIZE is not set"),
+    (["worker", "--local-rank", "1", "--ranks", "2", "--listen", "unix:///tmp/w.sock",
+      "--function", FUNCTION], "not allowed with argument"),
 ])
 def test_bad_rank_options_fail_before_starting_anything(argv: list[str], message: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "LOCAL_RANK")}
     result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60,
-                            check=False)
+                            check=False, env=env)
     assert result.returncode == 2, result.stderr
     assert re.search(message, result.stderr), result.stderr
 
