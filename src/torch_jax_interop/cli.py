@@ -88,9 +88,12 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
 
     from ._health import check_health  # grpc only: no torch, no JAX (cheap, frequent probes)
-    from ._ranks import local_rank_addresses
+    from ._ranks import is_rank_template, local_rank_addresses
 
     try:
+        if args.ranks is None and is_rank_template(args.address):
+            raise ValueError(f"`{args.address}` is an address template: give --ranks N to "
+                             "check the workers of local ranks 0..N-1")
         addresses = ([args.address] if args.ranks is None
                      else local_rank_addresses(args.address, args.ranks))
     except ValueError as error:

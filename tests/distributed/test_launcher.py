@@ -171,6 +171,7 @@ def test_local_rank_serves_one_rank_of_a_template(tmp_path: Path) -> None:
     (["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"],
      "give at least one --function"),
     (["health", "--ranks", "2", "unix:///tmp/w.sock"], "2 workers need 2 addresses"),
+    (["health", "unix:///tmp/w-{local_rank}.sock"], "is an address template: give --ranks N"),
     (["worker", "--local-rank", "1", "--listen", "unix:///tmp/w-{local_world_size}.sock",
       "--function", FUNCTION], r"\$LOCAL_WORLD_SIZE is not set"),
     (["worker", "--local-rank", "1", "--ranks", "2", "--listen", "unix:///tmp/w.sock",
