@@ -182,8 +182,8 @@ class WorkerGroup:
                     raise RuntimeError(
                         f"the worker for local rank {rank} "
                         f"({', '.join(self.addresses[rank])}) exited with code {code} before "
-                        "it served; its output above says why (a bad --function, an address "
-                        "in use, a directory that does not exist)"
+                        "it served; its output says why (a bad --function, an address in use, "
+                        "a directory that does not exist)"
                     )
             if len(bound) == self.ranks:
                 break
