@@ -3,7 +3,8 @@ model (a ``WrappedJaxFunction`` served by this rank's own worker) three ways and
 the test compares; rank 0 also trains one plain model on the whole global batch.
 
 1. ``DistributedDataParallel`` (default buckets, ``find_unused_parameters=False``), one
-   micro-batch per step;
+   micro-batch per step; and again with buckets of 64 KiB, so that the wrapped function's
+   parameters are spread over several buckets;
 2. the same with two micro-batches per step, the first under ``no_sync()``;
 3. FSDP2: ``fully_shard`` on the wrapped function and on the whole model;
 
@@ -108,9 +109,11 @@ def main() -> None:
         if rank == 0:
             torch.save(plain_state(build_model(function, SEED)), f"{args.out}/init.pt")
 
-        for name, accumulate in (("ddp", 1), ("accumulate", 2)):
+        for name, accumulate, bucket_mb in (("ddp", 1, None), ("accumulate", 2, None),
+                                            ("small-buckets", 1, 64 / 1024)):
             counter = {"all_reduces": 0}
-            model = DistributedDataParallel(build_model(function, SEED))
+            options = {} if bucket_mb is None else {"bucket_cap_mb": bucket_mb}
+            model = DistributedDataParallel(build_model(function, SEED), **options)
             model.register_comm_hook(dist.group.WORLD, counting_allreduce(counter))
             run(model, args.steps, args.global_batch, accumulate)
             torch.save(plain_state(model), f"{args.out}/{name}-rank{rank}.pt")

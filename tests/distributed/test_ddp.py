@@ -84,7 +84,7 @@ def job() -> Iterator[dict[str, Any]]:
             f"torchrun exited with {process.returncode}:\n{text[-6000:]}")
         metas = [json.loads((out / f"meta-rank{r}.json").read_text()) for r in range(RANKS)]
         states = {name: torch.load(out / f"{name}.pt") for name in ("init", "single")}
-        for run in ("ddp", "accumulate", "fsdp"):
+        for run in ("ddp", "accumulate", "small-buckets", "fsdp"):
             for r in range(RANKS):
                 states[f"{run}-rank{r}"] = torch.load(out / f"{run}-rank{r}.pt")
         worker_pids = group.pids
@@ -124,6 +124,17 @@ def test_ddp_matches_one_process_on_the_global_batch(job: dict[str, Any]) -> Non
     worst = max_difference(states["ddp-rank0"], states["single"])
     assert worst < TOLERANCE, f"DDP differs from one process by {worst:.2e}"
     assert any(k.startswith("1.params.") for k in states["single"])  # the JAX MLP's own
+
+
+def test_ddp_with_many_buckets_matches_too(job: dict[str, Any]) -> None:
+    states, metas = job["states"], job["metas"]
+    for r in range(RANKS):
+        worst = max_difference(states[f"small-buckets-rank{r}"], states["single"])
+        assert worst < TOLERANCE, f"rank {r}: 64 KiB buckets differ by {worst:.2e}"
+        # 198 KiB of gradients in 64 KiB buckets: several all-reduces per step (after the
+        # first, from which DDP rebuilds its buckets in the order gradients arrived)
+        assert metas[r]["small-buckets_all_reduces"] >= 1 + 3 * (STEPS - 1), metas[r]
+        assert metas[r]["ddp_all_reduces"] == STEPS, metas[r]
 
 
 def test_no_sync_accumulation_matches_one_big_batch(job: dict[str, Any]) -> None:
