@@ -20,7 +20,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _autograd, _convert, _distributed, _gpu, _machine, _original, _remote, _report
+from . import (
+    _autograd,
+    _convert,
+    _distributed,
+    _gpu,
+    _machine,
+    _original,
+    _remote,
+    _report,
+    _torch_module,
+)
 from ._processes import REPO_ROOT
 from ._suite import ERROR, Record, Suite
 from ._timing import TimingConfig
@@ -28,6 +38,7 @@ from ._timing import TimingConfig
 GROUPS: dict[str, Callable[[Suite], list[tuple[str, Callable[[], None]]]]] = {
     "convert": _convert.tasks,
     "autograd": _autograd.tasks,
+    "torch_module": _torch_module.tasks,
     "remote": _remote.tasks,
     "original": _original.tasks,
     "gpu": _gpu.tasks,

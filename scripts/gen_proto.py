@@ -7,6 +7,8 @@ The generator is pinned: grpcio-tools 1.62.3 (protoc 25.1, protobuf gencode 4.25
 carries no runtime version check, so it imports with every protobuf from 4.25 to 7.x and
 every grpcio from 1.62 on (the GPU machines run a newer protobuf than this one). The tool is
 installed into .cache/codegen, away from the project's environment, whose protobuf is newer.
+The .proto itself is checked by Buf (buf.yaml; scripts/test.sh runs `buf lint` and
+`buf breaking`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Each entry says everything the package needs to know about a dtype: its name, item size,
 kind, the 32-bit type JAX uses for it while x64 mode is off (``narrow``), and its value in
-the wire protocol's ``DType`` enum (``wire``). The name is the one both frameworks *and*
-numpy use (``torch.float32`` / ``jnp.float32`` / ``np.dtype("float32")``; bfloat16 and the
-float8 types are numpy dtypes through ``ml_dtypes``, which JAX installs). Framework lookups
+the wire protocol's ``Dtype`` enum (``wire``, named ``DTYPE_<NAME>``). The name is the one
+both frameworks *and* numpy use (``torch.float32`` / ``jnp.float32`` /
+``np.dtype("float32")``; bfloat16 and the float8 types are numpy dtypes through
+``ml_dtypes``, which JAX installs). Framework lookups
 are derived from this table in one place per framework: ``_dtypes_torch.py`` (torch side)
 and ``_dtypes_jax.py`` (JAX side). ``torch.float8_e8m0fnu`` and the float4 types are left
 out: their packing differs between the two frameworks.
@@ -22,7 +23,7 @@ class DTypeInfo(NamedTuple):
     itemsize: int
     kind: str  # "f" float, "c" complex, "i" signed int, "u" unsigned int, "b" bool
     narrow: str | None  # the 32-bit type JAX uses for it while x64 mode is off
-    wire: int = 0  # its ``DType`` enum value in the wire protocol (0: not on the wire)
+    wire: int = 0  # its ``Dtype`` enum value in the wire protocol (0: not on the wire)
 
 
 SHARED_DTYPES: tuple[DTypeInfo, ...] = (

@@ -80,5 +80,11 @@ class DeadlineExceededError(RemoteError, TimeoutError):
     """The call did not finish within its deadline."""
 
 
+class ProtocolVersionError(RemoteError):
+    """The client and the worker speak different protocol versions: install the same
+    torch-jax-interop version on both sides."""
+
+
 class RemoteExecutionError(RemoteError):
-    """The JAX function raised inside the worker."""
+    """The served JAX function raised inside the worker (whatever the exception's type; the
+    message names it)."""

@@ -19,15 +19,20 @@ from ._layout import ALIGNMENT as ALIGNMENT
 from ._layout import align as align
 from .proto.v1 import interop_pb2 as pb
 
+# Both sides send it in OpenSession and refuse a peer of another version (FAILED_PRECONDITION
+# from the worker, ProtocolVersionError on the client). Raise it with every change that
+# `buf breaking` reports (see buf.yaml).
 PROTOCOL_VERSION = 1
+# The gRPC service's full name (method paths are /SERVICE_NAME/Method; health checks name it).
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["JaxWorkerService"].full_name
 MAX_TREE_NODES = 100_000
 MAX_TREE_DEPTH = 64
 MAX_NDIM = 32
 
 _KIND = pb.TreeNode.Kind
 # Plain ints: attribute lookups through protobuf's enum wrapper cost ~0.5 us each.
-_LEAF, _NONE, _TUPLE, _LIST, _DICT = (int(_KIND.Value(k)) for k in ("LEAF", "NONE", "TUPLE",
-                                                                    "LIST", "DICT"))
+_LEAF, _NONE, _TUPLE, _LIST, _DICT = (int(_KIND.Value(f"KIND_{k}"))
+                                     for k in ("LEAF", "NONE", "TUPLE", "LIST", "DICT"))
 
 
 def boot_id() -> str:
@@ -77,6 +82,21 @@ def tensor_nbytes(dtype: str, shape: Any, *, limit: int) -> int:
     return nbytes
 
 
+_DESCRIBABLE = frozenset(
+    {_pytree.LEAF, _pytree.NONE, _pytree.TUPLE, _pytree.LIST, _pytree.NAMEDTUPLE, _pytree.DICT}
+)
+
+
+def describable(spec: _pytree.TreeSpec) -> bool:
+    """Whether ``encode_spec`` can describe ``spec``: tuples (namedtuples travel as tuples),
+    lists, dicts with str keys and None; no registered node, no dataclass."""
+    if spec.kind not in _DESCRIBABLE:
+        return False
+    if spec.kind == _pytree.DICT and not all(isinstance(k, str) for k in spec.meta[0]):
+        return False
+    return all(describable(child) for child in spec.children)
+
+
 def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
     """Append ``spec`` in pre-order to the repeated ``TreeNode`` field ``nodes``."""
     kind = spec.kind
@@ -96,6 +116,13 @@ def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
                 "convert the keys to str"
             )
         nodes.add(kind=_DICT, keys=keys)
+    elif kind == _pytree.REGISTERED:
+        raise TypeError(
+            f"a `{spec.meta[0]}` node (registered with jax.tree_util) cannot travel between "
+            "a client and a worker: use tuples, lists, dicts with str keys and None, or "
+            "declare the parameters' structure on the served function (Note [Registered "
+            "pytree nodes in service mode] in server/_compiled.py)"
+        )
     else:
         raise TypeError(
             f"a {kind} cannot be sent to a worker; use tuples, lists, dicts with str keys "
@@ -146,7 +173,7 @@ def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
         children = tuple(build(depth + 1) for _ in range(count))
         leaves = sum(c.num_leaves for c in children)
         if kind == _DICT:
-            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None), leaves)
+            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None, None), leaves)
         return _pytree.TreeSpec(
             _pytree.TUPLE if kind == _TUPLE else _pytree.LIST, children, None, leaves
         )

@@ -2,8 +2,8 @@
 
 This module imports torch only, never JAX: a torch process without JAX wraps a remote
 function (``WrappedJaxFunction(worker.function("mlp"), params)``) with the same class. The
-JAX side is a *backend* (the ``VjpBackend`` protocol below): ``LocalJaxBackend`` runs the
-function in this process; a remote function supplies its own backend through a
+JAX side is a *backend* (the flat ``VjpBackend`` protocol of ``_call.py``): ``LocalJaxBackend``
+runs the function in this process; a remote function supplies its own backend through a
 ``__torch_jax_interop_backend__()`` method.
 
 # Note [Residuals and the torch graph]
@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
+from ._call import Call, VjpBackend, is_tensor
 from ._compat._torch import keep_graph, run_outside_dynamo
 from ._errors import DoubleBackwardError
-from ._pytree import DATACLASS, DICT, LEAF, LEAF_SPEC, NONE, TreeSpec, flatten
+from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 
 __all__ = ["VjpBackend", "WrappedJaxFunction"]
 
@@ -41,44 +42,12 @@ _is_grad_enabled = torch.is_grad_enabled
 _keep_graph: Callable[[], bool] = keep_graph
 
 
-@runtime_checkable
-class VjpBackend(Protocol):
-    """Where a wrapped JAX function runs: in this process, or in a JAX worker.
-
-    ``args`` is ``(params, *user_args)``; the function is called as
-    ``jax_function(params, *user_args, **kwargs)``. Pytrees hold torch tensors; a backend
-    may differentiate only the tensors that have ``requires_grad`` set.
-    """
-
-    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
-        """Run without keeping residuals; return ``(outputs, aux or None)`` (torch)."""
-        ...
-
-    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
-        """Run and keep residuals; return ``(outputs, aux or None, handle)``."""
-        ...
-
-    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
-        """Cotangents shaped like the outputs -> ``(grad_args, grad_kwargs)``.
-
-        Gradients are torch tensors, or ``None`` where a leaf has none. With
-        ``retain=False`` the residuals may be freed.
-        """
-        ...
-
-    def release(self, handle: Any) -> None:
-        """The torch graph was freed without (another) backward: drop the residuals.
-
-        Called from a finalizer: must be cheap and must not raise.
-        """
-        ...
-
-
 def _select_backend(jax_function: Any) -> VjpBackend:
     provider = getattr(jax_function, "__torch_jax_interop_backend__", None)
     if provider is not None:
         return provider()  # type: ignore[no-any-return]
-    from .interop_core._local_backend import LocalJaxBackend  # imports jax
+    # imported here: the local backend is the bridge (it imports JAX), this module is not
+    from .interop_core._local_backend import LocalJaxBackend
 
     return LocalJaxBackend(jax_function)
 
@@ -112,19 +81,12 @@ def _attribute_name(key: Any) -> str:
 
 def _leaf_paths(spec: TreeSpec, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """One path of attribute names per leaf, in ``flatten`` order."""
-    kind = spec.kind
-    if kind == LEAF:
+    if spec.kind == LEAF:
         return [prefix]
-    if kind == NONE:
+    if spec.kind == NONE:
         return []
-    if kind == DICT:
-        keys = spec.meta[0]
-    elif kind == DATACLASS:
-        keys = spec.meta[1]
-    else:
-        keys = range(len(spec.children))
     paths: list[tuple[str, ...]] = []
-    for key, child in zip(keys, spec.children, strict=True):
+    for key, child in zip(spec.child_names(), spec.children, strict=True):
         paths.extend(_leaf_paths(child, (*prefix, _attribute_name(key))))
     return paths
 
@@ -163,138 +125,10 @@ class _Residuals:
                 pass
 
 
-class _Call:
-    """One forward call: how to rebuild the arguments from the flat tensors, and back.
-
-    ``params_spec`` is ``None`` for a function without parameters (``apply_backend``);
-    ``statics`` are the ``(position, value)`` pairs of the non-tensor leaves, part of a
-    backend's compilation key. A backend with the flat interface (``flat_forward``,
-    ``flat_backward``, ``flat_call``: ``LocalJaxBackend``) gets this object and the flat
-    tensors; others get rebuilt pytrees (``arguments``) and return pytrees of gradients.
-    """
-
-    __slots__ = (
-        "aux",
-        "backend",
-        "flat",
-        "has_aux",
-        "in_spec",
-        "leaves",
-        "num_params",
-        "out_spec",
-        "params_spec",
-        "statics",
-        "tensor_positions",
-    )
-
-    def __init__(
-        self,
-        backend: VjpBackend,
-        has_aux: bool,
-        params_spec: TreeSpec | None,
-        num_params: int,
-        in_spec: TreeSpec,
-        leaves: list[Any],
-        tensor_positions: list[int],
-        statics: tuple = (),
-    ) -> None:
-        self.backend = backend
-        self.flat = hasattr(backend, "flat_forward")
-        self.has_aux = has_aux
-        self.params_spec = params_spec
-        self.num_params = num_params
-        self.in_spec = in_spec
-        self.leaves = leaves
-        self.tensor_positions = tensor_positions
-        self.statics = statics
-        self.out_spec: Any = LEAF_SPEC  # anything with `.unflatten(leaves)`
-        self.aux: Any = None
-
-    @classmethod
-    def of_tree(
-        cls,
-        backend: VjpBackend,
-        has_aux: bool,
-        args: tuple,
-        kwargs: dict,
-        params_spec: TreeSpec | None = None,
-        num_params: int = 0,
-    ) -> tuple[_Call, list[torch.Tensor]]:
-        """The call of ``(args, kwargs)`` (any pytrees) and its tensors, in leaf order."""
-        leaves, spec = flatten((args, kwargs))
-        positions: list[int] = []
-        statics = []
-        for i, leaf in enumerate(leaves):
-            if isinstance(leaf, _Tensor):
-                positions.append(i)
-            else:
-                statics.append((i, leaf))
-        call = cls(
-            backend, has_aux, params_spec, num_params, spec, leaves, positions, tuple(statics)
-        )
-        return call, [leaves[i] for i in positions]
-
-    def arguments(self, tensors: Any) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` rebuilt from ``tensors`` (one per tensor of the call, params
-        first; any leaf type, e.g. JAX tracers)."""
-        num_params = self.num_params
-        leaves = list(self.leaves)
-        for position, tensor in zip(self.tensor_positions, tensors[num_params:], strict=True):
-            leaves[position] = tensor
-        user_args, kwargs = self.in_spec.unflatten(leaves)
-        if self.params_spec is None:
-            return tuple(user_args), kwargs
-        params = self.params_spec.unflatten(tensors[:num_params])
-        return (params, *user_args), kwargs
-
-    def input_gradients(self, grad_args: Any, grad_kwargs: Any) -> list[Any]:
-        if grad_args is None:
-            return [None] * (self.num_params + len(self.tensor_positions))
-        if self.params_spec is None:
-            grads = []
-            user = _leaves_like(self.in_spec, (tuple(grad_args), grad_kwargs))
-        else:
-            grads = _leaves_like(self.params_spec, grad_args[0])
-            user = _leaves_like(self.in_spec, (tuple(grad_args[1:]), grad_kwargs))
-        grads.extend(user[i] for i in self.tensor_positions)
-        return grads
-
-
-def _leaves_like(spec: TreeSpec, tree: Any) -> list[Any]:
-    """The leaves of ``tree`` at the leaf positions of ``spec``; ``None`` subtrees -> None."""
-    kind = spec.kind
-    if kind == LEAF:
-        return [tree]
-    if tree is None:
-        return [None] * spec.num_leaves
-    if kind == NONE:
-        return []
-    if kind == DICT:
-        children = [tree.get(key) for key in spec.meta[0]]
-    elif kind == DATACLASS:
-        children = [getattr(tree, name, None) for name in spec.meta[1]]
-    else:
-        children = list(tree)
-    out: list[Any] = []
-    for child_spec, child in zip(spec.children, children, strict=True):
-        out.extend(_leaves_like(child_spec, child))
-    return out
-
-
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        if call.flat:
-            flat, call.out_spec, aux, handle = call.backend.flat_forward(  # type: ignore[attr-defined]
-                call, tensors
-            )
-        else:
-            args, kwargs = call.arguments(tensors)
-            outputs, aux, handle = call.backend.call_with_vjp(args, kwargs, has_aux=call.has_aux)
-            if isinstance(outputs, _Tensor):
-                flat = [outputs]
-            else:
-                flat, call.out_spec = flatten(outputs)
+    def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        flat, call.out_spec, aux, handle = call.backend.flat_forward(call, list(tensors))
         ctx.call = call
         ctx.residuals = _Residuals(call.backend, handle)
         # for create_graph only (see backward); a plain reference, not a saved tensor
@@ -311,7 +145,7 @@ class _JaxFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        call: _Call = ctx.call
+        call: Call = ctx.call
         residuals: _Residuals = ctx.residuals
         handle = residuals.handle
         if handle is None:
@@ -323,14 +157,7 @@ class _JaxFunction(torch.autograd.Function):
         retain = _keep_graph()
         create_graph = _is_grad_enabled()
         with torch.no_grad() if create_graph else _NO_CONTEXT:
-            if call.flat:
-                grads = call.backend.flat_backward(  # type: ignore[attr-defined]
-                    handle, cotangents, retain=retain
-                )
-            else:
-                tree = call.out_spec.unflatten(cotangents)
-                grad_args, grad_kwargs = call.backend.backward(handle, tree, retain=retain)
-                grads = call.input_gradients(grad_args, grad_kwargs)
+            grads = call.backend.flat_backward(handle, cotangents, retain=retain)
         if not retain:
             residuals.handle = None
         if create_graph:
@@ -367,9 +194,13 @@ class WrappedJaxFunction(torch.nn.Module):
     """A JAX function ``f(params, *args, **kwargs)`` as a module whose parameters are torch's.
 
     ``jax_params`` (a single array, or a pytree of arrays: lists, tuples, dicts, Flax-style
-    nested variables) becomes torch ``Parameter`` s under ``self.params`` with keys from the
-    pytree paths: ``state_dict()`` gives ``params.0`` for a single array and readable nested
-    keys (``params.dense.kernel``) for dicts. Integer leaves become buffers.
+    nested variables, any node type registered with ``jax.tree_util`` such as a Flax
+    ``struct.dataclass`` or an Equinox module) becomes torch ``Parameter`` s under
+    ``self.params`` with keys from the pytree paths: ``state_dict()`` gives ``params.0`` for
+    a single array and readable nested keys (``params.dense.kernel``) for dicts, in JAX's
+    leaf order (sorted dict keys; see Note [One pytree policy] in ``_pytree.py``). Integer
+    leaves become buffers; leaves that are not arrays (an Equinox module's activation
+    function) stay constants of the tree.
 
     Memory: with ``clone_params=False`` (the default) each parameter **shares memory** with
     the JAX array it came from (DLPack), so a torch optimiser's in-place update is visible
@@ -385,11 +216,12 @@ class WrappedJaxFunction(torch.nn.Module):
     Gradients flow to parameters and to inputs that require grad through a jitted
     ``jax.vjp`` compiled once per input signature. Under ``torch.no_grad()`` (or when
     nothing requires grad) no residuals are kept. Second derivatives raise
-    ``DoubleBackwardError``. Two details of the in-process backend (``LocalJaxBackend``):
-    a function whose output is one real scalar (a loss) gets its gradients in the forward
-    pass's XLA computation, and backward only scales them; inputs the backward pass needs
-    are kept by reference (shared memory), like torch's saved tensors, so modifying one in
-    place before ``backward()`` raises torch's "modified by an inplace operation" error.
+    ``DoubleBackwardError``. Two details of the JAX engine (``_engine.py``, used in this
+    process and by a worker): a function whose output is one real scalar (a loss) gets its
+    gradients in the forward pass's XLA computation, and backward only scales them; inputs
+    the backward pass needs are kept by reference (shared memory), like torch's saved
+    tensors, so in this process modifying one in place before ``backward()`` raises torch's
+    "modified by an inplace operation" error.
     """
 
     def __init__(
@@ -403,11 +235,13 @@ class WrappedJaxFunction(torch.nn.Module):
         self.jax_function = jax_function
         self.has_aux = has_aux
         self.backend: VjpBackend = _select_backend(jax_function)
-        leaves, spec = flatten(jax_params)
+        template, leaves = TreeTemplate.of(jax_params, is_array_leaf)
+        spec = template.spec
         paths = _leaf_paths(spec) if spec.kind != LEAF else [("0",)]
         self.params = ParameterTree()
         slots: list[tuple[dict[str, Any], str]] = []
-        for path, leaf in zip(paths, leaves, strict=True):
+        for position, leaf in zip(template.slots, leaves, strict=True):
+            path = paths[position]
             tensor = _as_tensor(leaf, clone_params)
             owner = self.params
             for name in path[:-1]:
@@ -426,12 +260,13 @@ class WrappedJaxFunction(torch.nn.Module):
         # The dicts are stable: `.to()`, `load_state_dict` and optimisers update their
         # entries (or the tensors in place), so reading through them sees every update.
         self._slots = slots
-        self._params_spec = spec
-        self._arg_specs: dict[int, TreeSpec] = {}
+        self._params = template
+        self._tensor_args: dict[int, TreeTemplate] = {}
 
     def parameter_tree(self) -> Any:
-        """The current parameters, as a pytree shaped like ``jax_params`` (torch tensors)."""
-        return self._params_spec.unflatten([d[name] for d, name in self._slots])
+        """The current parameters, as a pytree shaped like ``jax_params`` (torch tensors;
+        leaves that are not arrays, such as an Equinox module's functions, as given)."""
+        return self._params.fill([d[name] for d, name in self._slots])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():
@@ -441,39 +276,21 @@ class WrappedJaxFunction(torch.nn.Module):
     def _run(self, args: tuple, kwargs: dict) -> Any:
         params = [d[name] for d, name in self._slots]
         if not kwargs and all(isinstance(a, _Tensor) for a in args):
-            # fast path: only tensor arguments
-            spec = self._arg_specs.get(len(args))
-            if spec is None:
-                spec = flatten((args, {}))[1]
-                self._arg_specs[len(args)] = spec
-            leaves: list[Any] = list(args)
-            user_tensors = leaves
-            call = _Call(
-                self.backend,
-                self.has_aux,
-                self._params_spec,
-                len(params),
-                spec,
-                leaves,
-                list(range(len(args))),
-            )
+            # fast path: only tensor arguments, whose template depends on their number only
+            inputs = self._tensor_args.get(len(args))
+            if inputs is None:
+                inputs = TreeTemplate.of((args, {}), is_tensor)[0]
+                self._tensor_args[len(args)] = inputs
+            user_tensors: list[torch.Tensor] = list(args)
+            call = Call(self.backend, self.has_aux, self._params, inputs)
         else:
-            call, user_tensors = _Call.of_tree(
-                self.backend, self.has_aux, args, kwargs, self._params_spec, len(params)
-            )
+            call, user_tensors = Call.of(self.backend, self.has_aux, args, kwargs, self._params)
         if not (
             _is_grad_enabled()
             and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
         ):
-            if call.flat:
-                flat, treedef, aux = self.backend.flat_call(  # type: ignore[attr-defined]
-                    call, [*params, *user_tensors]
-                )
-                outputs = treedef.unflatten(flat)
-            else:
-                outputs, aux = self.backend.call(
-                    (self._params_spec.unflatten(params), *args), kwargs, has_aux=self.has_aux
-                )
+            flat, treedef, aux = self.backend.flat_call(call, [*params, *user_tensors])
+            outputs = treedef.unflatten(flat)
             return (outputs, aux) if self.has_aux else outputs
 
         flat = _JaxFunction.apply(call, *params, *user_tensors)
@@ -500,7 +317,7 @@ def apply_backend(backend: VjpBackend, args: tuple, kwargs: dict, *,
 
     What ``worker.function(name)(x)`` does when ``x`` requires grad.
     """
-    call, tensors = _Call.of_tree(backend, has_aux, args, kwargs)
+    call, tensors = Call.of(backend, has_aux, args, kwargs)
     flat = _JaxFunction.apply(call, *tensors)
     outputs = call.out_spec.unflatten(flat)
     return (outputs, call.aux) if has_aux else outputs

@@ -26,6 +26,7 @@ type), the project's class derives from both, so ``except OverflowError`` and
         ├── AuthenticationError (PermissionError) missing or wrong token
         ├── WorkerUnavailableError (ConnectionError)  worker gone or unreachable
         ├── DeadlineExceededError (TimeoutError)  the call ran past its deadline
+        ├── ProtocolVersionError                  client and worker speak other protocols
         └── RemoteExecutionError                  the JAX function itself raised
 
 On the client, gRPC status codes map into the ``RemoteError`` branch (see
@@ -46,6 +47,7 @@ from ._errors import IntegerOverflowError as IntegerOverflowError
 from ._errors import InteropError as InteropError
 from ._errors import InvalidArgumentError as InvalidArgumentError
 from ._errors import PoolExhaustedError as PoolExhaustedError
+from ._errors import ProtocolVersionError as ProtocolVersionError
 from ._errors import RegionRejectedError as RegionRejectedError
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteExecutionError as RemoteExecutionError
@@ -67,6 +69,7 @@ __all__ = [
     "InteropError",
     "InvalidArgumentError",
     "PoolExhaustedError",
+    "ProtocolVersionError",
     "RegionRejectedError",
     "RemoteError",
     "RemoteExecutionError",

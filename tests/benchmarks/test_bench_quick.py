@@ -49,7 +49,7 @@ def _client_missing_reason() -> str | None:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], str]:
     out = tmp_path_factory.mktemp("bench")
-    groups = ["convert", "autograd"]
+    groups = ["convert", "autograd", "torch_module"]
     if _client_missing_reason() is None:
         groups.append("remote")
     result = subprocess.run(
@@ -140,6 +140,7 @@ def test_markdown_table_has_rows(quick_run: tuple[Path, list[str], str]) -> None
         "| autograd | WrappedJaxFunction fwd+bwd, tiny fn |",
         "| autograd | MLP 784-256-10 train step, batch 256, loss in torch |",
         "| autograd | MLP 784-256-10 train step, batch 256, loss in JAX |",
+        "| torch_module | small CNN train step",
     ):
         assert row in table
     if "remote" in groups:

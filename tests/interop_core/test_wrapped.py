@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from torch_jax_interop import WrappedJaxFunction
+from torch_jax_interop._call import Call
 from torch_jax_interop._errors import DoubleBackwardError
+from torch_jax_interop._pytree import LEAF_SPEC
 from torch_jax_interop._wrapped import VjpBackend
 from torch_jax_interop.interop_core._local_backend import LocalJaxBackend
 
@@ -79,12 +81,16 @@ def test_nested_dict_keys_are_readable_paths() -> None:
         return x
 
     module = WrappedJaxFunction(apply, variables)
+    # JAX's leaf order (sorted dict keys), the same as jax.tree_util.tree_leaves(variables)
     assert list(module.state_dict()) == [
-        "params.params.Dense_0.kernel",
         "params.params.Dense_0.bias",
-        "params.params.Dense_1.kernel",
+        "params.params.Dense_0.kernel",
         "params.params.Dense_1.bias",
+        "params.params.Dense_1.kernel",
     ]
+    for tensor, array in zip(module.parameters(), jax.tree_util.tree_leaves(variables),
+                             strict=True):
+        assert tensor.data_ptr() == array.unsafe_buffer_pointer()
     assert module.params["params"]["Dense_1"]["kernel"].shape == (3, 1)
 
 
@@ -171,11 +177,12 @@ def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> No
 
     loss = module(x)
     assert loss.shape == () and loss.requires_grad
-    assert (backend.fused_calls, backend.vjp_calls, backend.live_residuals) == (1, 1, 1)
+    engine = backend.engine
+    assert (engine.fused_calls, engine.vjp_calls, engine.live_residuals) == (1, 1, 1)
     # a cotangent other than 1 (the gradients are scaled) and a used-twice graph
     (3.0 * loss + loss).backward()
     (4.0 * torch.mean(torch_linear_tanh(reference, x_ref) ** 2)).backward()
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
     # scaling the stored gradients rounds differently from carrying 4.0 through the chain
     # rule: a few ulps, float64
     close = {"rtol": 1e-10, "atol": 1e-13}
@@ -188,7 +195,7 @@ def test_scalar_output_computes_gradients_with_the_forward_pass(x64: None) -> No
 
     w = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(as_function, (w, x.detach().requires_grad_()))
-    assert backend.fused_calls > 1
+    assert backend.engine.fused_calls > 1
 
 
 def test_scalar_output_gradients_survive_retain_graph_and_accumulation() -> None:
@@ -201,15 +208,15 @@ def test_scalar_output_gradients_survive_retain_graph_and_accumulation() -> None
     loss.backward(retain_graph=True)
     loss.backward()
     torch.testing.assert_close(module.params["w"].grad, 3 * first)
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
     # a graph dropped without backward releases the stored gradients
     loss = module(x)
-    assert module.backend.live_residuals == 1
+    assert module.backend.engine.live_residuals == 1
     del loss
     gc.collect()
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0
 
 
 def test_non_scalar_and_integer_outputs_keep_residuals() -> None:
@@ -222,7 +229,7 @@ def test_non_scalar_and_integer_outputs_keep_residuals() -> None:
     assert not out.requires_grad
     for backend in (module.backend, int_module.backend):
         assert isinstance(backend, LocalJaxBackend)
-        assert backend.fused_calls == 0 and backend.vjp_calls == 1
+        assert backend.engine.fused_calls == 0 and backend.engine.vjp_calls == 1
 
 
 def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> None:
@@ -232,10 +239,10 @@ def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> 
     x = torch.randn(5, 4)
     reference = torch_copies(module)
     out = module(x)
-    (signature,) = backend._signatures.values()
+    (program,) = backend.engine.programs.values()
     # `x @ w` keeps x for the gradient of w: it is the input itself, not a copy
     tensors = [*module.parameters(), x]
-    assert [tensors[i] is x for i in signature.saved_inputs] == [True]
+    assert [tensors[i] is x for i in program.saved_inputs] == [True]
     out.sum().backward()
     torch_linear_tanh(reference, x).sum().backward()
     torch.testing.assert_close(module.params["w"].grad, reference["w"].grad)
@@ -244,10 +251,10 @@ def test_residuals_that_are_inputs_share_memory_and_detect_inplace_changes() -> 
     x.mul_(2.0)  # would silently change the gradient of w: refused, as torch does
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
-    assert backend.live_residuals == 1  # refused backward keeps the graph's residuals
+    assert backend.engine.live_residuals == 1  # refused backward keeps the graph's residuals
     del out
     gc.collect()
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
 
 
 def test_scalar_output_with_aux() -> None:
@@ -259,7 +266,7 @@ def test_scalar_output_with_aux() -> None:
     reference = torch_copies(module)
     x = torch.randn(5, 4)
     loss, aux = module(x)
-    assert module.backend.fused_calls == 1
+    assert module.backend.engine.fused_calls == 1
     assert not aux["prediction"].requires_grad
     (2.0 * loss).backward()
     ref_prediction = torch_linear_tanh(reference, x)
@@ -268,36 +275,39 @@ def test_scalar_output_with_aux() -> None:
     torch.testing.assert_close(module.params["w"].grad, reference["w"].grad)
 
 
-def test_local_backend_pytree_protocol_methods() -> None:
-    """The VjpBackend methods (pytrees in and out) that `connect("inproc")` and other
-    callers use, next to the flat ones WrappedJaxFunction uses."""
+def test_local_backend_flat_protocol() -> None:
+    """The flat VjpBackend methods, called directly with a call plan (static leaves too)."""
 
     def f(x: jax.Array, scale: float, *, y: jax.Array) -> dict[str, jax.Array]:
-        return {"a": jnp.sin(x) * scale, "b": x @ y}
+        return {"b": x @ y, "a": jnp.sin(x) * scale}
 
     backend = LocalJaxBackend(f)
     x = torch.randn(2, 3, requires_grad=True)
     y = torch.randn(3, 4)  # no gradient wanted
-    outputs, aux = backend.call((x, 2.0), {"y": y}, has_aux=False)
+    call, tensors = Call.of(backend, False, (x, 2.0), {"y": y})
+    outputs, treedef, aux = backend.flat_call(call, tensors)
     assert aux is None
+    outputs = treedef.unflatten(outputs)
     torch.testing.assert_close(outputs["a"], torch.sin(x.detach()) * 2.0)
-    outputs, aux, handle = backend.call_with_vjp((x, 2.0), {"y": y}, has_aux=False)
-    assert backend.live_residuals == 1
-    cotangents = {"a": torch.ones(2, 3), "b": torch.ones(2, 4)}
-    (grad_x, grad_scale), grad_kwargs = backend.backward(handle, cotangents, retain=False)
-    assert grad_scale is None and grad_kwargs == {"y": None}
+    flat, treedef, _, handle = backend.flat_forward(call, tensors)
+    assert backend.engine.live_residuals == 1
+    assert [tuple(t.shape) for t in flat] == [(2, 3), (2, 4)]  # sorted keys: "a", "b"
+    grad_x, grad_y = backend.flat_backward(handle, [torch.ones(2, 3), torch.ones(2, 4)],
+                                           retain=False)
+    assert grad_y is None
     expected = torch.cos(x.detach()) * 2.0 + torch.ones(2, 4) @ y.t()
     torch.testing.assert_close(grad_x, expected)
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
     # a static leaf is part of the compilation key: another value is another function
-    outputs, _ = backend.call((x, 3.0), {"y": y}, has_aux=False)
-    torch.testing.assert_close(outputs["a"], torch.sin(x.detach()) * 3.0)
-    _, _, handle = backend.call_with_vjp((x, 2.0), {"y": y}, has_aux=False)
+    call3, tensors3 = Call.of(backend, False, (x, 3.0), {"y": y})
+    outputs, treedef, _ = backend.flat_call(call3, tensors3)
+    torch.testing.assert_close(treedef.unflatten(outputs)["a"], torch.sin(x.detach()) * 3.0)
+    _, _, _, handle = backend.flat_forward(call, tensors)
     backend.release(handle)
     backend.release(handle)  # idempotent
-    assert backend.live_residuals == 0
+    assert backend.engine.live_residuals == 0
     with pytest.raises(RuntimeError, match="already freed"):
-        backend.backward(handle, cotangents, retain=False)
+        backend.flat_backward(handle, [torch.ones(2, 3), torch.ones(2, 4)], retain=False)
 
 
 def test_integer_output_whose_shape_follows_the_input() -> None:
@@ -433,12 +443,12 @@ def test_no_residuals_under_no_grad() -> None:
     with torch.no_grad():
         out = module(x)
     assert not out.requires_grad
-    assert backend.vjp_calls == 0 and backend.live_residuals == 0
+    assert backend.engine.vjp_calls == 0 and backend.engine.live_residuals == 0
     # nothing requires grad -> no residuals either
     for p in module.parameters():
         p.requires_grad_(False)
     module(x)
-    assert backend.vjp_calls == 0
+    assert backend.engine.vjp_calls == 0
     assert isinstance(backend, VjpBackend)
 
 
@@ -447,17 +457,17 @@ def test_residuals_released_after_backward_and_when_graph_dropped() -> None:
     backend = module.backend
     x = torch.randn(2, 4)
     out = module(x)
-    assert backend.live_residuals == 1
+    assert backend.engine.live_residuals == 1
     out.sum().backward()
-    assert backend.live_residuals == 0  # freed by backward (no retain_graph)
+    assert backend.engine.live_residuals == 0  # freed by backward (no retain_graph)
     with pytest.raises(RuntimeError, match="second time"):
         out.sum().backward()
 
     out = module(x)
-    assert backend.live_residuals == 1
+    assert backend.engine.live_residuals == 1
     del out
     gc.collect()
-    assert backend.live_residuals == 0  # freed with the torch graph
+    assert backend.engine.live_residuals == 0  # freed with the torch graph
 
 
 def test_retain_graph_allows_a_second_backward() -> None:
@@ -465,10 +475,10 @@ def test_retain_graph_allows_a_second_backward() -> None:
     out = module(torch.randn(2, 4))
     out.sum().backward(retain_graph=True)
     first = module.params["w"].grad.clone()
-    assert module.backend.live_residuals == 1
+    assert module.backend.engine.live_residuals == 1
     out.sum().backward()
     torch.testing.assert_close(module.params["w"].grad, 2 * first)
-    assert module.backend.live_residuals == 0
+    assert module.backend.engine.live_residuals == 0
 
 
 def test_no_retrace_per_call() -> None:
@@ -606,22 +616,25 @@ class TorchBackend:
         self.released: list[int] = []
         self.backwards = 0
 
-    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
+    def flat_call(self, call: Call, tensors: list[torch.Tensor]) -> tuple[list, Any, Any]:
+        args, kwargs = call.arguments(tensors)
         with torch.no_grad():
-            return self.fn(*args, **kwargs), None
+            return [self.fn(*args, **kwargs)], LEAF_SPEC, None
 
-    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
-        leaves = [a.detach().requires_grad_(a.requires_grad) for a in (args[0], args[1])]
+    def flat_forward(self, call: Call, tensors: list[torch.Tensor]
+                     ) -> tuple[list, Any, Any, Any]:
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        args, kwargs = call.arguments(leaves)
         with torch.enable_grad():
-            out = self.fn(*leaves)
-        return out.detach(), None, (out, leaves)
+            out = self.fn(*args, **kwargs)
+        return [out.detach()], LEAF_SPEC, None, (out, leaves)
 
-    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
+    def flat_backward(self, handle: Any, cotangents: Any, *, retain: bool) -> list[Any]:
         self.backwards += 1
         out, leaves = handle
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, cotangents, retain_graph=retain))
-        return tuple(next(grads) if leaf.requires_grad else None for leaf in leaves), {}
+        return [next(grads) if leaf.requires_grad else None for leaf in leaves]
 
     def release(self, handle: Any) -> None:
         self.released.append(id(handle))

@@ -42,4 +42,4 @@ def test_every_shared_dtype_has_a_wire_value() -> None:
     from torch_jax_interop.proto.v1 import interop_pb2 as pb
 
     for name in DTYPE_NAMES:
-        assert pb.DType.Name(DTYPE_TO_ENUM[name]) == name.upper()
+        assert pb.Dtype.Name(DTYPE_TO_ENUM[name]) == f"DTYPE_{name.upper()}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 FUNCTIONS = {
     name: f"torch_jax_interop.examples.functions:{name}"
     for name in ("identity", "add_one", "scale", "mlp_apply", "mlp_loss", "checksum", "with_aux",
-                 "fails", "slow_identity")
+                 "fails", "rejects_input", "slow_identity")
 }
 FUNCTIONS["mlp"] = "torch_jax_interop.examples.mlp:apply"
 

@@ -147,18 +147,38 @@ def test_wrong_arity_is_invalid_argument(worker: WorkerProcess) -> None:
         assert torch.equal(w.function("add_one")(torch.zeros(1)), torch.ones(1))
 
 
-def test_wrong_shape_is_invalid_argument(worker: WorkerProcess) -> None:
+def test_a_shape_the_function_cannot_take_is_its_error(worker: WorkerProcess) -> None:
+    """Decoded fine, but the function's own JAX code raised: RemoteExecutionError naming the
+    JAX error (shapes the request itself gets wrong are InvalidArgumentError, see
+    test_faults.py)."""
     params = {"w1": torch.ones(3, 4), "b1": torch.ones(4), "w2": torch.ones(4, 2),
               "b2": torch.ones(2)}
     with connect(worker.address) as w:
-        with pytest.raises(InvalidArgumentError, match="shape|dot_general|incompatible"):
+        with pytest.raises(RemoteExecutionError,
+                           match="`mlp_apply` raised TypeError: dot_general .* same shape"):
             w.function("mlp_apply")(params, torch.ones(5, 7))
+        assert torch.equal(w.function("add_one")(torch.zeros(1)), torch.ones(1))
 
 
 def test_function_that_raises_gives_remote_execution_error(worker: WorkerProcess) -> None:
     with connect(worker.address) as w:
         with pytest.raises(RemoteExecutionError, match="always fails"):
             w.function("fails")(torch.ones(2))
+        assert torch.equal(w.function("identity")(torch.ones(2)), torch.ones(2))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["call", "forward-with-residuals"])
+def test_a_value_error_of_the_function_is_remote_execution_error(worker: WorkerProcess,
+                                                                 grad: bool) -> None:
+    """Whatever the exception's type: a ValueError raised by the served function is not an
+    InvalidArgumentError (that one means the request was wrong)."""
+    with connect(worker.address) as w:
+        x = torch.ones(2, 3, requires_grad=grad)
+        with pytest.raises(RemoteExecutionError) as caught:
+            w.function("rejects_input")(x)
+        assert not isinstance(caught.value, InvalidArgumentError)
+        assert "(UNKNOWN): `rejects_input` raised ValueError: rejects_input takes no input, " \
+            "got shape (2, 3)" in str(caught.value)
         assert torch.equal(w.function("identity")(torch.ones(2)), torch.ones(2))
 
 
@@ -183,12 +203,14 @@ def test_unix_socket_is_private(worker: WorkerProcess) -> None:
 
 
 def test_has_aux_outputs_come_back(worker: WorkerProcess) -> None:
+    from torch_jax_interop._call import Call
     from torch_jax_interop.client._connect import RemoteBackend
 
     with connect(worker.address) as w:
         backend = RemoteBackend(w, "with_aux")
-        out, aux = backend.call((torch.tensor(2.0), torch.tensor([3.0, 4.0])), {},
-                                has_aux=True)
+        call, tensors = Call.of(backend, True, (torch.tensor(2.0), torch.tensor([3.0, 4.0])), {})
+        outputs, out_spec, aux = backend.flat_call(call, tensors)
+    out = out_spec.unflatten(outputs)
     assert torch.equal(out, torch.tensor([6.0, 8.0]))
     assert torch.allclose(aux["norm"], torch.tensor(5.0))
 

@@ -23,6 +23,7 @@ import torch
 from service_workers import FUNCTIONS, WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop import WrappedJaxFunction
+from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import connect
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
@@ -47,9 +48,10 @@ def cpu_worker() -> Iterator[WorkerProcess]:
 @pytest.fixture
 def raw(cpu_worker: WorkerProcess):  # noqa: ANN201
     channel = grpc.insecure_channel(cpu_worker.address)
-    stub = pb_grpc.JaxWorkerStub(channel)
-    stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid(),
-                                                    transport=pb.CUDA_IPC))
+    stub = pb_grpc.JaxWorkerServiceStub(channel)
+    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                    client_pid=os.getpid(),
+                                                    transport=pb.TRANSPORT_CUDA_IPC))
     session = next(stream).session_id
     yield stub, session
     stream.cancel()
@@ -58,24 +60,24 @@ def raw(cpu_worker: WorkerProcess):  # noqa: ANN201
 
 def _identity_request(session: str, tensor: pb.Tensor) -> pb.CallRequest:
     request = pb.CallRequest(session_id=session, function="identity")
-    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
-    request.args.nodes.add(kind=pb.TreeNode.LEAF)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
     request.args.leaves.append(tensor)
-    request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+    request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
     return request
 
 
-def _still_serves(stub: pb_grpc.JaxWorkerStub, session: str) -> None:
+def _still_serves(stub: pb_grpc.JaxWorkerServiceStub, session: str) -> None:
     one = b"\0\0\x80?"
-    reply = stub.Call(_identity_request(session, pb.Tensor(dtype=pb.FLOAT32, shape=[1],
+    reply = stub.Call(_identity_request(session, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1],
                                                            inline_data=one)), timeout=30)
     assert reply.outputs.leaves[0].inline_data == one
 
 
 def test_cuda_ipc_region_on_a_worker_without_support_is_invalid_argument(raw) -> None:  # noqa: ANN001
     stub, session = raw
-    request = pb.RegisterRegionRequest(session_id=session, size=2 << 20, kind=pb.CUDA_IPC,
-                                       cuda_ipc_handle=bytes(64), device_uuid=UUID)
+    request = pb.RegisterRegionRequest(session_id=session, cuda_ipc=pb.CudaIpcRegion(
+        handle=bytes(64), size=2 << 20, device_uuid=UUID))
     with pytest.raises(grpc.RpcError) as caught:
         stub.RegisterRegion(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -86,8 +88,8 @@ def test_cuda_ipc_region_on_a_worker_without_support_is_invalid_argument(raw) ->
 
 def test_cuda_ipc_tensor_location_on_a_worker_without_support_is_invalid_argument(raw) -> None:  # noqa: ANN001
     stub, session = raw
-    tensor = pb.Tensor(dtype=pb.FLOAT32, shape=[4], cuda_ipc=pb.CudaIpcSlice(
-        region_id=1, generation=1, offset=0, nbytes=16, device_uuid=UUID))
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], cuda_ipc=pb.CudaIpcSlice(
+        region_id=1, offset=0, nbytes=16))
     with pytest.raises(grpc.RpcError) as caught:
         stub.Call(_identity_request(session, tensor), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -97,10 +99,10 @@ def test_cuda_ipc_tensor_location_on_a_worker_without_support_is_invalid_argumen
 
 def test_cuda_ipc_output_arena_on_a_worker_without_support_is_invalid_argument(raw) -> None:  # noqa: ANN001
     stub, session = raw
-    request = _identity_request(session, pb.Tensor(dtype=pb.FLOAT32, shape=[1],
+    request = _identity_request(session, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1],
                                                    inline_data=bytes(4)))
     request.output_arena.cuda_ipc.CopyFrom(pb.CudaIpcSlice(
-        region_id=1, generation=1, offset=0, nbytes=1 << 20, device_uuid=UUID))
+        region_id=1, offset=0, nbytes=1 << 20))
     with pytest.raises(grpc.RpcError) as caught:
         stub.Call(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -116,7 +118,7 @@ def test_transport_cuda_ipc_sends_cpu_tensors_through_shared_memory(
         assert w.transport == "shared memory"
         assert w.stats.shared_memory_bytes == x.numel() * 4 and w.stats.cuda_ipc_bytes == 0
         assert "CUDA IPC" not in str(w.stats)
-    with pytest.raises(ValueError, match="'auto', 'cuda_ipc', 'shm' or 'inline'"):
+    with pytest.raises(ValueError, match="'auto', 'cuda_ipc', 'shm', 'inline'"):
         connect(cpu_worker.address, transport="nccl")
 
 
@@ -158,9 +160,10 @@ def gpu_worker() -> Iterator[WorkerProcess]:
 @pytest.fixture
 def gpu_raw(gpu_worker: WorkerProcess):  # noqa: ANN201
     channel = grpc.insecure_channel(gpu_worker.address)
-    stub = pb_grpc.JaxWorkerStub(channel)
-    stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid(),
-                                                    transport=pb.CUDA_IPC))
+    stub = pb_grpc.JaxWorkerServiceStub(channel)
+    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                    client_pid=os.getpid(),
+                                                    transport=pb.TRANSPORT_CUDA_IPC))
     session = next(stream).session_id
     yield stub, session
     stream.cancel()
@@ -169,7 +172,7 @@ def gpu_raw(gpu_worker: WorkerProcess):  # noqa: ANN201
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("garbage", "code", "message"), [
-    ({"cuda_ipc_handle": b"short"}, "INVALID_ARGUMENT", "has 64 bytes, got 5"),
+    ({"handle": b"short"}, "INVALID_ARGUMENT", "has 64 bytes, got 5"),
     ({"device_uuid": "cuda:0"}, "INVALID_ARGUMENT", "malformed GPU UUID"),
     ({}, "INVALID_ARGUMENT", "is not visible to the worker"),  # UUID is no real GPU
     ({"size": 0}, "RESOURCE_EXHAUSTED", "outside 1.."),
@@ -177,10 +180,10 @@ def gpu_raw(gpu_worker: WorkerProcess):  # noqa: ANN201
 def test_malformed_cuda_ipc_regions_are_refused_and_the_worker_serves_on(
         gpu_raw, garbage: dict, code: str, message: str) -> None:  # noqa: ANN001
     stub, session = gpu_raw
-    fields = {"cuda_ipc_handle": bytes(64), "device_uuid": UUID, "size": 2 << 20, **garbage}
+    fields = {"handle": bytes(64), "device_uuid": UUID, "size": 2 << 20, **garbage}
     with pytest.raises(grpc.RpcError) as caught:
-        stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session, kind=pb.CUDA_IPC,
-                                                     **fields), timeout=30)
+        stub.RegisterRegion(pb.RegisterRegionRequest(
+            session_id=session, cuda_ipc=pb.CudaIpcRegion(**fields)), timeout=30)
     assert caught.value.code() == getattr(grpc.StatusCode, code)
     assert message in caught.value.details()
     _still_serves(stub, session)

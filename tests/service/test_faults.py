@@ -14,6 +14,7 @@ import pytest
 import torch
 from service_workers import WorkerProcess, start_worker, stop_worker
 
+from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -137,33 +138,36 @@ def test_closed_client_leaves_no_segment(fresh_worker: WorkerProcess) -> None:
 def raw(fresh_worker: WorkerProcess):  # noqa: ANN201
     """A raw stub and an open session, to send hand-made (malformed) requests."""
     channel = grpc.insecure_channel(fresh_worker.address)
-    stub = pb_grpc.JaxWorkerStub(channel)
-    stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid()))
+    stub = pb_grpc.JaxWorkerServiceStub(channel)
+    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                    client_pid=os.getpid()))
     session = next(stream).session_id
     yield stub, session
     stream.cancel()
     channel.close()
 
 
-def _call(stub: pb_grpc.JaxWorkerStub, session: str, tensor: pb.Tensor) -> pb.CallResponse:
+def _call(stub: pb_grpc.JaxWorkerServiceStub, session: str,
+          tensor: pb.Tensor) -> pb.CallResponse:
     request = pb.CallRequest(session_id=session, function="identity")
-    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
-    request.args.nodes.add(kind=pb.TreeNode.LEAF)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
     request.args.leaves.append(tensor)
-    request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+    request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
     return stub.Call(request, timeout=30)
 
 
 @pytest.mark.parametrize(
     ("tensor", "message"),
     [
-        (pb.Tensor(dtype=pb.FLOAT32, shape=[4], inline_data=b"123"), "needs 16 bytes"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], inline_data=b"123"), "needs 16 bytes"),
         (pb.Tensor(dtype=99, shape=[1], inline_data=b"1234"), "unknown dtype"),
-        (pb.Tensor(dtype=pb.FLOAT32, shape=[2**40, 2**40], inline_data=b""), "larger than"),
-        (pb.Tensor(dtype=pb.FLOAT32, shape=[4],
-                   shm=pb.SharedMemorySlice(region_id=7, generation=7, offset=0, nbytes=16)),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**40, 2**40], inline_data=b""),
+         "larger than"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4],
+                   shm=pb.SharedMemorySlice(region_id=7, offset=0, nbytes=16)),
          "not registered in this session"),
-        (pb.Tensor(dtype=pb.FLOAT32, shape=[4]), "no location"),
+        (pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4]), "no location"),
     ],
 )
 def test_malformed_tensors_are_invalid_argument(raw, tensor: pb.Tensor, message: str) -> None:  # noqa: ANN001
@@ -172,7 +176,8 @@ def test_malformed_tensors_are_invalid_argument(raw, tensor: pb.Tensor, message:
         _call(stub, session, tensor)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
-    ok = _call(stub, session, pb.Tensor(dtype=pb.FLOAT32, shape=[1], inline_data=b"\0\0\x80?"))
+    ok = _call(stub, session,
+               pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], inline_data=b"\0\0\x80?"))
     assert ok.outputs.leaves[0].inline_data == b"\0\0\x80?"
 
 
@@ -183,7 +188,8 @@ def test_slices_outside_a_registered_region_are_refused(raw) -> None:  # noqa: A
     region = SharedMemoryRegion.create(4096)
     try:
         reply = stub.RegisterRegion(pb.RegisterRegionRequest(
-            session_id=session, name=region.name, size=region.size, kind=pb.SHARED_MEMORY),
+            session_id=session,
+            shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size)),
             timeout=30)
         bad = [
             (4096, 16, "runs past the end"),
@@ -193,17 +199,24 @@ def test_slices_outside_a_registered_region_are_refused(raw) -> None:  # noqa: A
         ]
         for offset, nbytes, message in bad:
             count = max(1, nbytes // 4) if nbytes < 2**32 else 4
-            tensor = pb.Tensor(dtype=pb.FLOAT32, shape=[count], shm=pb.SharedMemorySlice(
-                region_id=reply.region_id, generation=reply.generation, offset=offset,
-                nbytes=nbytes))
+            tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[count], shm=pb.SharedMemorySlice(
+                region_id=reply.region_id, offset=offset, nbytes=nbytes))
             with pytest.raises(grpc.RpcError) as caught:
                 _call(stub, session, tensor)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             import re
             assert re.search(message, caught.value.details()), caught.value.details()
-        stale = pb.Tensor(dtype=pb.FLOAT32, shape=[4], shm=pb.SharedMemorySlice(
-            region_id=reply.region_id, generation=reply.generation + 1, offset=0, nbytes=16))
-        with pytest.raises(grpc.RpcError, match="stale generation"):
+        # A released region's id is never valid again in the session, even for the same file.
+        stub.ReleaseRegion(pb.ReleaseRegionRequest(session_id=session,
+                                                   region_id=reply.region_id), timeout=30)
+        again = stub.RegisterRegion(pb.RegisterRegionRequest(
+            session_id=session,
+            shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size)),
+            timeout=30)
+        assert again.region_id != reply.region_id
+        stale = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], shm=pb.SharedMemorySlice(
+            region_id=reply.region_id, offset=0, nbytes=16))
+        with pytest.raises(grpc.RpcError, match="not registered in this session"):
             _call(stub, session, stale)
     finally:
         region.unlink()
@@ -215,7 +228,8 @@ def test_foreign_region_names_are_refused_without_echoing_them(raw) -> None:  # 
     for name in ("../../etc/passwd", "psm_12345", "tji-1-0000000000000000"):
         with pytest.raises(grpc.RpcError) as caught:
             stub.RegisterRegion(pb.RegisterRegionRequest(
-                session_id=session, name=name, size=4096, kind=pb.SHARED_MEMORY), timeout=30)
+                session_id=session, shared_memory=pb.SharedMemoryRegion(name=name, size=4096)),
+                timeout=30)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -223,12 +237,13 @@ def test_another_sessions_region_is_not_usable(fresh_worker: WorkerProcess) -> N
     with connect(fresh_worker.address, transport="shm") as owner:
         owner.function("identity")(torch.randn(1 << 18))
         channel = grpc.insecure_channel(fresh_worker.address)
-        stub = pb_grpc.JaxWorkerStub(channel)
-        stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid()))
+        stub = pb_grpc.JaxWorkerServiceStub(channel)
+        stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                        client_pid=os.getpid()))
         intruder = next(stream).session_id
         try:
-            tensor = pb.Tensor(dtype=pb.FLOAT32, shape=[4], shm=pb.SharedMemorySlice(
-                region_id=1, generation=1, offset=0, nbytes=16))
+            tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], shm=pb.SharedMemorySlice(
+                region_id=1, offset=0, nbytes=16))
             with pytest.raises(grpc.RpcError, match="not registered in this session"):
                 _call(stub, intruder, tensor)
         finally:
@@ -240,10 +255,11 @@ def test_no_grad_leaves_out_of_range_is_invalid_argument(raw) -> None:  # noqa: 
     stub, session = raw
     request = pb.CallRequest(session_id=session, function="identity", keep_residuals=True,
                              no_grad_leaves=[5])
-    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
-    request.args.nodes.add(kind=pb.TreeNode.LEAF)
-    request.args.leaves.append(pb.Tensor(dtype=pb.FLOAT32, shape=[1], inline_data=b"\0\0\x80?"))
-    request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
+    request.args.leaves.append(pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1],
+                                         inline_data=b"\0\0\x80?"))
+    request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Call(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -256,13 +272,14 @@ def test_no_grad_leaves_out_of_range_is_invalid_argument(raw) -> None:  # noqa: 
 def test_unknown_session_is_refused(raw) -> None:  # noqa: ANN001
     stub, _ = raw
     with pytest.raises(grpc.RpcError, match="unknown or ended session"):
-        _call(stub, "not-a-session", pb.Tensor(dtype=pb.FLOAT32, shape=[0], inline_data=b""))
+        _call(stub, "not-a-session",
+              pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0], inline_data=b""))
 
 
 def test_backward_on_unknown_residual_is_invalid_argument(raw) -> None:  # noqa: ANN001
     stub, session = raw
     request = pb.BackwardRequest(session_id=session, residual_id=12345)
-    request.cotangents.nodes.add(kind=pb.TreeNode.NONE)
+    request.cotangents.nodes.add(kind=pb.TreeNode.KIND_NONE)
     with pytest.raises(grpc.RpcError, match="no residuals under id 12345"):
         stub.Backward(request, timeout=30)
 

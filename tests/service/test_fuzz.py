@@ -4,11 +4,12 @@ One worker serves the whole module. Session A registers a guarded region: an inp
 requests point into, an output arena, and guard bytes everywhere else; session B registers
 regions of its own; a region of A was released (its ids are stale). Hypothesis then throws
 descriptors (offsets and sizes near 2**64, overflowing shapes, sizes that disagree with
-shape x dtype, misaligned slices, stale generations, other sessions' ids, unknown dtypes,
+shape x dtype, misaligned slices, released region ids, other sessions' ids, unknown dtypes,
 truncated inline bytes), structure descriptions (wrong child counts, trailing nodes, too
 deep, too many nodes), region and residual operations, random bytes as whole requests and
 byte-mutated valid requests at it. Every case must get OK or a clear status
-(INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED), never INTERNAL / UNKNOWN; an accepted
+(INVALID_ARGUMENT / NOT_FOUND / RESOURCE_EXHAUSTED, and FAILED_PRECONDITION for an
+OpenSession of another protocol version), never INTERNAL / UNKNOWN; an accepted
 request must have been valid (an oracle checks), an accepted identity call must return
 exactly the bytes of the slice it named, outputs must land inside the arena the request gave,
 error messages must not echo region names the requester did not send, and at the end the
@@ -36,7 +37,13 @@ from reliability import record
 from service_workers import WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop._dtypes import BY_NAME
-from torch_jax_interop._wire import DTYPE_TO_ENUM, ENUM_TO_DTYPE, MAX_NDIM
+from torch_jax_interop._wire import (
+    DTYPE_TO_ENUM,
+    ENUM_TO_DTYPE,
+    MAX_NDIM,
+    PROTOCOL_VERSION,
+    SERVICE_NAME,
+)
 from torch_jax_interop.client import connect
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
@@ -50,7 +57,7 @@ ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.RESOURCE_EXHAUSTED}
 NARROWED = {"float64": "float32", "int64": "int32", "uint64": "uint32",
             "complex128": "complex64"}  # the worker runs with JAX's x64 mode off
-SERVICE = "/torch_jax_interop.v1.JaxWorker/"
+SERVICE = f"/{SERVICE_NAME}/"
 MIN_CASES = 5_000
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -61,15 +68,15 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
 @dataclass(repr=False)
 class Fuzz:
     worker: WorkerProcess
-    stub: pb_grpc.JaxWorkerStub
+    stub: pb_grpc.JaxWorkerServiceStub
     channel: grpc.Channel
     a: str  # session ids
     b: str
     c: str
     region: SharedMemoryRegion  # A's guarded region (id 1)
-    current: dict[int, tuple[int, int]]  # A's live region ids -> (generation, size)
-    stale: list[tuple[int, int]]  # (id, generation) pairs A released
-    b_ids: list[tuple[int, int]]
+    current: dict[int, int]  # A's live region ids -> size
+    stale: list[int]  # ids A released
+    b_ids: list[int]
     snapshots: dict[str, tuple[SharedMemoryRegion, bytes]]  # regions nobody may write
     guard_before: bytes  # region A as it was before fuzzing
     region_names: set[str]  # every region name the sessions registered
@@ -85,18 +92,19 @@ class Fuzz:
         return f"Fuzz(worker pid {self.worker.process.pid})"
 
 
-def _open_session(stub: pb_grpc.JaxWorkerStub) -> tuple[Any, str]:
-    stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid(),
-                                                    transport=pb.SHARED_MEMORY))
+def _open_session(stub: pb_grpc.JaxWorkerServiceStub) -> tuple[Any, str]:
+    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                    client_pid=os.getpid(),
+                                                    transport=pb.TRANSPORT_SHARED_MEMORY))
     return stream, next(stream).session_id
 
 
-def _register(stub: pb_grpc.JaxWorkerStub, session: str,
-              region: SharedMemoryRegion) -> tuple[int, int]:
+def _register(stub: pb_grpc.JaxWorkerServiceStub, session: str,
+              region: SharedMemoryRegion) -> int:
     reply = stub.RegisterRegion(pb.RegisterRegionRequest(
-        session_id=session, name=region.name, size=region.size, kind=pb.SHARED_MEMORY),
-        timeout=30)
-    return reply.region_id, reply.generation
+        session_id=session,
+        shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size)), timeout=30)
+    return int(reply.region_id)
 
 
 def _guarded(size: int, seed: int) -> SharedMemoryRegion:
@@ -154,7 +162,7 @@ def fz() -> Iterator[Fuzz]:
         channel = grpc.insecure_channel(worker.address, options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)])
-        stub = pb_grpc.JaxWorkerStub(channel)
+        stub = pb_grpc.JaxWorkerServiceStub(channel)
         streams = []
         regions: list[SharedMemoryRegion] = []
         lures: dict[str, str] = {}
@@ -165,16 +173,16 @@ def fz() -> Iterator[Fuzz]:
             streams += [stream_a, stream_b, stream_c]
             main = _guarded(REGION, 1)
             regions.append(main)
-            assert _register(stub, a, main) == (1, 1)
+            assert _register(stub, a, main) == 1
             main.unlink()  # as the client's pool does: nobody can map it by name any more
             released = _guarded(64 << 10, 2)
             regions.append(released)
             stale = [_register(stub, a, released)]
-            stub.ReleaseRegion(pb.ReleaseRegionRequest(session_id=a, region_id=stale[0][0]),
+            stub.ReleaseRegion(pb.ReleaseRegionRequest(session_id=a, region_id=stale[0]),
                                timeout=30)
-            again = _register(stub, a, released)  # same file, new id and generation
+            again = _register(stub, a, released)  # same file, new id
             released.unlink()
-            stub.ReleaseRegion(pb.ReleaseRegionRequest(session_id=a, region_id=again[0]),
+            stub.ReleaseRegion(pb.ReleaseRegionRequest(session_id=a, region_id=again),
                                timeout=30)
             stale.append(again)
             snapshots = {"A-released": (released, bytes(released.buffer))}
@@ -188,7 +196,7 @@ def fz() -> Iterator[Fuzz]:
             lures = _make_lures("/dev/shm")
             yield Fuzz(
                 worker=worker, stub=stub, channel=channel, a=a, b=b, c=c, region=main,
-                current={1: (1, REGION)}, stale=stale, b_ids=b_ids, snapshots=snapshots,
+                current={1: REGION}, stale=stale, b_ids=b_ids, snapshots=snapshots,
                 guard_before=bytes(main.buffer), region_names={r.name for r in regions},
                 lures=lures,
             )
@@ -259,17 +267,17 @@ def tensors(draw: st.DrawFn, fz: Fuzz) -> pb.Tensor:
     elif where == "shm":
         which = draw(st.sampled_from(["A", "A", "A", "A", "stale", "B", "zero", "random"]))
         if which == "A":
-            region_id, (generation, _) = 1, fz.current[1]
-            if draw(st.integers(0, 4)) == 0:
-                generation = draw(st.one_of(st.sampled_from([0, generation + 1]), u64))
+            region_id = 1
+            if draw(st.integers(0, 4)) == 0:  # a neighbour of A's id: never registered
+                region_id = draw(st.one_of(st.sampled_from([0, 2]), u64))
         elif which == "stale":
-            region_id, generation = draw(st.sampled_from(fz.stale))
+            region_id = draw(st.sampled_from(fz.stale))
         elif which == "B":
-            region_id, generation = draw(st.sampled_from(fz.b_ids))
+            region_id = draw(st.sampled_from(fz.b_ids))
         elif which == "zero":
-            region_id, generation = 0, 0
+            region_id = 0
         else:
-            region_id, generation = draw(u64), draw(u64)
+            region_id = draw(u64)
         if draw(st.integers(0, 2)):
             offset = INPUT_OFF + 64 * draw(st.integers(0, (INPUT_END - INPUT_OFF) // 64))
         else:
@@ -278,19 +286,17 @@ def tensors(draw: st.DrawFn, fz: Fuzz) -> pb.Tensor:
             nbytes = need
         else:
             nbytes = draw(u64)
-        tensor.shm.CopyFrom(pb.SharedMemorySlice(region_id=region_id, generation=generation,
-                                                 offset=offset, nbytes=nbytes))
+        tensor.shm.CopyFrom(pb.SharedMemorySlice(region_id=region_id, offset=offset,
+                                                 nbytes=nbytes))
     elif where == "cuda":
-        tensor.cuda_ipc.CopyFrom(pb.CudaIpcSlice(region_id=1, generation=1, offset=0,
-                                                 nbytes=need or 0, device_uuid="GPU-0"))
+        tensor.cuda_ipc.CopyFrom(pb.CudaIpcSlice(region_id=1, offset=0, nbytes=need or 0))
     return tensor
 
 
 def _slice_ok(fz: Fuzz, where: Any) -> bool:
-    live = fz.current.get(where.region_id)
-    if live is None or live[0] != where.generation:
+    size = fz.current.get(where.region_id)
+    if size is None:
         return False
-    size = live[1]
     return where.offset % 64 == 0 and where.offset <= size and where.nbytes <= size - where.offset
 
 
@@ -315,11 +321,10 @@ def arenas(draw: st.DrawFn, fz: Fuzz) -> pb.OutputArena | None:
     if kind == "arena":
         offset = ARENA_OFF + 64 * draw(st.integers(0, 64))
         nbytes = draw(st.sampled_from([0, 64, 4096, ARENA_END - offset]))
-        where = pb.SharedMemorySlice(region_id=1, generation=1, offset=offset, nbytes=nbytes)
+        where = pb.SharedMemorySlice(region_id=1, offset=offset, nbytes=nbytes)
     else:
         where = pb.SharedMemorySlice(
             region_id=draw(st.sampled_from([1, 1, 2, 3, 0, 2**64 - 1])),
-            generation=draw(st.sampled_from([1, 1, 2, 0, 2**64 - 1])),
             offset=draw(u64), nbytes=draw(u64))
     return pb.OutputArena(shm=where)
 
@@ -334,13 +339,14 @@ def _confine(fz: Fuzz, arena: pb.OutputArena | None) -> None:
     if not _slice_ok(fz, where):
         return
     if where.region_id != 1 or where.offset < ARENA_OFF or where.offset + where.nbytes > ARENA_END:
-        where.region_id, where.generation = 1, fz.current[1][0]
+        where.region_id = 1
         where.offset = ARENA_OFF + (where.offset % (ARENA_END - ARENA_OFF)) // 64 * 64
         where.nbytes = min(where.nbytes, ARENA_END - where.offset)
     fz.allowed_writes.append((where.offset, where.offset + where.nbytes))
 
 
-def _rpc(fz: Fuzz, what: str, method: Any, request: Any, sent_names: str = "") -> Any:
+def _rpc(fz: Fuzz, what: str, method: Any, request: Any, sent_names: str = "",
+         allowed: frozenset[grpc.StatusCode] = frozenset(ALLOWED)) -> Any:
     """Send; return the response or None; check the status and the message of a refusal."""
     fz.counts[what] += 1
     try:
@@ -348,7 +354,7 @@ def _rpc(fz: Fuzz, what: str, method: Any, request: Any, sent_names: str = "") -
     except grpc.RpcError as error:
         code = error.code()
         fz.statuses[code.name] += 1
-        assert code in ALLOWED, (what, code, error.details(), request)
+        assert code in allowed, (what, code, error.details(), request)
         details = error.details() or ""
         assert details, (what, code)
         for name in fz.region_names | set(fz.lures):
@@ -361,11 +367,11 @@ def _rpc(fz: Fuzz, what: str, method: Any, request: Any, sent_names: str = "") -
 def _call_request(session: str, function: str, leaves: list[pb.Tensor],
                   arena: pb.OutputArena | None) -> pb.CallRequest:
     request = pb.CallRequest(session_id=session, function=function)
-    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=len(leaves))
+    request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=len(leaves))
     for leaf in leaves:
-        request.args.nodes.add(kind=pb.TreeNode.LEAF)
+        request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
         request.args.leaves.append(leaf)
-    request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+    request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
     if arena is not None:
         request.output_arena.CopyFrom(arena)
     return request
@@ -394,7 +400,7 @@ def _output_bytes(fz: Fuzz, out: pb.Tensor, arena: pb.OutputArena | None) -> byt
     assert out.WhichOneof("location") == "shm", out
     assert arena is not None, "an output went to shared memory though no arena was given"
     where, given = out.shm, arena.shm
-    assert (where.region_id, where.generation) == (given.region_id, given.generation)
+    assert where.region_id == given.region_id
     assert where.offset % 64 == 0
     assert given.offset <= where.offset
     assert where.offset + where.nbytes <= given.offset + given.nbytes, (where, given)
@@ -429,7 +435,7 @@ def test_tensor_descriptors(fz: Fuzz, data: st.DataObject) -> None:
         assert (out.dtype, list(out.shape)) == (dtype, list(tensor.shape))
         # Exactly the bytes of the slice the request named: nothing read from elsewhere.
         got = _output_bytes(fz, out, arena)
-        if tensor.dtype == pb.BOOL:  # bytes other than 0 / 1 are no canonical bool
+        if tensor.dtype == pb.DTYPE_BOOL:  # bytes other than 0 / 1 are no canonical bool
             got, expected = bytes(b != 0 for b in got), bytes(b != 0 for b in expected)
         assert got == expected
         fz.counts["accepted identity calls checked byte for byte"] += 1
@@ -453,16 +459,16 @@ _leaf_values = st.recursive(
 def _encode(value: Any, nodes: list[pb.TreeNode]) -> int:
     """Pre-order nodes of a nested value; returns the number of leaves."""
     if value == "leaf":
-        nodes.append(pb.TreeNode(kind=pb.TreeNode.LEAF))
+        nodes.append(pb.TreeNode(kind=pb.TreeNode.KIND_LEAF))
         return 1
     if value is None:
-        nodes.append(pb.TreeNode(kind=pb.TreeNode.NONE))
+        nodes.append(pb.TreeNode(kind=pb.TreeNode.KIND_NONE))
         return 0
     if isinstance(value, dict):
-        nodes.append(pb.TreeNode(kind=pb.TreeNode.DICT, keys=list(value)))
+        nodes.append(pb.TreeNode(kind=pb.TreeNode.KIND_DICT, keys=list(value)))
         children = list(value.values())
     else:
-        kind = pb.TreeNode.TUPLE if isinstance(value, tuple) else pb.TreeNode.LIST
+        kind = pb.TreeNode.KIND_TUPLE if isinstance(value, tuple) else pb.TreeNode.KIND_LIST
         nodes.append(pb.TreeNode(kind=kind, num_children=len(value)))
         children = list(value)
     return sum(_encode(child, nodes) for child in children)
@@ -493,7 +499,7 @@ def structures(draw: st.DrawFn) -> tuple[list[pb.TreeNode], int]:
     return nodes, max(0, leaves)
 
 
-_SMALL = pb.Tensor(dtype=pb.FLOAT32, shape=[2], inline_data=np.float32([1.5, -2]).tobytes())
+_SMALL = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2], inline_data=np.float32([1.5, -2]).tobytes())
 
 
 @settings(FUZZ, max_examples=1_500)
@@ -517,8 +523,8 @@ def test_structure_descriptions(fz: Fuzz, args: tuple[list[pb.TreeNode], int],
 def test_deep_structures(fz: Fuzz, depth: int, ok: bool) -> None:
     """A chain of one-child tuples: accepted up to the documented depth of 64."""
     request = pb.CallRequest(session_id=fz.a, function="identity")
-    request.args.nodes.extend([pb.TreeNode(kind=pb.TreeNode.TUPLE, num_children=1)] * depth)
-    request.args.nodes.add(kind=pb.TreeNode.LEAF)
+    request.args.nodes.extend([pb.TreeNode(kind=pb.TreeNode.KIND_TUPLE, num_children=1)] * depth)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
     request.args.leaves.append(_SMALL)
     response = _rpc(fz, "structure descriptions", fz.stub.Call, request)
     assert (response is not None) == ok
@@ -529,8 +535,8 @@ def test_deep_structures(fz: Fuzz, depth: int, ok: bool) -> None:
 @pytest.mark.parametrize("count", [99_999, 100_000, 100_001, 400_000])
 def test_too_many_nodes(fz: Fuzz, count: int) -> None:
     request = pb.CallRequest(session_id=fz.a, function="identity")
-    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=count - 1)
-    request.args.nodes.extend([pb.TreeNode(kind=pb.TreeNode.NONE)] * (count - 1))
+    request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=count - 1)
+    request.args.nodes.extend([pb.TreeNode(kind=pb.TreeNode.KIND_NONE)] * (count - 1))
     response = _rpc(fz, "structure descriptions", fz.stub.Call, request)
     assert response is None  # identity takes one argument, and more than 100,000 nodes never
 
@@ -562,12 +568,12 @@ _OPS = ["register"] * 4 + ["release_region"] * 2 + ["backward"] * 2 + ["release"
                                                                           "make_residual"]
 _COTANGENT_STRUCTURES: list[tuple[list[pb.TreeNode], int] | None] = [
     None,
-    ([pb.TreeNode(kind=pb.TreeNode.NONE)], 0),
-    ([pb.TreeNode(kind=pb.TreeNode.TUPLE, num_children=2), pb.TreeNode(kind=pb.TreeNode.LEAF)],
-     1),
-    ([pb.TreeNode(kind=pb.TreeNode.LEAF)], 3),
-    ([pb.TreeNode(kind=pb.TreeNode.DICT, keys=["a", "a"]), pb.TreeNode(kind=pb.TreeNode.LEAF),
-      pb.TreeNode(kind=pb.TreeNode.LEAF)], 2),
+    ([pb.TreeNode(kind=pb.TreeNode.KIND_NONE)], 0),
+    ([pb.TreeNode(kind=pb.TreeNode.KIND_TUPLE, num_children=2),
+      pb.TreeNode(kind=pb.TreeNode.KIND_LEAF)], 1),
+    ([pb.TreeNode(kind=pb.TreeNode.KIND_LEAF)], 3),
+    ([pb.TreeNode(kind=pb.TreeNode.KIND_DICT, keys=["a", "a"]),
+      pb.TreeNode(kind=pb.TreeNode.KIND_LEAF), pb.TreeNode(kind=pb.TreeNode.KIND_LEAF)], 2),
     ([pb.TreeNode(kind=99)], 1),
     ([], 0),
 ]
@@ -609,7 +615,7 @@ def region_ops(rng: random.Random) -> tuple[str, int, Any, Any]:
             alphabet = "tji-0123456789abcdefABCDEF/.\n\x00é\u2028 "
             name = ("literal", "".join(rng.choice(alphabet) for _ in range(rng.randrange(41))))
         size = rng.choice([1, 64, 4095, 4096, 4097]) if rng.random() < 0.5 else _u64(rng)
-        kind = rng.choice([pb.SHARED_MEMORY] * 3 + [0, pb.INLINE, pb.CUDA_IPC, 9])
+        kind = rng.choice(["shared_memory"] * 3 + ["none", "cuda_ipc"])
         return op, session, (name, size, kind), None
     if op == "release_region":
         return op, session, None, _id_ref(rng)
@@ -632,13 +638,18 @@ def _region_request(fz: Fuzz, op: str, session_choice: int, fields: Any) -> Any:
             name = foreign[which % len(foreign)]
         else:
             name = "/dev/shm/" + lures[0] if which == "/dev/shm/lure" else which
-        return pb.RegisterRegionRequest(session_id=session, name=name, size=size, kind=kind)
+        request = pb.RegisterRegionRequest(session_id=session)
+        if kind == "shared_memory":
+            request.shared_memory.CopyFrom(pb.SharedMemoryRegion(name=name, size=size))
+        elif kind == "cuda_ipc":  # this worker has no CUDA IPC support
+            request.cuda_ipc.CopyFrom(pb.CudaIpcRegion(handle=bytes(64), size=size))
+        return request
     if op == "release_region":
         return pb.ReleaseRegionRequest(session_id=session)
     if op == "backward":
         keep, structure = fields
         request = pb.BackwardRequest(session_id=session, keep_residuals=keep)
-        nodes, leaves = structure or ([pb.TreeNode(kind=pb.TreeNode.LEAF)], 1)
+        nodes, leaves = structure or ([pb.TreeNode(kind=pb.TreeNode.KIND_LEAF)], 1)
         request.cotangents.nodes.extend(nodes)
         request.cotangents.leaves.extend([_SMALL] * leaves)
         return request
@@ -669,10 +680,11 @@ def _region_and_residual_operation(fz: Fuzz, op: str, session_choice: int, field
                "make_residual": fz.stub.Call}
     live = request.session_id == fz.c
     response = _rpc(fz, "region and residual operations", methods[op], request,
-                    sent_names=getattr(request, "name", ""))
+                    sent_names=request.shared_memory.name if op == "register" else "")
     if op == "register":
-        valid = (live and fz.lures.get(request.name) == "valid" and 0 < request.size <= 4096
-                 and request.kind in (0, pb.SHARED_MEMORY))
+        region = request.shared_memory
+        valid = (live and request.WhichOneof("region") == "shared_memory"
+                 and fz.lures.get(region.name) == "valid" and 0 < region.size <= 4096)
         assert (response is not None) == valid or (valid and len(fz.c_regions) >= 256), request
         if response is not None:
             assert response.region_id not in fz.c_regions
@@ -714,7 +726,13 @@ def _send_raw(fz: Fuzz, method: str, payload: bytes, what: str) -> Any:
             finally:
                 call.cancel()
 
-        return _rpc(fz, what, first, payload)
+        # Bytes that decode to an OpenSessionRequest of another protocol version.
+        try:
+            version = pb.OpenSessionRequest.FromString(payload).protocol_version
+        except Exception:
+            version = PROTOCOL_VERSION
+        mismatch = {grpc.StatusCode.FAILED_PRECONDITION} if version != PROTOCOL_VERSION else set()
+        return _rpc(fz, what, first, payload, allowed=frozenset(ALLOWED | mismatch))
     return _rpc(fz, what, fz.channel.unary_unary(SERVICE + method), payload)
 
 
@@ -725,17 +743,17 @@ def test_random_bytes_as_requests(fz: Fuzz, method: str, payload: bytes) -> None
 
 
 def _valid_requests(fz: Fuzz) -> dict[str, bytes]:
-    shm = pb.Tensor(dtype=pb.FLOAT32, shape=[64], shm=pb.SharedMemorySlice(
-        region_id=1, generation=1, offset=INPUT_OFF, nbytes=256))
-    inline = pb.Tensor(dtype=pb.INT32, shape=[2, 2], inline_data=bytes(16))
+    shm = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[64], shm=pb.SharedMemorySlice(
+        region_id=1, offset=INPUT_OFF, nbytes=256))
+    inline = pb.Tensor(dtype=pb.DTYPE_INT32, shape=[2, 2], inline_data=bytes(16))
     call = _call_request(fz.a, "identity", [shm], pb.OutputArena(shm=pb.SharedMemorySlice(
-        region_id=1, generation=1, offset=ARENA_OFF, nbytes=4096)))
+        region_id=1, offset=ARENA_OFF, nbytes=4096)))
     call2 = _call_request(fz.a, "scale", [inline, inline], None)
     backward = pb.BackwardRequest(session_id=fz.a, residual_id=1)
-    backward.cotangents.nodes.add(kind=pb.TreeNode.LEAF)
+    backward.cotangents.nodes.add(kind=pb.TreeNode.KIND_LEAF)
     backward.cotangents.leaves.append(inline)
-    register = pb.RegisterRegionRequest(session_id=fz.a, name=sorted(fz.region_names)[0],
-                                        size=4096, kind=pb.SHARED_MEMORY)
+    register = pb.RegisterRegionRequest(session_id=fz.a, shared_memory=pb.SharedMemoryRegion(
+        name=sorted(fz.region_names)[0], size=4096))
     return {"Call": call.SerializeToString(), "Call ": call2.SerializeToString(),
             "Backward": backward.SerializeToString(),
             "RegisterRegion": register.SerializeToString()}

@@ -28,6 +28,7 @@ import torch
 from reliability import record
 from service_workers import WorkerProcess, start_worker, stop_worker
 
+from torch_jax_interop._wire import PROTOCOL_VERSION, SERVICE_NAME
 from torch_jax_interop.client import AuthenticationError, ResourceExhaustedError, connect
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
@@ -170,7 +171,8 @@ def test_worker_at_its_session_cap_refuses_new_sessions(capped_worker: WorkerPro
                 connect(capped_worker.address, timeout=30)
             channel = grpc.insecure_channel(capped_worker.address)
             try:
-                stream = pb_grpc.JaxWorkerStub(channel).OpenSession(pb.OpenSessionRequest())
+                stream = pb_grpc.JaxWorkerServiceStub(channel).OpenSession(
+                    pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION))
                 with pytest.raises(grpc.RpcError) as caught:
                     next(stream)
                 assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -213,9 +215,10 @@ def tcp_worker() -> Iterator[WorkerProcess]:
 
 
 _REQUESTS = {
-    "OpenSession": pb.OpenSessionRequest(client_pid=1),
-    "RegisterRegion": pb.RegisterRegionRequest(session_id="x", name="tji-1-0000000000000000",
-                                               size=4096, kind=pb.SHARED_MEMORY),
+    "OpenSession": pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION, client_pid=1),
+    "RegisterRegion": pb.RegisterRegionRequest(
+        session_id="x",
+        shared_memory=pb.SharedMemoryRegion(name="tji-1-0000000000000000", size=4096)),
     "ReleaseRegion": pb.ReleaseRegionRequest(session_id="x", region_id=1),
     "ListFunctions": pb.ListFunctionsRequest(),
     "Call": pb.CallRequest(session_id="x", function="identity"),
@@ -235,7 +238,7 @@ def test_tcp_without_the_right_token_refuses_every_rpc(tcp_worker: WorkerProcess
     with grpc.insecure_channel(tcp_worker.tcp_address) as channel:
         for method, request in _REQUESTS.items():
             for payload in (request.SerializeToString(), b"\xff\xfe garbage"):
-                path = f"/torch_jax_interop.v1.JaxWorker/{method}"
+                path = f"/{SERVICE_NAME}/{method}"
                 with pytest.raises(grpc.RpcError) as caught:
                     if method == "OpenSession":
                         stream = channel.unary_stream(path)(payload, metadata=metadata,
@@ -307,25 +310,27 @@ def test_only_prefixed_names_of_the_same_session_are_mapped(tcp_worker: WorkerPr
             a_names = [n for n in _worker_segments(tcp_worker.process.pid)]
             assert a_names
             channel = grpc.insecure_channel(tcp_worker.address)
-            stub = pb_grpc.JaxWorkerStub(channel)
-            stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid()))
+            stub = pb_grpc.JaxWorkerServiceStub(channel)
+            stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                            client_pid=os.getpid()))
             try:
                 intruder = next(stream).session_id
                 details: list[str] = []
                 for name in (*a_names, os.path.basename(plain), "tji_1_0123456789abcdef"):
                     with pytest.raises(grpc.RpcError) as caught:
                         stub.RegisterRegion(pb.RegisterRegionRequest(
-                            session_id=intruder, name=name, size=4096,
-                            kind=pb.SHARED_MEMORY), timeout=30)
+                            session_id=intruder,
+                            shared_memory=pb.SharedMemoryRegion(name=name, size=4096)),
+                            timeout=30)
                     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 for region_id in range(1, 6):
-                    for generation in (region_id, 0, 1):
-                        where = pb.SharedMemorySlice(region_id=region_id, generation=generation,
-                                                     offset=0, nbytes=16)
+                    for offset in (0, 64, 4096):
+                        where = pb.SharedMemorySlice(region_id=region_id, offset=offset,
+                                                     nbytes=16)
                         request = pb.CallRequest(session_id=intruder, function="identity")
-                        request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
-                        request.args.nodes.add(kind=pb.TreeNode.LEAF)
-                        request.args.leaves.add(dtype=pb.FLOAT32, shape=[4], shm=where)
+                        request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+                        request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
+                        request.args.leaves.add(dtype=pb.DTYPE_FLOAT32, shape=[4], shm=where)
                         as_arena = pb.CallRequest()
                         as_arena.CopyFrom(request)
                         as_arena.args.leaves[0].ClearField("shm")

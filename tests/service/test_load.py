@@ -30,6 +30,7 @@ import json, os, random, sys, threading, traceback, zlib
 import numpy as np
 import torch
 import grpc
+from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import connect
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
@@ -108,8 +109,9 @@ def region_churn(cycles):
 def _region_churn(cycles):
     # RegisterRegion / Call through it / ReleaseRegion, while the main loop's calls run.
     channel = grpc.insecure_channel(address)
-    stub = pb_grpc.JaxWorkerStub(channel)
-    stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid()))
+    stub = pb_grpc.JaxWorkerServiceStub(channel)
+    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                    client_pid=os.getpid()))
     session = next(stream).session_id
     try:
         for cycle in range(cycles):
@@ -117,23 +119,22 @@ def _region_churn(cycles):
             view = got = None
             try:
                 reply = stub.RegisterRegion(pb.RegisterRegionRequest(
-                    session_id=session, name=region.name, size=region.size,
-                    kind=pb.SHARED_MEMORY), timeout=120)
+                    session_id=session,
+                    shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size)),
+                    timeout=120)
                 region.unlink()
                 data = np.random.default_rng(cycle).standard_normal(1 << 16, dtype=np.float32)
                 view = np.frombuffer(region.buffer, np.float32)
                 view[: data.size] = data
                 request = pb.CallRequest(session_id=session, function="identity")
-                request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
-                request.args.nodes.add(kind=pb.TreeNode.LEAF)
+                request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+                request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
                 request.args.leaves.add(
-                    dtype=pb.FLOAT32, shape=[data.size], shm=pb.SharedMemorySlice(
-                        region_id=reply.region_id, generation=reply.generation, offset=0,
-                        nbytes=data.nbytes))
-                request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+                    dtype=pb.DTYPE_FLOAT32, shape=[data.size], shm=pb.SharedMemorySlice(
+                        region_id=reply.region_id, offset=0, nbytes=data.nbytes))
+                request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
                 request.output_arena.shm.CopyFrom(pb.SharedMemorySlice(
-                    region_id=reply.region_id, generation=reply.generation,
-                    offset=512 << 10, nbytes=512 << 10))
+                    region_id=reply.region_id, offset=512 << 10, nbytes=512 << 10))
                 try:
                     response = stub.Call(request, timeout=120)
                     out = response.outputs.leaves[0].shm

@@ -1,7 +1,7 @@
 """Peer death, beyond ``test_faults.py``: SIGKILL of the worker before and after a call,
 training that resumes from the last optimizer step across a worker restart, a killed
-client's mappings and residuals dropped by the worker, and generation fencing (a region
-given back is never written, and its stale ids are refused)."""
+client's mappings and residuals dropped by the worker, and region fencing (a region given
+back is never written, and its stale ids are refused)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from reliability import record
 from service_workers import WorkerProcess, start_worker, stop_worker
 
+from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import WorkerUnavailableError, connect
 from torch_jax_interop.demo import build_model, synthetic_batch
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
@@ -176,13 +177,13 @@ def test_killed_client_mappings_and_residuals_are_dropped(fresh_worker: WorkerPr
         assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
 
 
-def _call(stub: pb_grpc.JaxWorkerStub, session: str, function: str, tensor: pb.Tensor,
-          arena: pb.SharedMemorySlice | None = None) -> pb.CallResponse:
+def _call(stub: pb_grpc.JaxWorkerServiceStub, session: str, function: str,
+          tensor: pb.Tensor, arena: pb.SharedMemorySlice | None = None) -> pb.CallResponse:
     request = pb.CallRequest(session_id=session, function=function)
-    request.args.nodes.add(kind=pb.TreeNode.TUPLE, num_children=1)
-    request.args.nodes.add(kind=pb.TreeNode.LEAF)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+    request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
     request.args.leaves.append(tensor)
-    request.kwargs.nodes.add(kind=pb.TreeNode.DICT)
+    request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
     if arena is not None:
         request.output_arena.shm.CopyFrom(arena)
     return stub.Call(request, timeout=30)
@@ -192,20 +193,22 @@ def test_a_region_given_back_mid_call_is_never_written(fresh_worker: WorkerProce
     """ReleaseRegion while a call that will write its output there is running: the call
     fails cleanly, not a byte of the region changes, and the released ids stay refused."""
     channel = grpc.insecure_channel(fresh_worker.address)
-    stub = pb_grpc.JaxWorkerStub(channel)
-    stream = stub.OpenSession(pb.OpenSessionRequest(client_pid=os.getpid()))
+    stub = pb_grpc.JaxWorkerServiceStub(channel)
+    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
+                                                    client_pid=os.getpid()))
     session = next(stream).session_id
     region = SharedMemoryRegion.create(1 << 20)
     try:
         view = np.frombuffer(region.buffer, np.uint8)
         view[:] = 0xAB
         reply = stub.RegisterRegion(pb.RegisterRegionRequest(
-            session_id=session, name=region.name, size=region.size, kind=pb.SHARED_MEMORY),
+            session_id=session,
+            shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size)),
             timeout=30)
         data = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: the output goes to the arena
-        tensor = pb.Tensor(dtype=pb.FLOAT32, shape=[data.size], inline_data=data.tobytes())
-        arena = pb.SharedMemorySlice(region_id=reply.region_id, generation=reply.generation,
-                                     offset=0, nbytes=1 << 20)
+        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[data.size],
+                           inline_data=data.tobytes())
+        arena = pb.SharedMemorySlice(region_id=reply.region_id, offset=0, nbytes=1 << 20)
         ok = _call(stub, session, "identity", tensor, arena)  # the region works
         assert ok.outputs.leaves[0].shm.nbytes == data.nbytes
         view[:] = 0xAB
@@ -230,19 +233,19 @@ def test_a_region_given_back_mid_call_is_never_written(fresh_worker: WorkerProce
         assert region.name not in results[0].details()
         assert (view == 0xAB).all(), "the worker wrote into a region that was given back"
         # Stale ids stay refused, as input and as arena; a new registration gets new ones.
-        stale_input = pb.Tensor(dtype=pb.FLOAT32, shape=[4], shm=pb.SharedMemorySlice(
-            region_id=reply.region_id, generation=reply.generation, offset=0, nbytes=16))
+        stale_input = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], shm=pb.SharedMemorySlice(
+            region_id=reply.region_id, offset=0, nbytes=16))
         for args in ((stale_input, None), (tensor, arena)):
             with pytest.raises(grpc.RpcError) as caught:
                 _call(stub, session, "identity", *args)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "not registered" in caught.value.details()
         again = stub.RegisterRegion(pb.RegisterRegionRequest(
-            session_id=session, name=region.name, size=region.size, kind=pb.SHARED_MEMORY),
+            session_id=session,
+            shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size)),
             timeout=30)
-        assert (again.region_id, again.generation) != (reply.region_id, reply.generation)
-        fresh = pb.SharedMemorySlice(region_id=again.region_id, generation=again.generation,
-                                     offset=0, nbytes=1 << 20)
+        assert again.region_id != reply.region_id
+        fresh = pb.SharedMemorySlice(region_id=again.region_id, offset=0, nbytes=1 << 20)
         assert _call(stub, session, "identity", tensor, fresh).outputs.leaves[0].shm.nbytes
         assert np.array_equal(view[:data.nbytes].view(np.float32), data)
         del view

@@ -62,9 +62,8 @@ def test_the_size_is_checked_once_before_anything_is_mapped(
 
 def test_a_registered_region_views_checks_and_writes_slices(
         client_region: SharedMemoryRegion, session: Session) -> None:
-    region_id, generation = session.add_region(_attach(client_region))
-    where = pb.SharedMemorySlice(region_id=region_id, generation=generation, offset=128,
-                                 nbytes=16)
+    region_id = session.add_region(_attach(client_region))
+    where = pb.SharedMemorySlice(region_id=region_id, offset=128, nbytes=16)
     region = session.region("shm", where)
     region.check(where)
     client = np.frombuffer(client_region.buffer, np.float32)
@@ -78,33 +77,34 @@ def test_a_registered_region_views_checks_and_writes_slices(
     del view, client
     for offset, nbytes, message in [(65_472, 128, "runs past the end"), (3, 4, "multiple of 64"),
                                     (64, 2**64 - 1, "runs past the end")]:
-        bad = pb.SharedMemorySlice(region_id=region_id, generation=generation, offset=offset,
-                                   nbytes=nbytes)
+        bad = pb.SharedMemorySlice(region_id=region_id, offset=offset, nbytes=nbytes)
         with pytest.raises(InvalidArgumentError, match=f"output arena: .*{message}"):
             region.check(bad, "output arena: ")
 
 
-def test_lookups_are_bound_to_the_session_kind_and_generation(
+def test_lookups_are_bound_to_the_session_kind_and_never_reuse_an_id(
         client_region: SharedMemoryRegion, session: Session) -> None:
-    region_id, generation = session.add_region(_attach(client_region))
-    stale = pb.SharedMemorySlice(region_id=region_id, generation=generation + 1)
-    with pytest.raises(InvalidArgumentError, match="stale generation"):
-        session.region("shm", stale)
+    region_id = session.add_region(_attach(client_region))
+    session.release_region(region_id)
+    again = session.add_region(_attach(client_region))  # the same file, a new id
+    assert again != region_id
+    with pytest.raises(InvalidArgumentError, match=f"region {region_id} is not registered"):
+        session.region("shm", pb.SharedMemorySlice(region_id=region_id))
+    assert session.region("shm", pb.SharedMemorySlice(region_id=again)) is not None
     with pytest.raises(InvalidArgumentError, match="region 99 is not registered"):
-        session.region("shm", pb.SharedMemorySlice(region_id=99, generation=99))
+        session.region("shm", pb.SharedMemorySlice(region_id=99))
     other = Session("o", "other", max_residuals=1, max_regions=1)
     try:
         with pytest.raises(InvalidArgumentError, match="not registered in this session"):
-            other.region("shm", pb.SharedMemorySlice(region_id=region_id,
-                                                     generation=generation))
+            other.region("shm", pb.SharedMemorySlice(region_id=again))
     finally:
         other.close()
 
 
 def test_a_write_into_a_released_region_is_refused(
         client_region: SharedMemoryRegion, session: Session) -> None:
-    region_id, generation = session.add_region(_attach(client_region))
-    where = pb.SharedMemorySlice(region_id=region_id, generation=generation, nbytes=64)
+    region_id = session.add_region(_attach(client_region))
+    where = pb.SharedMemorySlice(region_id=region_id, nbytes=64)
     region = session.region("shm", where)
     session.release_region(region_id)
     with pytest.raises(InvalidArgumentError, match="was released while the call ran"):
@@ -132,4 +132,4 @@ def test_without_cuda_ipc_support_device_regions_and_slices_are_refused(
         CudaIpcWorkerRegion.open(bytes(64), 2 << 20, "GPU-8f6a2c1e-1b2d-4c3e-9f10-0a1b2c3d4e5f",
                                  max_tensor_bytes=MAX_TENSOR_BYTES)
     with pytest.raises(InvalidArgumentError, match="no CUDA IPC support"):
-        session.region("cuda_ipc", pb.CudaIpcSlice(region_id=1, generation=1))
+        session.region("cuda_ipc", pb.CudaIpcSlice(region_id=1))

@@ -76,14 +76,14 @@ class _InProcessWorker:
         self.names_at_registration: list[str] = []
         self._lock = threading.Lock()
 
-    def register(self, region: SharedMemoryRegion) -> tuple[int, int]:
+    def register(self, region: SharedMemoryRegion) -> int:
         attached = SharedMemoryRegion.attach(region.name, region.size,
                                              directory=region.directory)
         with self._lock:
             region_id = len(self.regions) + 1
             self.regions[region_id] = attached
             self.names_at_registration.append(region.name)
-        return region_id, 7
+        return region_id
 
     def close(self) -> None:
         for region in self.regions.values():
@@ -123,7 +123,7 @@ _WORKER_SCRIPT = """
         cmd, *args = line.split()
         if cmd == "attach":
             regions[len(regions) + 1] = SharedMemoryRegion.attach(args[0], int(args[1]))
-            print(len(regions), 1, flush=True)
+            print(len(regions), flush=True)
         elif cmd == "sum":
             region_id, offset, count = map(int, args)
             region = regions[region_id]
@@ -153,9 +153,8 @@ class _WorkerProcess:
             self.proc.stdin.flush()
             return self.proc.stdout.readline().strip()
 
-    def register(self, region: SharedMemoryRegion) -> tuple[int, int]:
-        region_id, generation = self.ask(f"attach {region.name} {region.size}").split()
-        return int(region_id), int(generation)
+    def register(self, region: SharedMemoryRegion) -> int:
+        return int(self.ask(f"attach {region.name} {region.size}"))
 
     def finish(self) -> int:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -194,7 +193,7 @@ def test_exit_of_a_process_with_an_open_pool_leaves_nothing(
         kept = []
         def register(region):
             kept.append(SharedMemoryRegion.attach(region.name, region.size))
-            return len(kept), 1
+            return len(kept)
 
         pool = SharedMemoryPool(register, min_region_bytes=65536, unlink_after_register=False)
         pieces = [pool.allocate(50_000) for _ in range(3)]
@@ -223,7 +222,6 @@ def test_allocations_are_aligned_disjoint_and_inside_their_region(make_pool: Mak
         check_slice(piece.region.size, piece.offset, piece.nbytes)
         assert len(piece.memoryview()) == n
         spans.append((piece.region_id, piece.offset, piece.offset + max(n, 1)))
-        assert piece.generation == 7
     spans.sort()
     for (r1, _, end1), (r2, start2, _) in zip(spans, spans[1:], strict=False):
         assert r1 != r2 or end1 <= start2
@@ -431,7 +429,7 @@ def test_max_total_bytes(make_pool: MakePool) -> None:
     first.release()
     assert pool.allocate(32 * KiB).region_id == first.region_id
     with pytest.raises(ValueError, match="`max_total_bytes` must be positive"):
-        SharedMemoryPool(lambda region: (1, 1), max_total_bytes=0)
+        SharedMemoryPool(lambda region: 1, max_total_bytes=0)
 
 
 def test_full_dev_shm_through_the_pool(worker: _InProcessWorker) -> None:
@@ -636,9 +634,9 @@ def _host_pool(**kwargs: object) -> tuple[_HostPool, _HostKind, list[_HostBuffer
     kind = _HostKind()
     registered: list[_HostBuffer] = []
 
-    def register(buffer: _HostBuffer) -> tuple[int, int]:
+    def register(buffer: _HostBuffer) -> int:
         registered.append(buffer)
-        return len(registered), len(registered) + 100
+        return len(registered)
 
     return _HostPool(kind, register, **kwargs), kind, registered  # type: ignore[arg-type]
 
@@ -649,17 +647,16 @@ def test_the_generic_pool_follows_its_kinds_alignment_and_granularity() -> None:
     assert registered == kind.created and len(registered) == 1
     assert registered[0].size == 4 << 20  # min_region_bytes rounded up to 2 MiB
     assert (a.offset, b.offset) == (0, 1024) and pool.used_bytes == 1024 + 256
-    assert (a.region_id, a.generation, a.kind) == (1, 101, "test")
+    assert (a.region_id, a.kind) == (1, "test")
     big = pool.allocate(5 << 20)  # fits nowhere: a buffer of the request in 2 MiB multiples
     assert registered[1].size == 6 << 20 and big.offset == 0 and pool.region_ids == [1, 2]
 
     class Descriptor:
-        region_id = generation = offset = nbytes = -1
+        region_id = offset = nbytes = -1
 
     message = Descriptor()
     big.fill(message)
-    assert (message.region_id, message.generation, message.offset, message.nbytes) == \
-        (2, 102, 0, 5 << 20)
+    assert (message.region_id, message.offset, message.nbytes) == (2, 0, 5 << 20)
     a.release()
     assert pool.allocate(700).offset == 0  # reused
     pool.release_region(2)

@@ -50,3 +50,10 @@ def fake_tensor_mode(**kwargs: Any) -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(**kwargs)
+
+
+def version_counter(t: torch.Tensor) -> int | None:
+    """How many in-place writes ``t``'s storage has seen (``Tensor._version``, shared by
+    views and ``detach()``); ``None`` where the installed torch has no such counter, which
+    callers treat as "may have been written"."""
+    return getattr(t, "_version", None)

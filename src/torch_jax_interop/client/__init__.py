@@ -15,6 +15,9 @@ from ..errors import (
     InvalidArgumentError as InvalidArgumentError,
 )
 from ..errors import (
+    ProtocolVersionError as ProtocolVersionError,
+)
+from ..errors import (
     RemoteError as RemoteError,
 )
 from ..errors import (
@@ -37,6 +40,7 @@ __all__ = [
     "FunctionInfo",
     "FunctionNotFoundError",
     "InvalidArgumentError",
+    "ProtocolVersionError",
     "RemoteError",
     "RemoteExecutionError",
     "RemoteFunction",

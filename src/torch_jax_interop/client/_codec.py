@@ -21,19 +21,33 @@ from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, ResourceExhaustedError
 
 
-def _is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
+def wire_specs(call: Any, name: str) -> tuple[_pytree.TreeSpec, _pytree.TreeSpec]:
+    """The ``args`` and ``kwargs`` structures of a call plan (``_call.Call``) as sent, with
+    leaves in the order of the call's tensors (parameters first).
 
-
-def flatten_tensors(tree: Any, what: str) -> tuple[list[torch.Tensor], _pytree.TreeSpec]:
-    leaves, spec = _pytree.flatten(tree, is_leaf=_is_tensor)
-    for index, leaf in enumerate(leaves):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"{what}: leaf {index} is a {type(leaf).__name__}; remote functions take "
-                "pytrees of tensors (wrap numbers with torch.tensor(...))"
-            )
-    return leaves, spec
+    Parameters that the wire cannot describe (registered nodes, dataclasses, constants such
+    as an Equinox module's functions) travel as the flat list of their tensors: Note
+    [Registered pytree nodes in service mode] in ``server/_compiled.py``.
+    """
+    inputs = call.inputs
+    if inputs.constants:
+        position, value = inputs.constants[0]
+        raise TypeError(
+            f"arguments of `{name}`: leaf {position} is a {type(value).__name__}; remote "
+            "functions take pytrees of tensors (wrap numbers with torch.tensor(...))"
+        )
+    args_spec, kwargs_spec = inputs.spec.children
+    params = call.params
+    if params is None:
+        return args_spec, kwargs_spec
+    if params.constants or not _wire.describable(params.spec):
+        params_spec = _pytree.TreeSpec(_pytree.LIST, (_pytree.LEAF_SPEC,) * params.num_slots,
+                                       None, params.num_slots)
+    else:
+        params_spec = params.spec
+    children = (params_spec, *args_spec.children)
+    return (_pytree.TreeSpec(_pytree.TUPLE, children, None,
+                             params_spec.num_leaves + args_spec.num_leaves), kwargs_spec)
 
 
 def prepare(t: torch.Tensor, *, keep_device: bool = False) -> torch.Tensor:
@@ -159,8 +173,20 @@ class Decoder:
     def tree(self, message: Any) -> Any:
         if not message.nodes:
             return None
+        spec, leaves = self.leaves(message)
+        return spec.unflatten(leaves)
+
+    def leaves(self, message: Any) -> tuple[_pytree.TreeSpec, list[torch.Tensor]]:
+        """The structure and the tensors of a ``Tree`` message."""
         spec = _wire.decode_spec(message.nodes, len(message.leaves))
-        return spec.unflatten([self.tensor(leaf) for leaf in message.leaves])
+        return spec, [self.tensor(leaf) for leaf in message.leaves]
+
+    def gradients(self, message: Any, sent: _pytree.TreeSpec) -> list[torch.Tensor | None]:
+        """One gradient per leaf of ``sent`` (the structure of the inputs): the worker
+        answers with that structure, ``None`` where an input has no gradient."""
+        out: list[torch.Tensor | None] = []
+        _leaves_like(sent, self.tree(message), out)
+        return out
 
     def tensor(self, message: Any) -> torch.Tensor:
         name = _wire.dtype_name(message.dtype)
@@ -178,7 +204,7 @@ class Decoder:
         arena = self.arena
         if arena is not None and location == arena.kind:
             # The worker wrote it into the output arena: the same descriptor as the arena's
-            # (region, generation, GPU) with the output's own offset and size.
+            # (its region) with the output's own offset and size.
             where = getattr(message, location)
             expected = type(where)()
             arena.fill(expected)
@@ -211,26 +237,35 @@ class Decoder:
         self._base = None
 
 
-def align_grads(inputs: Any, grads: Any) -> Any:
-    """Gradients shaped like ``inputs`` (dicts matched by key), ``None`` where there is none."""
-    if isinstance(inputs, torch.Tensor):
-        if not isinstance(grads, torch.Tensor):
-            return None
-        # A worker with x64 off computes 64-bit inputs in 32 bits; autograd wants the
-        # input's dtype back.
-        if grads.dtype == inputs.dtype and grads.device == inputs.device:
-            return grads
-        return grads.to(device=inputs.device, dtype=inputs.dtype)
-    if isinstance(inputs, dict):
-        grads = grads if isinstance(grads, dict) else {}
-        return type(inputs)((k, align_grads(v, grads.get(k))) for k, v in inputs.items())
-    if isinstance(inputs, (tuple, list)):
-        grads = grads if isinstance(grads, (tuple, list)) else [None] * len(inputs)
-        items = [align_grads(v, g) for v, g in zip(inputs, grads, strict=False)]
-        if hasattr(type(inputs), "_fields"):
-            return type(inputs)(*items)
-        return type(inputs)(items)
-    return None
+def _leaves_like(spec: _pytree.TreeSpec, tree: Any, out: list[Any]) -> None:
+    kind = spec.kind
+    if kind == _pytree.LEAF:
+        out.append(tree if isinstance(tree, torch.Tensor) else None)
+    elif tree is None:
+        out.extend([None] * spec.num_leaves)
+    elif kind != _pytree.NONE:
+        if kind == _pytree.DICT:
+            if not isinstance(tree, dict):
+                raise InvalidArgumentError("worker sent gradients of another structure")
+            children = [tree.get(key) for key in spec.meta[0]]
+        else:
+            children = list(tree)
+        if len(children) != len(spec.children):
+            raise InvalidArgumentError("worker sent gradients of another structure")
+        for child_spec, child in zip(spec.children, children, strict=True):
+            _leaves_like(child_spec, child, out)
+
+
+def align_grads(layout: list[tuple[torch.dtype, torch.device]],
+                grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Gradients in the inputs' dtypes and devices: a worker with x64 off computes 64-bit
+    inputs in 32 bits, and autograd wants the input's dtype back."""
+    out: list[torch.Tensor | None] = []
+    for (dtype, device), grad in zip(layout, grads, strict=True):
+        if grad is not None and (grad.dtype != dtype or grad.device != device):
+            grad = grad.to(device=device, dtype=dtype)
+        out.append(grad)
+    return out
 
 
 def arena_bytes(leaves: list[torch.Tensor], inline_threshold: int) -> int:

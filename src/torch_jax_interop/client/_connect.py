@@ -18,8 +18,10 @@ import grpc
 import torch
 
 from .. import _wire
+from .._call import Call
 from .._errors import (
     InvalidArgumentError,
+    ProtocolVersionError,
     RemoteError,
     SharedMemoryFullError,
     TransportError,
@@ -28,11 +30,12 @@ from .._errors import (
 from .._names import TOKEN_ENV, check_transport
 from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
+from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import SharedMemoryPool
 from ..transport.cuda import CudaIpcChannel
-from ._codec import Decoder, Encoder, align_grads, arena_bytes, flatten_tensors
+from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
 from ._errors_map import to_remote_error
 
 log = logging.getLogger("torch_jax_interop.client")
@@ -75,15 +78,20 @@ class _Session:
 
 
 class ResidualHandle:
-    """Residuals the worker keeps for one forward; owns the input slices they may alias."""
+    """Residuals the worker keeps for one forward; owns the input slices they may alias.
+
+    Keeps what backward needs to shape the gradients (the structures sent, each input's
+    dtype and device), never the input tensors themselves."""
 
     def __init__(self, session: _Session, residual_id: int, leases: list[Any],
-                 args: tuple, kwargs: dict) -> None:
+                 out_spec: Any, in_specs: tuple[Any, Any], inputs: list[torch.Tensor]) -> None:
         self.session = session
         self.residual_id = residual_id
         self.leases = leases
-        self.args = args
-        self.kwargs = kwargs
+        self.out_spec = out_spec
+        self.in_specs = in_specs
+        self.layout = [(t.dtype, t.device) for t in inputs]
+        self.grad_bytes = arena_bytes(inputs, INLINE_THRESHOLD)
         self.done = False
 
     def drop_leases(self) -> None:
@@ -95,13 +103,12 @@ class ResidualHandle:
 class Worker:
     """A connection to one JAX worker. Use as a context manager; see ``connect``."""
 
-    def __init__(self, address: str, *, timeout: float, transport: str, token: str | None,
-                 client_name: str) -> None:
+    def __init__(self, address: str, *, timeout: float, transport: str,
+                 token: str | None) -> None:
         check_transport(transport)
         self.address = address
         self.timeout = timeout
         self.requested_transport = transport
-        self.client_name = client_name
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         limit = 256 << 20
@@ -109,7 +116,7 @@ class Worker:
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
         ])
-        self._stub = pb_grpc.JaxWorkerStub(self._channel)
+        self._stub = pb_grpc.JaxWorkerServiceStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
         self._pending_release: list[tuple[_Session, int]] = []
@@ -144,16 +151,24 @@ class Worker:
 
     def _open_session(self) -> _Session:
         stream = self._stub.OpenSession(pb.OpenSessionRequest(
-            client_name=self.client_name, client_pid=os.getpid(),
-            client_hostname=socket.gethostname(), boot_id=_wire.boot_id(),
-            transport={"inline": pb.INLINE, "cuda_ipc": pb.CUDA_IPC}.get(
-                self.requested_transport, pb.SHARED_MEMORY),
+            client_pid=os.getpid(), client_hostname=socket.gethostname(),
+            transport={"inline": pb.TRANSPORT_INLINE, "cuda_ipc": pb.TRANSPORT_CUDA_IPC}.get(
+                self.requested_transport, pb.TRANSPORT_SHARED_MEMORY),
             protocol_version=_wire.PROTOCOL_VERSION,
         ), metadata=self._metadata)
         try:
             first = next(stream)
         except grpc.RpcError as error:
             raise to_remote_error(error, "opening a session", self.address) from None
+        if first.protocol_version != _wire.PROTOCOL_VERSION:
+            stream.cancel()
+            older = "worker" if first.protocol_version < _wire.PROTOCOL_VERSION else "client"
+            raise ProtocolVersionError(
+                f"the worker at {self.address} speaks protocol v{first.protocol_version} but "
+                f"this client (torch-jax-interop {__version__}) speaks "
+                f"v{_wire.PROTOCOL_VERSION}; upgrade the {older} so that both sides run the "
+                "same torch-jax-interop version"
+            )
         alive = threading.Event()
         alive.set()
         session = _Session(first.session_id, stream, None, first.max_inline_bytes, alive,
@@ -209,18 +224,20 @@ class Worker:
         log.warning("falling back to inline bytes: %s", reason)
         return None, "inline"
 
-    def _register(self, session: _Session, region: Any) -> tuple[int, int]:
+    def _register(self, session: _Session, region: Any) -> int:
         response = self._rpc(self._stub.RegisterRegion, pb.RegisterRegionRequest(
-            session_id=session.id, name=region.name, size=region.size, kind=pb.SHARED_MEMORY,
+            session_id=session.id,
+            shared_memory=pb.SharedMemoryRegion(name=region.name, size=region.size),
         ), "registering a shared-memory region")
-        return response.region_id, response.generation
+        return int(response.region_id)
 
-    def _register_cuda(self, session: _Session, buffer: Any) -> tuple[int, int]:
+    def _register_cuda(self, session: _Session, buffer: Any) -> int:
         response = self._rpc(self._stub.RegisterRegion, pb.RegisterRegionRequest(
-            session_id=session.id, size=buffer.size, kind=pb.CUDA_IPC,
-            cuda_ipc_handle=buffer.handle, device_uuid=buffer.device_uuid,
+            session_id=session.id,
+            cuda_ipc=pb.CudaIpcRegion(handle=buffer.handle, size=buffer.size,
+                                      device_uuid=buffer.device_uuid),
         ), "registering a CUDA IPC region")
-        return response.region_id, response.generation
+        return int(response.region_id)
 
     def _release_region(self, session: _Session, region_id: int) -> None:
         """Best effort, short deadline: used while a session is being dropped."""
@@ -302,31 +319,29 @@ class Worker:
                                                             residual_ids=ids),
                       "releasing residuals")
 
-    def call(self, name: str, args: tuple, kwargs: dict, *, keep_residuals: bool,
-             has_aux: bool, flat: Any = None) -> tuple[Any, Any, ResidualHandle | None]:
-        """One forward in the worker. ``flat``: ``flatten_tensors`` of args and kwargs, when
-        the caller has it already."""
+    def call(self, name: str, call: Call, tensors: list[torch.Tensor], *,
+             keep_residuals: bool) -> tuple[list[torch.Tensor], Any, Any,
+                                            ResidualHandle | None]:
+        """One forward in the worker: ``(outputs, output structure, aux, residuals)``.
+        ``tensors``: one per slot of ``call``, parameters first (the flat protocol)."""
+        args_spec, kwargs_spec = wire_specs(call, name)
         session = self._current()
         self._flush_releases(session)
-        if flat is None:
-            flat = (flatten_tensors(args, f"arguments of `{name}`"),
-                    flatten_tensors(kwargs, f"keyword arguments of `{name}`"))
-        (args_leaves, args_spec), (kwargs_leaves, kwargs_spec) = flat
         encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes,
                           cuda=session.cuda)
         request = pb.CallRequest(session_id=session.id, function=name,
-                                 keep_residuals=keep_residuals, has_aux=has_aux)
+                                 keep_residuals=keep_residuals, has_aux=call.has_aux)
         if keep_residuals:  # the worker differentiates only what needs a gradient
             request.no_grad_leaves.extend(
-                i for i, t in enumerate((*args_leaves, *kwargs_leaves)) if not t.requires_grad
+                i for i, t in enumerate(tensors) if not t.requires_grad
             )
         handle = None
         try:
-            encoder.tree(args_leaves, args_spec, request.args)
-            encoder.tree(kwargs_leaves, kwargs_spec, request.kwargs)
-            key = (name, has_aux, args_spec, kwargs_spec,
-                   tuple((t.dtype, t.shape) for t in args_leaves),
-                   tuple((t.dtype, t.shape) for t in kwargs_leaves))
+            num_args = args_spec.num_leaves
+            encoder.tree(tensors[:num_args], args_spec, request.args)
+            encoder.tree(tensors[num_args:], kwargs_spec, request.kwargs)
+            key = (name, call.has_aux, args_spec, kwargs_spec,
+                   tuple((t.dtype, t.shape) for t in tensors))
             decoder = self._with_arena(session, request, self._arena_sizes.get(key, 0),
                                        encoder)
             response = self._rpc(self._stub.Call, request, f"calling `{name}`")
@@ -336,18 +351,18 @@ class Worker:
                 decoder = self._with_arena(session, request, response.required_output_bytes,
                                            encoder)
                 response = self._rpc(self._stub.Call, request, f"calling `{name}`")
-            outputs = decoder.tree(response.outputs)
-            aux = decoder.tree(response.aux) if has_aux else None
+            out_spec, outputs = decoder.leaves(response.outputs)
+            aux = decoder.tree(response.aux) if call.has_aux else None
             decoder.finish()
             self.stats.add(encoder)
             if response.residual_id:
                 # The worker's residuals may view the input slices: keep them until release.
                 handle = ResidualHandle(session, response.residual_id, encoder.leases,
-                                        args, kwargs)
+                                        out_spec, (args_spec, kwargs_spec), tensors)
                 encoder.leases = []
         finally:
             encoder.release()
-        return outputs, aux, handle
+        return outputs, out_spec, aux, handle
 
     def _with_arena(self, session: _Session, request: Any, nbytes: int,
                     encoder: Encoder | None = None) -> Decoder:
@@ -365,26 +380,24 @@ class Worker:
         return Decoder(arena, device)
 
     def backward(self, handle: ResidualHandle, cotangents: Any, *,
-                 retain: bool) -> tuple[Any, Any]:
+                 retain: bool) -> list[torch.Tensor | None]:
+        """Cotangents (one per output) -> one gradient per input tensor of the forward."""
         session = handle.session
         if not session.alive.is_set() or session is not self._session:
             raise WorkerUnavailableError(
                 "the worker session that ran this forward has ended (worker restarted?); "
                 "its residuals are gone: run the forward again"
             )
-        leaves, spec = flatten_tensors(cotangents, "cotangents")
         encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes,
                           cuda=session.cuda)
         request = pb.BackwardRequest(session_id=session.id, residual_id=handle.residual_id,
                                      keep_residuals=retain)
         try:
-            encoder.tree(leaves, spec, request.cotangents)
-            inputs, _ = flatten_tensors((handle.args, handle.kwargs), "inputs")
-            decoder = self._with_arena(session, request, arena_bytes(inputs, INLINE_THRESHOLD),
-                                       encoder)
+            encoder.tree(list(cotangents), handle.out_spec, request.cotangents)
+            decoder = self._with_arena(session, request, handle.grad_bytes, encoder)
             response = self._rpc(self._stub.Backward, request, "backward")
-            grad_args = decoder.tree(response.grad_args)
-            grad_kwargs = decoder.tree(response.grad_kwargs)
+            grads = [*decoder.gradients(response.grad_args, handle.in_specs[0]),
+                     *decoder.gradients(response.grad_kwargs, handle.in_specs[1])]
             decoder.finish()
             self.stats.add(encoder)
         finally:
@@ -392,7 +405,7 @@ class Worker:
         if not retain:
             handle.done = True
             handle.drop_leases()
-        return align_grads(handle.args, grad_args), align_grads(handle.kwargs, grad_kwargs)
+        return align_grads(handle.layout, grads)
 
     def release(self, handle: ResidualHandle) -> None:
         """Queue the residuals for release (sent with the next call); safe from finalizers."""
@@ -404,21 +417,25 @@ class Worker:
 
 
 class RemoteBackend:
-    """``VjpBackend`` of ``WrappedJaxFunction`` for a function served by a worker."""
+    """``VjpBackend`` of ``WrappedJaxFunction`` for a function served by a worker: the call
+    plan and the flat tensors go to the worker as they are (parameters whose structure the
+    wire cannot describe as a flat list: Note [Registered pytree nodes in service mode] in
+    ``server/_compiled.py``)."""
 
     def __init__(self, worker: Worker, name: str) -> None:
         self.worker = worker
         self.name = name
 
-    def call(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any]:
-        outputs, aux, _ = self.worker.call(self.name, args, kwargs, keep_residuals=False,
-                                           has_aux=has_aux)
-        return outputs, aux
+    def flat_call(self, call: Call, tensors: list[torch.Tensor]) -> tuple[list, Any, Any]:
+        outputs, out_spec, aux, _ = self.worker.call(self.name, call, tensors,
+                                                     keep_residuals=False)
+        return outputs, out_spec, aux
 
-    def call_with_vjp(self, args: tuple, kwargs: dict, *, has_aux: bool) -> tuple[Any, Any, Any]:
-        return self.worker.call(self.name, args, kwargs, keep_residuals=True, has_aux=has_aux)
+    def flat_forward(self, call: Call, tensors: list[torch.Tensor]
+                     ) -> tuple[list, Any, Any, Any]:
+        return self.worker.call(self.name, call, tensors, keep_residuals=True)
 
-    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> tuple[Any, Any]:
+    def flat_backward(self, handle: Any, cotangents: Any, *, retain: bool) -> list[Any]:
         return self.worker.backward(handle, cotangents, retain=retain)
 
     def release(self, handle: Any) -> None:
@@ -440,17 +457,14 @@ class RemoteFunction:
         self.__name__ = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        flat = (flatten_tensors(args, f"arguments of `{self.name}`"),
-                flatten_tensors(kwargs, f"keyword arguments of `{self.name}`"))
-        if torch.is_grad_enabled() and any(
-            t.requires_grad for t in (*flat[0][0], *flat[1][0])
-        ):
+        backend = self.__torch_jax_interop_backend__()
+        call, tensors = Call.of(backend, False, args, kwargs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             from .._wrapped import apply_backend
 
-            return apply_backend(self.__torch_jax_interop_backend__(), args, kwargs)
-        outputs, _, _ = self.worker.call(self.name, args, kwargs, keep_residuals=False,
-                                         has_aux=False, flat=flat)
-        return outputs
+            return apply_backend(backend, args, kwargs)
+        outputs, out_spec, _ = backend.flat_call(call, tensors)
+        return out_spec.unflatten(outputs)
 
     def __torch_jax_interop_backend__(self) -> RemoteBackend:
         return RemoteBackend(self.worker, self.name)
@@ -466,7 +480,6 @@ def connect(
     transport: str = "auto",
     token: str | None = None,
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
-    client_name: str = "torch-jax-interop",
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -500,8 +513,7 @@ def connect(
         return InprocWorker(functions)
     if functions is not None:
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
-    return Worker(address, timeout=timeout, transport=transport, token=token,
-                  client_name=client_name)
+    return Worker(address, timeout=timeout, transport=transport, token=token)
 
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "Worker", "connect"]

@@ -51,6 +51,12 @@ def fails(x: jax.Array) -> jax.Array:
     raise RuntimeError("this function always fails")
 
 
+def rejects_input(x: jax.Array) -> jax.Array:
+    """Raises ``ValueError`` at trace time: an error of the served function, which the client
+    gets as ``RemoteExecutionError`` (not as an error of its request)."""
+    raise ValueError(f"rejects_input takes no input, got shape {tuple(x.shape)}")
+
+
 def slow_identity(x: jax.Array) -> jax.Array:
     """Returns ``x`` after sleeping 2 s in the worker (for deadline and drain tests)."""
     import time

@@ -390,6 +390,9 @@ def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) ->
       ``copy=False`` raises ``CopyRequiredError`` where a copy would be needed.
     * A pytree (tuples, namedtuples, lists, dicts, dataclasses, ``None``) keeps its exact
       structure; leaves that are not tensors pass through unchanged.
+    * A ``torch.device`` (alone or in a pytree) becomes the matching ``jax.Device``
+      (``cpu`` -> JAX's CPU device, ``cuda:N`` -> the JAX GPU with local hardware id N);
+      ``ValueError`` when JAX has no such device.
     * A function is taken to be a JAX function: the result takes torch tensors, calls it
       with JAX arrays and returns torch tensors (``@torch_to_jax`` as a decorator).
 
@@ -404,12 +407,19 @@ def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) ->
     """
     if isinstance(value, _Tensor):
         return _tensor_to_jax(value, copy, device)
+    if isinstance(value, torch.device):
+        return resolve_jax_device(value)
     if _is_function(value):
         return _wrap_jax_function(value, copy, device)
-    return tree_map(
-        lambda leaf: _tensor_to_jax(leaf, copy, device) if isinstance(leaf, _Tensor) else leaf,
-        value,
-    )
+    return tree_map(lambda leaf: _leaf_to_jax(leaf, copy, device), value)
+
+
+def _leaf_to_jax(leaf: Any, copy: bool | None, device: Any) -> Any:
+    if isinstance(leaf, _Tensor):
+        return _tensor_to_jax(leaf, copy, device)
+    if isinstance(leaf, torch.device):
+        return resolve_jax_device(leaf)
+    return leaf
 
 
 @overload
@@ -430,6 +440,8 @@ def jax_to_torch(value: Any, *, copy: bool | None = None, device: Any = None) ->
       array too (JAX assumes arrays never change): convert with ``copy=True`` if you will
       write to it.
     * A pytree keeps its exact structure; leaves that are not JAX arrays pass through.
+    * A ``jax.Device`` (alone or in a pytree) becomes the matching ``torch.device``
+      (JAX's CPU device -> ``cpu``, the JAX GPU with local hardware id N -> ``cuda:N``).
     * A function is taken to be a torch function: the result takes JAX arrays, calls it with
       torch tensors and returns JAX arrays (``@jax_to_torch`` as a decorator).
 
@@ -441,12 +453,19 @@ def jax_to_torch(value: Any, *, copy: bool | None = None, device: Any = None) ->
     """
     if isinstance(value, jax.Array):
         return _array_to_torch(value, copy, device)
+    if isinstance(value, jax.Device):
+        return resolve_torch_device(value)
     if _is_function(value):
         return _wrap_torch_function(value, copy, device)
-    return tree_map(
-        lambda leaf: _array_to_torch(leaf, copy, device) if isinstance(leaf, jax.Array) else leaf,
-        value,
-    )
+    return tree_map(lambda leaf: _leaf_to_torch(leaf, copy, device), value)
+
+
+def _leaf_to_torch(leaf: Any, copy: bool | None, device: Any) -> Any:
+    if isinstance(leaf, jax.Array):
+        return _array_to_torch(leaf, copy, device)
+    if isinstance(leaf, jax.Device):
+        return resolve_torch_device(leaf)
+    return leaf
 
 
 def _wrap_jax_function(fn: F, copy: bool | None, device: Any) -> F:

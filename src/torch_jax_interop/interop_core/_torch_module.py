@@ -1,15 +1,11 @@
-"""``torch_module_to_jax``: call a ``torch.nn.Module`` from JAX code (grad, jit, vmap).
+"""``torch_module_to_jax``: call a ``torch.nn.Module`` from JAX code (grad, jit, vmap, jvp).
 
-The module runs inside an XLA host callback. ``jax.experimental.buffer_callback`` hands the
-callback XLA's own device buffers (and, on GPU, XLA's stream), so torch reads its inputs and
-writes its outputs in place, zero-copy, without a host round trip. Where ``buffer_callback``
-is missing, ``jax.pure_callback`` is the fallback (its arrays go through the host on GPU).
-
-Gradients come from a ``jax.custom_vjp``: its backward rule runs the module again in a
-callback with torch autograd on and returns ``torch.autograd.grad`` of the outputs
-(recomputation: no torch graph has to outlive a callback). Output shapes and dtypes, which
-``jax.jit`` needs before anything runs, are inferred by running the module on ``meta``
-tensors (falling back to fake tensors), once per input signature.
+The module runs inside an XLA host callback, one JAX primitive per torch computation (the
+call, its forward graph, its JVP and VJP, to any order): see Note [Why a primitive] in
+``_torch_module_primitive`` and Note [Randomness and the kept graph] in
+``_torch_module_autograd``. Output shapes and dtypes, which ``jax.jit`` needs before
+anything runs, are inferred by running the module on ``meta`` tensors (falling back to fake
+tensors), once per input signature.
 
 # Note [Buffers, train and eval]
 
@@ -28,6 +24,7 @@ one by one). So:
 
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 from collections.abc import Callable
@@ -39,26 +36,15 @@ import torch
 
 from .._compat._torch import fake_tensor_mode
 from .._errors import UnsupportedTensorError
-from ._convert import _array_to_torch, _tensor_to_jax
+from ._convert import _tensor_to_jax
 from ._dtype_map import TORCH_TO_NAME
-
-try:  # jax >= 0.7: callbacks on XLA's device buffers, zero-copy, on XLA's stream
-    from jax.experimental.buffer_callback import ExecutionStage as _ExecutionStage
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
-
-    _EXECUTE: Any = _ExecutionStage.EXECUTE
-except ImportError:  # pragma: no cover - older jax
-    _buffer_callback = None  # type: ignore[assignment]
-    _EXECUTE = None
+from ._torch_module_autograd import ModuleCall
+from ._torch_module_primitive import torch_call_p
 
 __all__ = ["torch_module_to_jax"]
 
 _Tensor = torch.Tensor
 _tree_flatten: Callable[..., Any] = jax.tree_util.tree_flatten
-# Under vmap the module sees one example at a time: correct for any module. (The batched
-# methods of the callback APIs also add a batch axis to the parameters, which modules do
-# not expect.)
-_VMAP_METHOD = "sequential"
 
 
 def _is_array(leaf: Any) -> bool:
@@ -178,7 +164,7 @@ def _to_meta(tree: Any) -> Any:
 
 
 class _Signature:
-    """The custom_vjp function for one argument structure (arrays are traced, rest static)."""
+    """One argument structure (arrays are traced, the rest static): its ``ModuleCall``."""
 
     def __init__(
         self,
@@ -193,23 +179,18 @@ class _Signature:
         self.statics = statics
         self.num_leaves = treedef.num_leaves
         self.out_info: dict[Any, tuple[Any, list[jax.ShapeDtypeStruct]]] = {}
+        self.call = ModuleCall(
+            owner.num_params + len(array_positions),
+            self._run,
+            lambda avals: self._outputs(avals)[1],
+            owner.rng_devices,
+        )
 
-        @jax.custom_vjp
-        def core(*arrays: Any) -> Any:
-            return self._forward(arrays)
+        def call(*arrays: Any) -> Any:
+            out_treedef, _ = self._outputs(arrays)
+            return out_treedef.unflatten(torch_call_p.bind(*arrays, fn=self.call))
 
-        def core_fwd(*arrays: Any) -> tuple[Any, Any]:
-            return self._forward(arrays), arrays
-
-        def core_bwd(arrays: Any, cotangents: Any) -> tuple[Any, ...]:
-            return self._backward(arrays, cotangents)
-
-        core.defvjp(core_fwd, core_bwd)
-        self.function = jax.jit(core)
-        self.forward_callback = self._make_forward_callback()
-        self.backward_callback = self._make_backward_callback()
-
-    # -- torch side ------------------------------------------------------------------
+        self.function = jax.jit(call)
 
     def _torch_call(self, tensors: list[torch.Tensor], infer: bool = False) -> Any:
         num_params = self.owner.num_params
@@ -224,17 +205,21 @@ class _Signature:
             return runner.infer_outputs(tensors[:num_params], args, kwargs)
         return runner(tensors[:num_params], args, kwargs)
 
-    def _outputs(self, arrays: tuple[Any, ...]) -> tuple[Any, list[jax.ShapeDtypeStruct]]:
-        key = tuple((a.shape, a.dtype) for a in arrays)
+    def _run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return _tree_flatten(_as_tensors(self._torch_call(tensors)))[0]
+
+    def _outputs(self, arrays: Any) -> tuple[Any, list[jax.ShapeDtypeStruct]]:
+        key = tuple((tuple(a.shape), np.dtype(a.dtype)) for a in arrays)
         info = self.out_info.get(key)
         if info is None:
             example = self.owner.example_output
             if example is None:
                 tensors = [
-                    torch.empty(a.shape, dtype=_torch_dtype(a.dtype), device="meta") for a in arrays
+                    torch.empty(shape, dtype=_torch_dtype(dtype), device="meta")
+                    for shape, dtype in key
                 ]
                 example = self._torch_call(tensors, infer=True)
-            leaves, out_treedef = _tree_flatten(example)
+            leaves, out_treedef = _tree_flatten(_as_tensors(example))
             shapes = []
             for leaf in leaves:
                 if isinstance(leaf, _Tensor):
@@ -243,92 +228,44 @@ class _Signature:
                     dtype = jax.dtypes.canonicalize_dtype(leaf.dtype)
                 else:
                     raise TypeError(
-                        "the torch module must return tensors (or pytrees of tensors); got "
-                        f"a leaf of type `{type(leaf).__name__}`."
+                        "the torch module must return tensors, Python scalars (bool, int, "
+                        "float) or pytrees of them (tuples, lists, dicts, namedtuples, "
+                        f"torch.return_types); got a leaf of type `{type(leaf).__name__}`."
                     )
                 shapes.append(jax.ShapeDtypeStruct(tuple(leaf.shape), dtype))
             info = (out_treedef, shapes)
             self.out_info[key] = info
         return info
 
-    # -- JAX side --------------------------------------------------------------------
 
-    def _forward(self, arrays: tuple[Any, ...]) -> Any:
-        out_treedef, shapes = self._outputs(arrays)
-        flat = self.owner.callback(
-            self.forward_callback, self.backward_callback, shapes, arrays, forward=True
-        )
-        return out_treedef.unflatten(flat)
-
-    def _backward(self, arrays: tuple[Any, ...], cotangents: Any) -> tuple[Any, ...]:
-        out_treedef, shapes = self._outputs(arrays)
-        cts = out_treedef.flatten_up_to(cotangents)
-        differentiable = [_inexact(a.dtype) for a in arrays]
-        grad_shapes = [
-            jax.ShapeDtypeStruct(a.shape, a.dtype)
-            for a, d in zip(arrays, differentiable, strict=True)
-            if d
-        ]
-        float_cts = [
-            jax.numpy.asarray(ct, s.dtype)
-            for ct, s in zip(cts, shapes, strict=True)
-            if _inexact(s.dtype)
-        ]
-        flat = self.owner.callback(
-            self.forward_callback,
-            self.backward_callback,
-            grad_shapes,
-            (*arrays, *float_cts),
-            forward=False,
-        )
-        grads = iter(flat)
-        return tuple(next(grads) if d else None for d in differentiable)
-
-    def _make_forward_callback(self) -> Callable[..., Any]:
-        def run_forward(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-            with torch.no_grad():
-                out = self._torch_call(tensors)
-            return jax.tree_util.tree_leaves(out)
-
-        return run_forward
-
-    def _make_backward_callback(self) -> Callable[..., Any]:
-        def run_backward(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-            n = len(self.array_positions) + self.owner.num_params
-            inputs, cts = tensors[:n], tensors[n:]
-            inputs = [
-                t.detach().requires_grad_() if (t.is_floating_point() or t.is_complex()) else t
-                for t in inputs
-            ]
-            with torch.enable_grad():
-                out = jax.tree_util.tree_leaves(self._torch_call(inputs))
-            wrt = [t for t in inputs if t.requires_grad]
-            pairs = [
-                (o, c)
-                for o, c in zip(
-                    [o for o in out if o.is_floating_point() or o.is_complex()], cts, strict=True
-                )
-                if o.requires_grad
-            ]
-            grads: tuple[torch.Tensor | None, ...]
-            if pairs and wrt:
-                grads = torch.autograd.grad(
-                    [o for o, _ in pairs],
-                    wrt,
-                    [c.to(o.dtype) for o, c in pairs],
-                    allow_unused=True,
-                )
-            else:
-                grads = (None,) * len(wrt)
-            return [
-                torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads, strict=True)
-            ]
-
-        return run_backward
+_STRUCTSEQ_TYPES: dict[type, type] = {}
 
 
-def _inexact(dtype: Any) -> bool:
-    return bool(jax.numpy.issubdtype(dtype, jax.numpy.inexact))
+def _as_tensors(tree: Any) -> Any:
+    """The module's output as JAX can flatten it: ``torch.return_types`` (structseqs) become
+    namedtuples of the same name and fields, Python scalars 0-d tensors."""
+    if isinstance(tree, (_Tensor, np.ndarray)) or tree is None:
+        return tree
+    if isinstance(tree, (bool, int, float)):
+        return torch.tensor(tree)
+    if isinstance(tree, tuple) and hasattr(type(tree), "n_sequence_fields"):
+        kind = type(tree)
+        named = _STRUCTSEQ_TYPES.get(kind)
+        if named is None:
+            fields = getattr(kind, "__match_args__", None) or tuple(
+                f"field{i}" for i in range(len(tree))
+            )
+            named = _STRUCTSEQ_TYPES.setdefault(
+                kind, collections.namedtuple(kind.__name__, fields)  # type: ignore[misc]
+            )
+        return named(*(_as_tensors(v) for v in tree))
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_as_tensors(v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_as_tensors(v) for v in tree)
+    if isinstance(tree, dict):
+        return type(tree)((k, _as_tensors(v)) for k, v in tree.items())
+    return tree
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
@@ -349,6 +286,7 @@ class _TorchModuleFunction:
         self.num_params = len(self.runner.originals)
         self.example_output = example_output
         self.signatures: dict[Any, _Signature] = {}
+        self.rng_devices = _cuda_devices(model)
         self.__name__ = f"{type(model).__name__}_as_jax"
 
     def __call__(self, params: Any, *args: Any, **kwargs: Any) -> Any:
@@ -387,84 +325,15 @@ class _TorchModuleFunction:
             self.signatures[key] = signature
         return signature.function(*arrays)
 
-    def callback(
-        self,
-        forward_callback: Callable[..., Any],
-        backward_callback: Callable[..., Any],
-        shapes: list[jax.ShapeDtypeStruct],
-        arrays: tuple[Any, ...],
-        *,
-        forward: bool,
-    ) -> list[Any]:
-        run = forward_callback if forward else backward_callback
-        if _buffer_callback is not None and _supports_buffer_callback():
-            call = _buffer_callback(_BufferCallback(run), shapes, vmap_method=_VMAP_METHOD)
-            return list(call(*arrays))
-        return list(
-            jax.pure_callback(_PureCallback(run), shapes, *arrays, vmap_method=_VMAP_METHOD)
-        )
 
-
-def _supports_buffer_callback() -> bool:
-    return jax.default_backend() in ("cpu", "gpu", "cuda", "rocm")
-
-
-class _BufferCallback:
-    """Adapts a ``list[Tensor] -> list[Tensor]`` function to ``buffer_callback``.
-
-    Inputs are torch views of XLA's buffers (zero-copy; valid only during the call) and
-    outputs are written into XLA's output buffers. On GPU, torch runs on XLA's stream.
-    """
-
-    __slots__ = ("__weakref__", "on_gpu", "run")
-
-    def __init__(self, run: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> None:
-        self.run = run
-        self.on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
-
-    def __eq__(self, other: object) -> bool:  # one compiled executable per function
-        return isinstance(other, _BufferCallback) and other.run is self.run
-
-    def __hash__(self) -> int:
-        return hash(self.run)
-
-    def __call__(self, ctx: Any, outs: Any, *ins: Any) -> None:
-        if ctx.stage != _EXECUTE:
-            return
-        stream = None
-        if self.on_gpu:
-            try:
-                stream = ctx.stream
-            except Exception:  # a CPU computation on a machine whose default is GPU
-                stream = None
-        if stream:
-            with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                self._run(outs, ins)
-        else:
-            self._run(outs, ins)
-
-    def _run(self, outs: Any, ins: tuple[Any, ...]) -> None:
-        tensors = [torch.from_dlpack(b) for b in ins]
-        results = self.run(tensors)
-        for out, result in zip(outs, results, strict=True):
-            torch.from_dlpack(out).copy_(result)
-
-
-class _PureCallback:
-    __slots__ = ("__weakref__", "run")
-
-    def __init__(self, run: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> None:
-        self.run = run
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _PureCallback) and other.run is self.run
-
-    def __hash__(self) -> int:
-        return hash(self.run)
-
-    def __call__(self, *arrays: Any) -> list[Any]:
-        tensors = [_array_to_torch(a, copy=True) for a in arrays]
-        return [np.asarray(r.detach().cpu()) for r in self.run(tensors)]
+def _cuda_devices(model: torch.nn.Module) -> tuple[int, ...]:
+    """CUDA devices whose generators the module may draw from (its tensors' devices, and
+    torch's current device when JAX computes on GPU): their RNG states are recorded."""
+    tensors = [*model.parameters(), *model.buffers()]
+    devices = {t.device.index or 0 for t in tensors if t.is_cuda}
+    if jax.default_backend() in ("gpu", "cuda", "rocm") and torch.cuda.is_available():
+        devices.add(torch.cuda.current_device())
+    return tuple(sorted(devices))
 
 
 def torch_module_to_jax(
@@ -478,13 +347,26 @@ def torch_module_to_jax(
     not share memory with the module's parameters, so training either side leaves the other
     alone). ``apply(params, *args, **kwargs)`` runs the module with those parameters:
 
-    * eagerly, and under ``jax.grad`` / ``jax.value_and_grad`` with respect to ``params``
-      and any floating-point argument (the backward pass is torch autograd);
+    * eagerly, and under ``jax.grad`` / ``jax.value_and_grad`` / ``jax.vjp`` with respect
+      to ``params`` and any floating-point argument: the backward pass is torch autograd on
+      the forward's own graph where JAX runs forward and backward in order (eager, jit),
+      else a re-run with the forward's RNG state; torch marks as requiring grad only the
+      inputs JAX differentiates;
+    * under ``jax.jvp``, ``jax.linearize``, ``jax.hessian`` and any composition of
+      derivatives (torch autograd with ``create_graph``; the module's ops need a double
+      backward, as for ``torch.autograd.functional.hessian``);
     * under ``jax.jit`` without ``example_output``: output shapes and dtypes are inferred
       by running the module on meta (or fake) tensors once per input signature.
       ``example_output`` (a tensor or pytree of tensors) is still accepted and skips that;
-    * under ``jax.vmap``: the module sees one example at a time (the callback's
-      ``vmap_method="sequential"``), so modules that are not batch-aware are correct.
+    * under ``jax.vmap``: the module sees one example at a time, so modules that are not
+      batch-aware are correct.
+
+    The module may return tensors, Python scalars (returned as 0-d arrays) and pytrees of
+    them (tuples, lists, dicts, namedtuples; ``torch.return_types`` such as ``torch.max(x,
+    dim)`` come back as namedtuples with the same fields). Random draws (dropout) in a
+    differentiated call are the forward's, in the backward too; a module that writes to its
+    inputs in place gets copies of them and never changes a JAX array (see Note [In-place
+    writes to inputs] in ``_torch_module_autograd``).
 
     Array arguments are traced; other leaves of the arguments (ints, strings, flags) are
     passed to the module as static, hashable values. Inside the callback torch reads XLA's

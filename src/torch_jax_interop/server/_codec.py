@@ -83,9 +83,11 @@ def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
     return array.astype(_NUMPY[narrow])
 
 
-def decode_tree(tree: Any, session: Session, limits: Limits) -> Any:
+def decode_leaves(tree: Any, session: Session,
+                  limits: Limits) -> tuple[_pytree.TreeSpec, list[Any]]:
+    """A ``Tree`` message as its validated structure and its arrays, in leaf order."""
     spec = _wire.decode_spec(tree.nodes, len(tree.leaves))
-    return spec.unflatten([decode_tensor(leaf, session, limits) for leaf in tree.leaves])
+    return spec, [decode_tensor(leaf, session, limits) for leaf in tree.leaves]
 
 
 def _is_array(value: Any) -> bool:
@@ -194,4 +196,4 @@ def signature_key(request_args: Any, request_kwargs: Any, extra: Any) -> Any:
     )
 
 
-__all__ = ["Limits", "OutputWriter", "decode_tree", "flatten_outputs", "pb", "required_bytes"]
+__all__ = ["Limits", "OutputWriter", "decode_leaves", "flatten_outputs", "pb", "required_bytes"]

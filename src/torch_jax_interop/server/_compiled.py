@@ -1,116 +1,100 @@
-"""A served JAX function: jitted forward, jitted vjp forward and backward, cached shapes.
+"""A served JAX function: the engine (``_engine.py``) plus what the worker adds to it.
 
-``jax.jit`` caches one executable per input signature, so each function is traced once per
-signature; the vjp residuals come back from the jitted forward as a ``jax.tree_util.Partial``
-(a pytree) and are applied by a second jitted function.
+The worker decodes a call into a flat list of arrays and the structures of ``args`` and
+``kwargs`` from the wire; the engine runs one jitted program per input signature (vjp of
+the leaves the client wants gradients for, fused gradients for a scalar loss, residuals that
+are inputs kept by reference: the client keeps those input slices leased until it releases
+the residuals).
 
-The vjp is taken with respect to the input leaves the client needs gradients for (the
-request's ``no_grad_leaves`` names the others): a frozen input batch costs no gradient
-computation and no transfer. When the output is one real floating-point scalar (a loss),
-the jitted forward computes the gradients too, in one XLA computation (as
-``jax.value_and_grad``), and keeps them instead of residuals; backward multiplies them by
-the cotangent (exact: the vjp is linear in it; see Note [Scalar outputs] in
-``interop_core/_local_backend.py``).
+# Note [Registered pytree nodes in service mode]
+
+The wire describes structure with tuples, lists, dicts with str keys and ``None`` only:
+nothing executable, no class names to import. A Flax ``struct.dataclass``, an Equinox
+module or any node registered with ``jax.tree_util`` therefore cannot travel as a node.
+Instead, a served function *declares* the structure of its parameters (its first
+argument), and the client sends only their array leaves:
+
+* the served object carries ``__torch_jax_interop_params__``, a zero-argument callable that
+  returns example parameters (``lambda: init(jax.random.key(0))``). The worker calls it
+  once, at the first call, and keeps the structure and the leaves that are not arrays (an
+  Equinox module's activation functions): a ``TreeTemplate``, one per served function,
+  holding no request's data;
+* a client whose parameters the wire cannot describe (``WrappedJaxFunction(remote, params)``
+  with such nodes, or with non-array leaves) sends them as a flat list of their array
+  leaves, in JAX's leaf order (Note [One pytree policy] in ``_pytree.py``);
+* a call whose first argument is a flat list of exactly as many arrays as the declared
+  parameters have, and whose structure differs from the declared one, gets the declared
+  structure rebuilt around those arrays; gradients come back as the same flat list.
+
+A torch-only client can thus train a Flax or Equinox model served by the worker by sending
+the leaves as a list (``jax.tree_util.tree_leaves`` order). Registered nodes in other
+arguments or in outputs are refused with a message that says so.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
-import numpy as np
-
 from .. import _pytree
+from .._engine import Engine, Program, Residuals, is_float0
+from .._errors import InvalidArgumentError
+from .._pytree import TreeSpec, TreeTemplate
 
-_FLOAT0 = jax.dtypes.float0
+__all__ = ["PARAMS_ATTRIBUTE", "CompiledFunction", "VjpResiduals", "is_float0"]
 
-
-def _is_array(value: Any) -> bool:
-    return isinstance(value, (jax.Array, np.ndarray))
-
-
-class _Gradients:
-    """What a scalar-output vjp forward returns (and the residual store keeps) instead of a
-    vjp function: the gradients themselves. A pytree node, so that jit returns it."""
-
-    __slots__ = ("grads",)
-
-    def __init__(self, grads: list[Any]) -> None:
-        self.grads = grads
-
-
-jax.tree_util.register_pytree_node(
-    _Gradients, lambda g: (g.grads, None), lambda _, children: _Gradients(list(children))
-)
+PARAMS_ATTRIBUTE = "__torch_jax_interop_params__"
+_MAX_PROGRAMS = 1024  # input signatures compiled per served function (least recent dropped)
 
 
 @dataclass
 class VjpResiduals:
-    """One forward's residuals (a vjp function, or the gradients of a scalar output) and
-    how to place the gradients of the differentiated leaves back into (args, kwargs)."""
+    """One forward's residuals (kept by the session's ``ResidualStore``) and the structure
+    of the call's arguments, to shape the gradients like them. Holds no request message."""
 
-    vjp_fn: Any
-    spec: _pytree.TreeSpec
-    diff: tuple[int, ...]
-    num_leaves: int
+    residuals: Residuals
+    args_spec: TreeSpec
+    kwargs_spec: TreeSpec
 
 
-@dataclass
-class CallPlan:
-    """Per input signature: output shapes / structure, and which outputs are inputs."""
+class _Arguments:
+    """Builds ``(args, kwargs)`` from the call's flat arrays (or tracers): the wire
+    structures, and the declared parameters (see the Note) where the call sent them flat."""
 
-    shapes: Any
-    out_tree: Any
-    forwarded: tuple[int | None, ...]
-    arena_bytes: int | None = None  # filled in by the servicer on first use
+    __slots__ = ("args_spec", "kwargs_spec", "num_args", "params")
 
-    @property
-    def all_forwarded(self) -> bool:
-        return all(i is not None for i in self.forwarded)
+    def __init__(self, args_spec: TreeSpec, kwargs_spec: TreeSpec,
+                 params: TreeTemplate | None) -> None:
+        self.args_spec = args_spec
+        self.kwargs_spec = kwargs_spec
+        self.num_args = args_spec.num_leaves
+        self.params = params
+
+    def __call__(self, arrays: Sequence[Any]) -> tuple[tuple, dict]:
+        args = self.args_spec.unflatten(arrays[: self.num_args])
+        kwargs = self.kwargs_spec.unflatten(arrays[self.num_args:])
+        if self.params is not None:
+            args = (self.params.fill(args[0]), *args[1:])
+        return args, kwargs
+
+
+def _sent_flat(first: TreeSpec, params: TreeTemplate) -> bool:
+    return (first.kind in (_pytree.LIST, _pytree.TUPLE) and first != params.spec
+            and all(child.kind == _pytree.LEAF for child in first.children))
 
 
 class CompiledFunction:
-    """One JAX function as the worker runs it."""
+    """One JAX function as the worker serves it."""
 
-    def __init__(self, name: str, fn: Callable[..., Any], target: str = "") -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], target: str = "", *,
+                 max_programs: int = _MAX_PROGRAMS) -> None:
         self.name = name
         self.fn = fn
         self.target = target
-        self._call_fn = lambda args, kwargs: fn(*args, **kwargs)
-        self._forward = jax.jit(self._call_fn)
-
-        def vjp_forward(
-            diff_leaves: list[Any],
-            const_leaves: list[Any],
-            spec: _pytree.TreeSpec,
-            diff: tuple[int, ...],
-            has_aux: bool,
-        ) -> Any:
-            def of_diff(values: list[Any]) -> Any:
-                leaves = list(const_leaves)
-                for index, value in zip(diff, values, strict=True):
-                    leaves[index] = value
-                args, kwargs = spec.unflatten(leaves)
-                return fn(*args, **kwargs)
-
-            if has_aux:
-                out, vjp_fn, aux = jax.vjp(of_diff, diff_leaves, has_aux=True)
-            else:
-                (out, vjp_fn), aux = jax.vjp(of_diff, diff_leaves), None
-            if _is_real_scalar(out):
-                (grads,) = vjp_fn(jax.numpy.ones_like(out))
-                return out, aux, _Gradients(grads)
-            return out, aux, vjp_fn
-
-        self._vjp_forward = jax.jit(vjp_forward, static_argnums=(2, 3, 4))
-        self._vjp_backward = jax.jit(lambda vjp_fn, cotangents: vjp_fn(cotangents)[0])
-        self._scale = jax.jit(
-            lambda grads, cotangent: [g * cotangent.astype(g.dtype) for g in grads]
-        )
-        self._plans: dict[Any, CallPlan] = {}
+        self.engine = Engine(fn, max_programs=max_programs)
+        self._declared: TreeTemplate | None | bool = False  # False: not looked up yet
 
     @property
     def signature(self) -> str:
@@ -123,61 +107,67 @@ class CompiledFunction:
     def doc(self) -> str:
         return (inspect.getdoc(self.fn) or "").split("\n\n")[0]
 
-    def plan(self, key: Any, args: tuple, kwargs: dict) -> CallPlan:
-        """What a call with this input signature returns, traced once and cached by ``key``."""
-        plan = self._plans.get(key)
-        if plan is None:
-            closed, shapes = jax.make_jaxpr(self._call_fn, return_shape=True)(args, kwargs)
-            position = {id(var): i for i, var in enumerate(closed.jaxpr.invars)}
-            forwarded = tuple(position.get(id(var)) for var in closed.jaxpr.outvars)
-            plan = CallPlan(shapes, jax.tree_util.tree_structure(shapes), forwarded)
-            self._plans[key] = plan
-        return plan
+    @property
+    def declared_params(self) -> TreeTemplate | None:
+        """The parameter structure the function declares (see the Note), or None."""
+        if self._declared is False:
+            factory = getattr(self.fn, PARAMS_ATTRIBUTE, None)
+            self._declared = (None if factory is None
+                              else TreeTemplate.of(factory(), _pytree.is_array_leaf)[0])
+        return self._declared  # type: ignore[return-value]
 
-    def call(self, args: tuple, kwargs: dict, plan: CallPlan | None = None) -> Any:
-        """Run the forward. Outputs that are merely inputs passed through are returned as
-        those inputs: XLA would copy them (the whole cost of an identity function)."""
-        if plan is not None and plan.all_forwarded:
-            inputs = jax.tree_util.tree_leaves((args, kwargs))
-            return jax.tree_util.tree_unflatten(plan.out_tree,
-                                                [inputs[i or 0] for i in plan.forwarded])
-        return self._forward(args, kwargs)
+    def program(self, key: Hashable, args_spec: TreeSpec, kwargs_spec: TreeSpec | None,
+                has_aux: bool, diff: tuple[int, ...]) -> Program:
+        """The engine's program for a call with these wire structures. ``key`` identifies
+        the structures, shapes and dtypes; ``diff`` the leaves to differentiate."""
+        if kwargs_spec is None:
+            kwargs_spec = _pytree.flatten({})[1]
+        if args_spec.kind != _pytree.TUPLE or kwargs_spec.kind != _pytree.DICT:
+            raise InvalidArgumentError("args must be a tuple and kwargs a dict")
+        params = self.declared_params
+        if params is not None and not (args_spec.children
+                                       and _sent_flat(args_spec.children[0], params)):
+            params = None
+        if params is not None and args_spec.children[0].num_leaves != params.num_slots:
+            raise InvalidArgumentError(
+                f"`{self.name}` declares parameters with {params.num_slots} arrays "
+                f"({PARAMS_ATTRIBUTE}), but the call sent a flat list of "
+                f"{args_spec.children[0].num_leaves}: send every array leaf of the "
+                "parameters, in jax.tree_util.tree_leaves order"
+            )
+        build = _Arguments(args_spec, kwargs_spec, params)
+        num = args_spec.num_leaves + kwargs_spec.num_leaves
+        return self.engine.program((key, has_aux, diff), build, num, diff, has_aux)
 
-    def call_with_vjp(
-        self, args: tuple, kwargs: dict, has_aux: bool, no_grad: frozenset[int] = frozenset()
-    ) -> tuple[Any, Any, VjpResiduals]:
-        """Returns (outputs, aux or None, residuals). ``no_grad``: leaf indices (over args,
-        then kwargs) that need no gradient."""
-        leaves, spec = _pytree.flatten((args, kwargs), is_leaf=_is_array)
-        diff = tuple(i for i in range(len(leaves)) if i not in no_grad)
-        diff_leaves = [leaves[i] for i in diff]
-        const_leaves = [None if i not in no_grad else leaf for i, leaf in enumerate(leaves)]
-        out, aux, vjp_fn = self._vjp_forward(diff_leaves, const_leaves, spec, diff, has_aux)
-        return out, aux, VjpResiduals(vjp_fn, spec, diff, len(leaves))
+    def describe(self, program: Program, arrays: Sequence[Any]) -> Any:
+        """Shapes of the whole result (outputs and aux), traced once per signature."""
+        return self.engine.describe(program, arrays)
 
-    def backward(self, residuals: VjpResiduals, cotangents: Any) -> tuple[Any, Any]:
-        """Gradients (args, kwargs); ``None`` (or float0, for ints and bools) marks inputs
-        without gradient."""
-        vjp_fn = residuals.vjp_fn
-        if isinstance(vjp_fn, _Gradients):
-            (cotangent,) = jax.tree_util.tree_leaves(cotangents)
-            diff_grads = self._scale(vjp_fn.grads, cotangent)
-        else:
-            diff_grads = self._vjp_backward(vjp_fn, cotangents)
-        grads: list[Any] = [None] * residuals.num_leaves
-        for index, grad in zip(residuals.diff, diff_grads, strict=True):
-            grads[index] = grad
-        grad_args, grad_kwargs = residuals.spec.unflatten(grads)
-        return grad_args, grad_kwargs
+    def call(self, program: Program, arrays: Sequence[Any]) -> tuple[Any, Any]:
+        """Run without residuals: ``(outputs, aux or None)``. Outputs that are merely
+        inputs passed through come back as those inputs (XLA would copy them)."""
+        out_leaves, aux = self.engine.call(program, arrays, passthrough=True)
+        return program.out_treedef.unflatten(out_leaves), aux
 
+    def call_with_vjp(self, program: Program, arrays: Sequence[Any]
+                      ) -> tuple[Any, Any, VjpResiduals]:
+        """Run the vjp of the program's ``diff`` leaves: ``(outputs, aux, residuals)``."""
+        out_leaves, aux, residuals = self.engine.forward(program, arrays)
+        build: _Arguments = program.build  # type: ignore[assignment]
+        return (program.out_treedef.unflatten(out_leaves), aux,
+                VjpResiduals(residuals, build.args_spec, build.kwargs_spec))
 
-def _is_real_scalar(out: Any) -> bool:
-    return (
-        isinstance(out, jax.Array)  # a tracer while tracing
-        and out.shape == ()
-        and bool(jax.numpy.issubdtype(out.dtype, jax.numpy.floating))
-    )
-
-
-def is_float0(value: Any) -> bool:
-    return getattr(value, "dtype", None) == _FLOAT0
+    def backward(self, vjp: VjpResiduals, cotangents: Sequence[Any], *,
+                 retain: bool) -> tuple[Any, Any]:
+        """Cotangents (one per output leaf, in the order the outputs were sent) ->
+        ``(grad_args, grad_kwargs)`` shaped like the call's arguments, ``None`` where an
+        input has no gradient."""
+        num_outputs = len(vjp.residuals.program.out_float)
+        if len(cotangents) != num_outputs:
+            raise InvalidArgumentError(
+                f"backward got {len(cotangents)} cotangents for {num_outputs} outputs"
+            )
+        grads = self.engine.backward(vjp.residuals, cotangents, retain=retain)
+        num_args = vjp.args_spec.num_leaves
+        return vjp.args_spec.unflatten(grads[:num_args]), vjp.kwargs_spec.unflatten(
+            grads[num_args:])

@@ -14,10 +14,12 @@ import grpc
 
 from .._names import TOKEN_ENV
 from .._targets import load_function as load_function
+from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import cleanup_orphans
 from ._compiled import CompiledFunction
 from ._health import add_health_service
-from ._servicer import JaxWorkerServicer, LenientHandlers, WorkerConfig
+from ._interceptors import StatusInterceptor, TokenAuthInterceptor
+from ._servicer import JaxWorkerServicer, WorkerConfig
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -66,7 +68,11 @@ def create_server(
     if removed:
         log.info("removed %d shared-memory segments of dead processes", len(removed))
 
-    servicer = JaxWorkerServicer(compiled, config, token=token)
+    servicer = JaxWorkerServicer(compiled, config)
+    # The token check runs first: a peer without it learns nothing else.
+    interceptors: list[grpc.ServerInterceptor] = [StatusInterceptor()]
+    if token:
+        interceptors.insert(0, TokenAuthInterceptor(token))
     message_limit = config.limits.max_inline_bytes + _GRPC_MESSAGE_OVERHEAD
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_sessions + 32,
@@ -77,8 +83,9 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=None,
+        interceptors=interceptors,
     )
-    server.add_generic_rpc_handlers((LenientHandlers(servicer),))
+    pb_grpc.add_JaxWorkerServiceServicer_to_server(servicer, server)
     health = add_health_service(server)
     bound: list[str] = []
     old_umask = os.umask(0o177)  # the unix socket file is created 0600

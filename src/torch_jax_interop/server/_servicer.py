@@ -1,14 +1,19 @@
-"""The ``JaxWorker`` gRPC service: sessions, regions, calls, backward, release."""
+"""The ``JaxWorkerService`` gRPC service: sessions, regions, calls, backward, release.
+
+Methods raise the project's exceptions; the server's interceptors (``_interceptors.py``)
+check the token first and map exceptions to status codes (Note [Status codes of the
+worker]).
+"""
 
 from __future__ import annotations
 
-import hmac
+import contextlib
+import inspect
 import logging
 import os
-import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -16,24 +21,26 @@ import jax
 
 from .. import _pytree, _wire
 from .._errors import (
+    FunctionNotFoundError,
     InteropError,
     InvalidArgumentError,
-    RemoteError,
+    ProtocolVersionError,
+    RemoteExecutionError,
     ResourceExhaustedError,
-    TransportError,
 )
+from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SHM_PREFIX, default_shm_dir
+from ..transport import default_shm_dir
 from ._codec import (
     Limits,
     OutputWriter,
-    decode_tree,
+    decode_leaves,
     flatten_outputs,
     required_bytes,
     signature_key,
 )
-from ._compiled import CompiledFunction, is_float0
+from ._compiled import CompiledFunction
 from ._session import (
     CudaIpcWorkerRegion,
     Residual,
@@ -44,8 +51,9 @@ from ._session import (
 
 log = logging.getLogger("torch_jax_interop.server")
 
-_TRANSPORT_NAMES = {pb.INLINE: "inline bytes", pb.SHARED_MEMORY: "shared memory",
-                    pb.CUDA_IPC: "CUDA IPC", pb.TRANSPORT_UNSPECIFIED: "unspecified"}
+_TRANSPORT_NAMES = {pb.TRANSPORT_INLINE: "inline bytes",
+                    pb.TRANSPORT_SHARED_MEMORY: "shared memory",
+                    pb.TRANSPORT_CUDA_IPC: "CUDA IPC", pb.TRANSPORT_UNSPECIFIED: "unspecified"}
 
 
 class WorkerConfig:
@@ -70,145 +78,29 @@ class WorkerConfig:
         self.shm_dir = shm_dir or default_shm_dir()
 
 
-_SERVICE_PREFIX = "/torch_jax_interop.v1.JaxWorker/"
+class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
+    """The worker's sessions and functions. Serve it with the interceptors of
+    ``_interceptors.py`` (``create_server`` does): its methods raise, they do not abort."""
 
-
-class UndecodableRequest:
-    """Stands in for a request whose bytes are not a valid protobuf message.
-
-    grpcio answers a request it cannot deserialize with INTERNAL ("Exception deserializing
-    request!") and logs a traceback; a malformed request is the peer's fault, so
-    :class:`LenientHandlers` hands the servicer this object instead, and the servicer
-    answers INVALID_ARGUMENT (after the token check).
-    """
-
-    def __init__(self, method: str, error: Exception) -> None:
-        self.method = method
-        self.error = error
-
-    def abort(self, context: grpc.ServicerContext) -> None:
-        context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request to {self.method} is not a valid protobuf message of "
-            f"torch_jax_interop.v1 protocol v{_wire.PROTOCOL_VERSION} ({self.error}); "
-            "use the client of the same torch-jax-interop version as the worker",
-        )
-
-
-class LenientHandlers(grpc.GenericRpcHandler):
-    """The generated JaxWorker handlers, with deserializers that never raise: undecodable
-    request bytes become ``UndecodableRequest``. Built once per method (a server
-    interceptor would do the same work on every call)."""
-
-    def __init__(self, servicer: Any) -> None:
-        captured: list[Any] = []
-
-        class _Capture:
-            def add_generic_rpc_handlers(self, handlers: Any) -> None:
-                captured.extend(handlers)
-
-            def add_registered_method_handlers(self, *args: Any) -> None:
-                pass
-
-        pb_grpc.add_JaxWorkerServicer_to_server(servicer, _Capture())
-        self._generated = captured
-        self._cache: dict[str, Any] = {}
-
-    def service(self, details: Any) -> Any:
-        method = details.method
-        handler = self._cache.get(method)
-        if handler is None:
-            for generated in self._generated:
-                handler = generated.service(details)
-                if handler is not None:
-                    break
-            if handler is None:
-                return None
-            decode = handler.request_deserializer
-
-            def lenient(data: bytes, decode: Any = decode) -> Any:
-                try:
-                    return decode(data)
-                except Exception as error:  # DecodeError, and anything protobuf adds later
-                    return UndecodableRequest(method, error)
-
-            handler = handler._replace(request_deserializer=lenient)
-            self._cache[method] = handler
-        return handler
-
-
-def _handler(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Map the project's exceptions to gRPC status codes; the worker keeps serving."""
-
-    def wrapper(self: JaxWorkerServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        self.authorize(context)
-        if isinstance(request, UndecodableRequest):
-            request.abort(context)
-        try:
-            return method(self, request, context)
-        except InvalidArgumentError as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except ResourceExhaustedError as error:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        except _NotFound as error:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except (TransportError, ValueError) as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except (TypeError, InteropError) as error:
-            # Raised while tracing the user's function: wrong arity, dtype or shape.
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(error).__name__}: {error}")
-        except Exception as error:  # the function itself failed at run time
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
-class _NotFound(RemoteError):
-    pass
-
-
-class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
-    def __init__(
-        self, functions: dict[str, CompiledFunction], config: WorkerConfig,
-        token: str | None = None,
-    ) -> None:
+    def __init__(self, functions: dict[str, CompiledFunction], config: WorkerConfig) -> None:
         self.functions = functions
-        self._token = f"Bearer {token}".encode() if token else None
         self.config = config
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.shutting_down = threading.Event()
-        self.hostname = socket.gethostname()
         self.boot_id = _wire.boot_id()
-
-    def authorize(self, context: grpc.ServicerContext) -> None:
-        """TCP peers must send ``authorization: Bearer <token>``. Unix-socket peers are
-        trusted through the socket file's mode (0600: same user only)."""
-        if self._token is None or context.peer().startswith("unix"):
-            return
-        sent = dict(context.invocation_metadata()).get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), self._token):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong token: pass token=... to connect() or set "
-                "TORCH_JAX_INTEROP_TOKEN to the worker's token",
-            )
+        self._signatures: dict[str, inspect.Signature | None] = {}
 
     # -- sessions -------------------------------------------------------------------------
 
     def OpenSession(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        self.authorize(context)
-        if isinstance(request, UndecodableRequest):
-            request.abort(context)
+        _check_protocol_version(request.protocol_version)
         client = f"pid {request.client_pid} on {request.client_hostname or '?'}"
         with self._lock:
             if len(self.sessions) >= self.config.max_sessions:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise ResourceExhaustedError(
                     f"the worker is at its session cap ({self.config.max_sessions}, "
-                    "--max-sessions); close other clients or start another worker",
+                    "--max-sessions); close other clients or start another worker"
                 )
             session = Session(
                 uuid.uuid4().hex, client, max_residuals=self.config.max_residuals,
@@ -220,12 +112,11 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         log.info("session %s opened by %s, transport: %s", session.id[:8], client,
                  _TRANSPORT_NAMES.get(request.transport, "unspecified"))
         try:
-            yield pb.SessionEvent(
-                session_id=session.id, worker_pid=os.getpid(), worker_hostname=self.hostname,
-                boot_id=self.boot_id, shm_directory=self.config.shm_dir,
+            yield pb.OpenSessionResponse(
+                session_id=session.id, worker_pid=os.getpid(), boot_id=self.boot_id,
+                shm_directory=self.config.shm_dir,
                 max_inline_bytes=self.config.limits.max_inline_bytes,
-                max_tensor_bytes=self.config.limits.max_tensor_bytes,
-                protocol_version=_wire.PROTOCOL_VERSION, shm_prefix=SHM_PREFIX,
+                protocol_version=_wire.PROTOCOL_VERSION,
             )
             while not ended.wait(0.5):
                 if self.shutting_down.is_set():
@@ -251,23 +142,27 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
 
     # -- regions --------------------------------------------------------------------------
 
-    @_handler
     def RegisterRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
+        kind = request.WhichOneof("region")
         max_tensor_bytes = self.config.limits.max_tensor_bytes
         region: WorkerRegion
-        if request.kind == pb.CUDA_IPC:
+        if kind == "cuda_ipc":
             # Note [CUDA IPC ownership] in transport/cuda/__init__.py.
-            region = CudaIpcWorkerRegion.open(request.cuda_ipc_handle, request.size,
-                                              request.device_uuid,
+            cuda = request.cuda_ipc
+            region = CudaIpcWorkerRegion.open(cuda.handle, cuda.size, cuda.device_uuid,
                                               max_tensor_bytes=max_tensor_bytes)
-        elif request.kind in (pb.SHARED_MEMORY, pb.TRANSPORT_UNSPECIFIED):
-            region = SharedMemoryWorkerRegion.attach(request.name, request.size,
+        elif kind == "shared_memory":
+            shm = request.shared_memory
+            region = SharedMemoryWorkerRegion.attach(shm.name, shm.size,
                                                      directory=self.config.shm_dir,
                                                      max_tensor_bytes=max_tensor_bytes)
         else:
-            raise InvalidArgumentError("this worker registers shared-memory regions only")
-        region_id, generation = session.add_region(region)
+            raise InvalidArgumentError(
+                "RegisterRegionRequest names no region: set `shared_memory` (name, size) or "
+                "`cuda_ipc` (handle, size, device_uuid)"
+            )
+        region_id = session.add_region(region)
         if isinstance(region, CudaIpcWorkerRegion):
             log.info("session %s registered CUDA IPC region %d (%d bytes on %s, device %d)",
                      session.id[:8], region_id, region.size, region.mapping.uuid,
@@ -275,16 +170,14 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         elif not session.transport_logged:
             session.transport_logged = True
             log.info("session %s uses shared memory in %s", session.id[:8], self.config.shm_dir)
-        return pb.RegisterRegionResponse(region_id=region_id, generation=generation)
+        return pb.RegisterRegionResponse(region_id=region_id)
 
-    @_handler
     def ReleaseRegion(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._session(request.session_id).release_region(request.region_id)
         return pb.ReleaseRegionResponse()
 
     # -- functions ------------------------------------------------------------------------
 
-    @_handler
     def ListFunctions(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ListFunctionsResponse(functions=[
             pb.FunctionInfo(name=name, signature=f.signature, doc=f.doc, target=f.target)
@@ -295,80 +188,120 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServicer):
         function = self.functions.get(name)
         if function is None:
             available = ", ".join(sorted(self.functions)) or "none"
-            raise _NotFound(
+            raise FunctionNotFoundError(
                 f"unknown function `{name}`; this worker serves: {available}. Start the "
                 f"worker with --function {name}=package.module:attr to serve it"
             )
         return function
 
-    @_handler
     def Call(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         function = self._function(request.function)
         limits = self.config.limits
-        args = decode_tree(request.args, session, limits)
-        kwargs = decode_tree(request.kwargs, session, limits) if request.kwargs.nodes else {}
-        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
-            raise InvalidArgumentError("args must be a tuple and kwargs a dict")
+        args_spec, arrays = decode_leaves(request.args, session, limits)
+        kwargs_spec = None
+        if request.kwargs.nodes:
+            kwargs_spec, kwargs_arrays = decode_leaves(request.kwargs, session, limits)
+            arrays.extend(kwargs_arrays)
         response = pb.CallResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
                               session, self.config.inline_threshold, limits)
-        plan = function.plan(signature_key(request.args, request.kwargs, request.has_aux),
-                             args, kwargs)
+        no_grad = _no_grad_leaves(request)
+        diff = (tuple(i for i in range(len(arrays)) if i not in no_grad)
+                if request.keep_residuals else ())
+        program = function.program(signature_key(request.args, request.kwargs, None),
+                                   args_spec, kwargs_spec, request.has_aux, diff)
+        self._check_arguments(function, args_spec, kwargs_spec)
+        with _served(request.function):
+            shapes = function.describe(program, arrays)
         if session.num_regions:
-            if plan.arena_bytes is None:
-                plan.arena_bytes = required_bytes(plan.shapes, self.config.inline_threshold)
-            need = plan.arena_bytes
+            need = required_bytes(shapes, self.config.inline_threshold)
             if need > writer.capacity:
                 response.required_output_bytes = need
                 return response
-        if request.keep_residuals:
-            out, aux, vjp_fn = function.call_with_vjp(
-                args, kwargs, request.has_aux, _no_grad_leaves(request)
-            )
-        else:
-            out = function.call(args, kwargs, plan)
-            aux = None
-            if request.has_aux:
-                if not (isinstance(out, (tuple, list)) and len(out) == 2):
-                    raise InvalidArgumentError(
-                        f"has_aux=True but `{request.function}` does not return (output, aux)"
-                    )
-                out, aux = out
+        with _served(request.function):
+            if request.keep_residuals:
+                out, aux, vjp_fn = function.call_with_vjp(program, arrays)
+            else:
+                out, aux = function.call(program, arrays)
         out_leaves, out_spec = flatten_outputs(out)
-        jax.block_until_ready(out_leaves)
+        with _served(request.function):  # errors of an asynchronous run surface here
+            jax.block_until_ready(out_leaves)
         writer.write_tree(out_leaves, out_spec, response.outputs)
         if request.has_aux:
             aux_leaves, aux_spec = flatten_outputs(aux)
             writer.write_tree(aux_leaves, aux_spec, response.aux)
         if request.keep_residuals:
-            response.residual_id = session.residuals.put(
-                Residual(function, vjp_fn, request.args, request.kwargs)
-            )
+            response.residual_id = session.residuals.put(Residual(function, vjp_fn))
         return response
 
-    @_handler
     def Backward(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         # Decode first: a malformed request is refused without consuming the residuals.
-        cotangents = decode_tree(request.cotangents, session, self.config.limits)
+        _, cotangents = decode_leaves(request.cotangents, session, self.config.limits)
         residual = session.residuals.get(request.residual_id, pop=not request.keep_residuals)
-        grad_args, grad_kwargs = residual.function.backward(residual.vjp_fn, cotangents)
+        grad_args, grad_kwargs = residual.function.backward(
+            residual.vjp_fn, cotangents, retain=request.keep_residuals
+        )
         response = pb.BackwardResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
                               session, self.config.inline_threshold, self.config.limits)
         for grads, out in ((grad_args, response.grad_args), (grad_kwargs, response.grad_kwargs)):
-            leaves, spec = _pytree.flatten(grads, is_leaf=lambda v: isinstance(v, jax.Array))
-            kept = [leaf for leaf in leaves if not is_float0(leaf)]
-            spec = _drop_float0(spec, leaves)
-            jax.block_until_ready(kept)
-            writer.write_tree(kept, spec, out)
+            leaves, spec = flatten_outputs(grads)  # inputs without gradient: None
+            jax.block_until_ready(leaves)
+            writer.write_tree(leaves, spec, out)
         return response
 
-    @_handler
     def Release(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
         return pb.ReleaseResponse(released=session.residuals.release(list(request.residual_ids)))
+
+    def _check_arguments(self, function: CompiledFunction, args_spec: _pytree.TreeSpec,
+                         kwargs_spec: _pytree.TreeSpec | None) -> None:
+        """Arguments the function's signature cannot take are an error of the request
+        (INVALID_ARGUMENT), found before the function runs: only their number and keyword
+        names matter, so the wire structures suffice."""
+        if function.name not in self._signatures:
+            try:
+                self._signatures[function.name] = inspect.signature(function.fn)
+            except (TypeError, ValueError):  # no signature to check against (a builtin)
+                self._signatures[function.name] = None
+        signature = self._signatures[function.name]
+        if signature is None:
+            return
+        positional = len(args_spec.children)  # a tuple: ``function.program`` checked it
+        keywords = list(kwargs_spec.meta[0]) if kwargs_spec is not None else []
+        try:
+            signature.bind(*[None] * positional, **dict.fromkeys(keywords))
+        except TypeError as error:
+            raise InvalidArgumentError(
+                f"`{function.name}{signature}` cannot take {positional} positional arguments "
+                f"and keyword arguments {sorted(keywords)}: {error}"
+            ) from None
+
+
+def _check_protocol_version(version: int) -> None:
+    if version != _wire.PROTOCOL_VERSION:
+        older = "client" if version < _wire.PROTOCOL_VERSION else "worker"
+        raise ProtocolVersionError(
+            f"the client speaks protocol v{version} but this worker (torch-jax-interop "
+            f"{__version__}) speaks v{_wire.PROTOCOL_VERSION}; upgrade the {older} so that "
+            "both sides run the same torch-jax-interop version"
+        )
+
+
+@contextlib.contextmanager
+def _served(name: str) -> Iterator[None]:
+    """Runs the served function: whatever it raises reaches the client as
+    ``RemoteExecutionError`` (UNKNOWN) with its type and message; the project's own errors
+    (a bad request found while tracing) keep their codes."""
+    try:
+        yield
+    except InteropError:
+        raise
+    except Exception as error:
+        log.info("`%s` raised %s: %s", name, type(error).__name__, error)
+        raise RemoteExecutionError(f"`{name}` raised {type(error).__name__}: {error}") from None
 
 
 def _no_grad_leaves(request: Any) -> frozenset[int]:
@@ -381,18 +314,3 @@ def _no_grad_leaves(request: Any) -> frozenset[int]:
         )
     return no_grad
 
-
-def _drop_float0(spec: _pytree.TreeSpec, leaves: list[Any]) -> _pytree.TreeSpec:
-    """The same structure with float0 leaves (no gradient) turned into ``None`` nodes."""
-    iterator = iter(leaves)
-
-    def rebuild(node: _pytree.TreeSpec) -> _pytree.TreeSpec:
-        if node.kind == _pytree.LEAF:
-            return _pytree.NONE_SPEC if is_float0(next(iterator)) else node
-        if not node.children:
-            return node
-        children = tuple(rebuild(child) for child in node.children)
-        return _pytree.TreeSpec(node.kind, children, node.meta,
-                                sum(c.num_leaves for c in children))
-
-    return rebuild(spec)

@@ -15,10 +15,9 @@ import contextlib
 import itertools
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,10 +31,7 @@ log = logging.getLogger("torch_jax_interop.server")
 @dataclass
 class Residual:
     function: Any  # CompiledFunction
-    vjp_fn: Any
-    args_spec: Any
-    kwargs_spec: Any
-    created: float = field(default_factory=time.monotonic)
+    vjp_fn: Any  # its VjpResiduals: no request message (their inline bytes) kept alive
 
 
 class ResidualStore:
@@ -231,8 +227,8 @@ class CudaIpcWorkerRegion(WorkerRegion):
 
     def _check(self, where: Any) -> None:
         cuda.check_cuda_descriptor(
-            region_size=self.size, region_uuid=self.mapping.uuid, offset=where.offset,
-            nbytes=where.nbytes, device_uuid=where.device_uuid, expected_nbytes=None,
+            region_size=self.size, offset=where.offset, nbytes=where.nbytes,
+            expected_nbytes=None,
         )
 
     def view(self, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> Any:
@@ -257,15 +253,15 @@ class Session:
         self.residuals = ResidualStore(max_residuals)
         self.max_regions = max_regions
         # Regions of both kinds (Note [Worker regions]), one id space.
-        self._regions: dict[int, tuple[int, WorkerRegion]] = {}  # id -> (generation, region)
+        self._regions: dict[int, WorkerRegion] = {}
         self._region_ids = itertools.count(1)
         self._lock = threading.Lock()
         self.closed = False
         self.transport_logged = False
 
-    def add_region(self, region: WorkerRegion) -> tuple[int, int]:
-        """Keep ``region`` for this session; its ``(region_id, generation)``. Closes it and
-        raises RESOURCE_EXHAUSTED at ``--max-regions``."""
+    def add_region(self, region: WorkerRegion) -> int:
+        """Keep ``region`` for this session; its ``region_id``. Closes it and raises
+        RESOURCE_EXHAUSTED at ``--max-regions``."""
         with self._lock:
             if len(self._regions) >= self.max_regions:
                 region.close()
@@ -273,28 +269,24 @@ class Session:
                     f"this session already maps {self.max_regions} regions (--max-regions); "
                     "release regions you no longer use"
                 )
+            # Ids are never reused within a session: a slice of a released region never
+            # names another one.
             region_id = next(self._region_ids)
-            # The generation is unique per (session, id): a stale slice never matches.
-            self._regions[region_id] = (region_id, region)
-            return region_id, region_id
+            self._regions[region_id] = region
+            return region_id
 
     def region(self, kind: str, where: Any) -> WorkerRegion:
-        """The region of ``kind`` a descriptor ``where`` (``region_id``, ``generation``)
-        names; INVALID_ARGUMENT unless this session registered it and it is current."""
+        """The region of ``kind`` a descriptor ``where`` (its ``region_id``) names;
+        INVALID_ARGUMENT unless this session registered it and has not released it."""
         if kind == CUDA_IPC:
             require_cuda_ipc()
-        region_id, generation = where.region_id, where.generation
-        generation_now, region = self._regions.get(region_id, (0, None))
+        region_id = where.region_id
+        region = self._regions.get(region_id)
         if region is None or region.kind != kind:
             what = "CUDA IPC region" if kind == CUDA_IPC else "region"
             raise InvalidArgumentError(
                 f"{what} {region_id} is not registered in this session; register it first "
                 "(RegisterRegion) — a session can only use its own regions"
-            )
-        if generation_now != generation:
-            raise InvalidArgumentError(
-                f"stale generation {generation} for region {region_id} (current "
-                f"{generation_now}): the region was released and re-registered"
             )
         return region
 
@@ -302,12 +294,11 @@ class Session:
     def writing(self, region: WorkerRegion, where: Any) -> Iterator[WorkerRegion]:
         """``region`` (found by :meth:`region` for ``where``), held for one output write.
 
-        Generation fencing: a region released (or a session ended) before the write is
-        refused, and ``release_region`` waits for a write in progress, so nothing is
+        Fencing: a region released (or a session ended) before the write is refused (ids
+        are never reused), and ``release_region`` waits for a write in progress, so nothing is
         written into a region after it was given back."""
         with self._lock:
-            current = self._regions.get(where.region_id)
-            if current is None or current != (where.generation, region):
+            if self._regions.get(where.region_id) is not region:
                 raise InvalidArgumentError(
                     f"output region {where.region_id} was released while the call ran; "
                     "nothing was written to it. Keep a region registered until its calls "
@@ -317,17 +308,17 @@ class Session:
 
     def release_region(self, region_id: int) -> None:
         with self._lock:
-            entry = self._regions.pop(region_id, None)
-        if entry is None:
+            region = self._regions.pop(region_id, None)
+        if region is None:
             raise InvalidArgumentError(f"region {region_id} is not registered in this session")
-        entry[1].close()
+        region.close()
 
     def close(self) -> None:
         """Drop residuals first (they may alias region memory), then the mappings."""
         self.closed = True
         self.residuals.clear()
         with self._lock:
-            regions = [region for _, region in self._regions.values()]
+            regions = list(self._regions.values())
             self._regions.clear()
         for region in regions:
             region.close()

@@ -92,20 +92,19 @@ class BufferKind(Generic[BufferT]):
         """Drop ``buffer``: views still alive keep its memory until they die."""
 
 
-RegisterFn = Callable[[Any], tuple[int, int]]
-"""Registers a new buffer with the worker and returns its ``(region_id, generation)``."""
+RegisterFn = Callable[[Any], int]
+"""Registers a new buffer with the worker and returns the ``region_id`` it assigned."""
 
 
 class _Entry(FreeList, Generic[BufferT]):
     """One registered buffer of a pool and its free list."""
 
-    __slots__ = ("buffer", "region_id", "generation", "retired")
+    __slots__ = ("buffer", "region_id", "retired")
 
-    def __init__(self, buffer: BufferT, region_id: int, generation: int) -> None:
+    def __init__(self, buffer: BufferT, region_id: int) -> None:
         super().__init__(buffer.size)
         self.buffer = buffer
         self.region_id = region_id
-        self.generation = generation
         self.retired = False  # released or closed: slices of it no longer return bytes
 
 
@@ -160,11 +159,6 @@ class PoolSlice(Generic[BufferT]):
         return self._entry.region_id
 
     @property
-    def generation(self) -> int:
-        """The buffer's generation at registration (fences reuse of a region id)."""
-        return self._entry.generation
-
-    @property
     def offset(self) -> int:
         """Bytes from the start of the buffer; a multiple of the kind's alignment."""
         return self._offset
@@ -183,7 +177,6 @@ class PoolSlice(Generic[BufferT]):
         """Write this slice into a descriptor message (``SharedMemorySlice`` /
         ``CudaIpcSlice``): the one place that spells the descriptor's fields."""
         message.region_id = self._entry.region_id
-        message.generation = self._entry.generation
         message.offset = self._offset
         message.nbytes = self._nbytes
 
@@ -207,8 +200,7 @@ class PoolSlice(Generic[BufferT]):
         self.release()
 
     def _describe(self) -> str:
-        return (f"region_id={self.region_id}, generation={self.generation}, "
-                f"offset={self._offset}, nbytes={self._nbytes}")
+        return f"region_id={self.region_id}, offset={self._offset}, nbytes={self._nbytes}"
 
     def __repr__(self) -> str:
         state = ", released" if self._released else ""
@@ -223,7 +215,7 @@ class Pool(Generic[BufferT, SliceT]):
 
     ``register(buffer)`` is called (outside the pool's lock, one new buffer at a time) for
     every buffer the pool creates; it must make the worker map the buffer and return the
-    ``(region_id, generation)`` the worker assigned. When it raises, the pool closes the
+    ``region_id`` the worker assigned. When it raises, the pool closes the
     buffer and re-raises.
 
     New buffers hold ``max(min_region_bytes, kind.preferred_size(block))`` bytes; the pool
@@ -356,7 +348,7 @@ class Pool(Generic[BufferT, SliceT]):
                 size = self._new_region_size(block, nbytes)
                 self._reserved += size
             try:
-                region_id, generation, buffer = self._create_and_register(size)
+                region_id, buffer = self._create_and_register(size)
             finally:
                 with self._locked():
                     self._reserved -= size
@@ -369,23 +361,21 @@ class Pool(Generic[BufferT, SliceT]):
                         f"{region_id}, which this pool already uses: region ids must be "
                         "unique within a session"
                     )
-                entry = _Entry(buffer, region_id, generation)
+                entry = _Entry(buffer, region_id)
                 self._state.regions[region_id] = entry
                 offset = entry.take(block)
                 assert offset is not None
                 return self.slice_type(self, entry, offset, nbytes, block)
 
-    def _create_and_register(self, size: int) -> tuple[int, int, BufferT]:
+    def _create_and_register(self, size: int) -> tuple[int, BufferT]:
         buffer = self.kind.create(size)
         try:
-            region_id, generation = self._register(buffer)
-            region_id = operator.index(region_id)
-            generation = operator.index(generation)
+            region_id = operator.index(self._register(buffer))
         except BaseException:
             self.kind.close(buffer)
             raise
         self.kind.registered(buffer)
-        return region_id, generation, buffer
+        return region_id, buffer
 
     # -- giving back ---------------------------------------------------------------------
 

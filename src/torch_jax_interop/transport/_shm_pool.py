@@ -136,7 +136,7 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
     """Client-side pool of shared-memory regions, carved into 64-byte aligned slices.
 
     ``register(region)`` must make the worker attach the region and return the
-    ``(region_id, generation)`` it assigned. When it returns, the pool unlinks the region's
+    ``region_id`` it assigned. When it returns, the pool unlinks the region's
     name (``unlink_after_register``), so no crash of either process can leave the region in
     ``/dev/shm`` (Note [Shared memory ownership] in ``_shm.py``). When it raises, the pool
     unlinks and unmaps the region and re-raises. Regions are unmapped on :meth:`close`, on
@@ -151,7 +151,7 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
 
     def __init__(
         self,
-        register: Callable[[SharedMemoryRegion], tuple[int, int]],
+        register: Callable[[SharedMemoryRegion], int],
         *,
         directory: str | None = None,
         min_region_bytes: int = 8 << 20,

@@ -1,1 +1,1 @@
-"""torch_jax_interop.v1 messages and service stubs (generated)."""
+"""torch_jax_interop.proto.v1 messages and service stubs (generated)."""

@@ -6,85 +6,79 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    FLOAT32: _ClassVar[DType]
-    FLOAT64: _ClassVar[DType]
-    FLOAT16: _ClassVar[DType]
-    BFLOAT16: _ClassVar[DType]
-    INT8: _ClassVar[DType]
-    INT16: _ClassVar[DType]
-    INT32: _ClassVar[DType]
-    INT64: _ClassVar[DType]
-    UINT8: _ClassVar[DType]
-    UINT16: _ClassVar[DType]
-    UINT32: _ClassVar[DType]
-    UINT64: _ClassVar[DType]
-    BOOL: _ClassVar[DType]
-    COMPLEX64: _ClassVar[DType]
-    COMPLEX128: _ClassVar[DType]
-    FLOAT8_E4M3FN: _ClassVar[DType]
-    FLOAT8_E5M2: _ClassVar[DType]
-    FLOAT8_E4M3FNUZ: _ClassVar[DType]
-    FLOAT8_E5M2FNUZ: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_INT8: _ClassVar[Dtype]
+    DTYPE_INT16: _ClassVar[Dtype]
+    DTYPE_INT32: _ClassVar[Dtype]
+    DTYPE_INT64: _ClassVar[Dtype]
+    DTYPE_UINT8: _ClassVar[Dtype]
+    DTYPE_UINT16: _ClassVar[Dtype]
+    DTYPE_UINT32: _ClassVar[Dtype]
+    DTYPE_UINT64: _ClassVar[Dtype]
+    DTYPE_BOOL: _ClassVar[Dtype]
+    DTYPE_COMPLEX64: _ClassVar[Dtype]
+    DTYPE_COMPLEX128: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E4M3FN: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E5M2: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E4M3FNUZ: _ClassVar[Dtype]
+    DTYPE_FLOAT8_E5M2FNUZ: _ClassVar[Dtype]
 
 class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
-    INLINE: _ClassVar[Transport]
-    SHARED_MEMORY: _ClassVar[Transport]
-    CUDA_IPC: _ClassVar[Transport]
-DTYPE_UNSPECIFIED: DType
-FLOAT32: DType
-FLOAT64: DType
-FLOAT16: DType
-BFLOAT16: DType
-INT8: DType
-INT16: DType
-INT32: DType
-INT64: DType
-UINT8: DType
-UINT16: DType
-UINT32: DType
-UINT64: DType
-BOOL: DType
-COMPLEX64: DType
-COMPLEX128: DType
-FLOAT8_E4M3FN: DType
-FLOAT8_E5M2: DType
-FLOAT8_E4M3FNUZ: DType
-FLOAT8_E5M2FNUZ: DType
+    TRANSPORT_INLINE: _ClassVar[Transport]
+    TRANSPORT_SHARED_MEMORY: _ClassVar[Transport]
+    TRANSPORT_CUDA_IPC: _ClassVar[Transport]
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_FLOAT64: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_INT8: Dtype
+DTYPE_INT16: Dtype
+DTYPE_INT32: Dtype
+DTYPE_INT64: Dtype
+DTYPE_UINT8: Dtype
+DTYPE_UINT16: Dtype
+DTYPE_UINT32: Dtype
+DTYPE_UINT64: Dtype
+DTYPE_BOOL: Dtype
+DTYPE_COMPLEX64: Dtype
+DTYPE_COMPLEX128: Dtype
+DTYPE_FLOAT8_E4M3FN: Dtype
+DTYPE_FLOAT8_E5M2: Dtype
+DTYPE_FLOAT8_E4M3FNUZ: Dtype
+DTYPE_FLOAT8_E5M2FNUZ: Dtype
 TRANSPORT_UNSPECIFIED: Transport
-INLINE: Transport
-SHARED_MEMORY: Transport
-CUDA_IPC: Transport
+TRANSPORT_INLINE: Transport
+TRANSPORT_SHARED_MEMORY: Transport
+TRANSPORT_CUDA_IPC: Transport
 
 class SharedMemorySlice(_message.Message):
-    __slots__ = ("region_id", "generation", "offset", "nbytes")
+    __slots__ = ("region_id", "offset", "nbytes")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
-    GENERATION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     region_id: int
-    generation: int
     offset: int
     nbytes: int
-    def __init__(self, region_id: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, region_id: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class CudaIpcSlice(_message.Message):
-    __slots__ = ("region_id", "generation", "offset", "nbytes", "device_uuid")
+    __slots__ = ("region_id", "offset", "nbytes")
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
-    GENERATION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     region_id: int
-    generation: int
     offset: int
     nbytes: int
-    device_uuid: str
-    def __init__(self, region_id: _Optional[int] = ..., generation: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+    def __init__(self, region_id: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "shm", "cuda_ipc", "inline_data")
@@ -93,29 +87,29 @@ class Tensor(_message.Message):
     SHM_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     INLINE_DATA_FIELD_NUMBER: _ClassVar[int]
-    dtype: DType
+    dtype: Dtype
     shape: _containers.RepeatedScalarFieldContainer[int]
     shm: SharedMemorySlice
     cuda_ipc: CudaIpcSlice
     inline_data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[SharedMemorySlice, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcSlice, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[Dtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., shm: _Optional[_Union[SharedMemorySlice, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcSlice, _Mapping]] = ..., inline_data: _Optional[bytes] = ...) -> None: ...
 
 class TreeNode(_message.Message):
     __slots__ = ("kind", "num_children", "keys")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TreeNode.Kind]
-        LEAF: _ClassVar[TreeNode.Kind]
-        NONE: _ClassVar[TreeNode.Kind]
-        TUPLE: _ClassVar[TreeNode.Kind]
-        LIST: _ClassVar[TreeNode.Kind]
-        DICT: _ClassVar[TreeNode.Kind]
+        KIND_LEAF: _ClassVar[TreeNode.Kind]
+        KIND_NONE: _ClassVar[TreeNode.Kind]
+        KIND_TUPLE: _ClassVar[TreeNode.Kind]
+        KIND_LIST: _ClassVar[TreeNode.Kind]
+        KIND_DICT: _ClassVar[TreeNode.Kind]
     KIND_UNSPECIFIED: TreeNode.Kind
-    LEAF: TreeNode.Kind
-    NONE: TreeNode.Kind
-    TUPLE: TreeNode.Kind
-    LIST: TreeNode.Kind
-    DICT: TreeNode.Kind
+    KIND_LEAF: TreeNode.Kind
+    KIND_NONE: TreeNode.Kind
+    KIND_TUPLE: TreeNode.Kind
+    KIND_LIST: TreeNode.Kind
+    KIND_DICT: TreeNode.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_CHILDREN_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -140,67 +134,67 @@ class OutputArena(_message.Message):
     cuda_ipc: CudaIpcSlice
     def __init__(self, shm: _Optional[_Union[SharedMemorySlice, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcSlice, _Mapping]] = ...) -> None: ...
 
+class SharedMemoryRegion(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class CudaIpcRegion(_message.Message):
+    __slots__ = ("handle", "size", "device_uuid")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    size: int
+    device_uuid: str
+    def __init__(self, handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("client_name", "client_pid", "client_hostname", "boot_id", "transport", "protocol_version")
-    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("client_pid", "client_hostname", "transport", "protocol_version")
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
-    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    client_name: str
     client_pid: int
     client_hostname: str
-    boot_id: str
     transport: Transport
     protocol_version: int
-    def __init__(self, client_name: _Optional[str] = ..., client_pid: _Optional[int] = ..., client_hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, client_pid: _Optional[int] = ..., client_hostname: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
-class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "worker_pid", "worker_hostname", "boot_id", "shm_directory", "max_inline_bytes", "max_tensor_bytes", "protocol_version", "shm_prefix")
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "worker_pid", "boot_id", "shm_directory", "max_inline_bytes", "protocol_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
-    WORKER_HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     MAX_INLINE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    MAX_TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    SHM_PREFIX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     worker_pid: int
-    worker_hostname: str
     boot_id: str
     shm_directory: str
     max_inline_bytes: int
-    max_tensor_bytes: int
     protocol_version: int
-    shm_prefix: str
-    def __init__(self, session_id: _Optional[str] = ..., worker_pid: _Optional[int] = ..., worker_hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., shm_directory: _Optional[str] = ..., max_inline_bytes: _Optional[int] = ..., max_tensor_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ..., shm_prefix: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., worker_pid: _Optional[int] = ..., boot_id: _Optional[str] = ..., shm_directory: _Optional[str] = ..., max_inline_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
-    __slots__ = ("session_id", "name", "size", "kind", "cuda_ipc_handle", "device_uuid")
+    __slots__ = ("session_id", "shared_memory", "cuda_ipc")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    KIND_FIELD_NUMBER: _ClassVar[int]
-    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    name: str
-    size: int
-    kind: Transport
-    cuda_ipc_handle: bytes
-    device_uuid: str
-    def __init__(self, session_id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., kind: _Optional[_Union[Transport, str]] = ..., cuda_ipc_handle: _Optional[bytes] = ..., device_uuid: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemoryRegion
+    cuda_ipc: CudaIpcRegion
+    def __init__(self, session_id: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemoryRegion, _Mapping]] = ..., cuda_ipc: _Optional[_Union[CudaIpcRegion, _Mapping]] = ...) -> None: ...
 
 class RegisterRegionResponse(_message.Message):
-    __slots__ = ("region_id", "generation")
+    __slots__ = ("region_id",)
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
-    GENERATION_FIELD_NUMBER: _ClassVar[int]
     region_id: int
-    generation: int
-    def __init__(self, region_id: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    def __init__(self, region_id: _Optional[int] = ...) -> None: ...
 
 class ReleaseRegionRequest(_message.Message):
     __slots__ = ("session_id", "region_id")
@@ -283,14 +277,12 @@ class BackwardRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., residual_id: _Optional[int] = ..., cotangents: _Optional[_Union[Tree, _Mapping]] = ..., output_arena: _Optional[_Union[OutputArena, _Mapping]] = ..., keep_residuals: bool = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_args", "grad_kwargs", "required_output_bytes")
+    __slots__ = ("grad_args", "grad_kwargs")
     GRAD_ARGS_FIELD_NUMBER: _ClassVar[int]
     GRAD_KWARGS_FIELD_NUMBER: _ClassVar[int]
-    REQUIRED_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     grad_args: Tree
     grad_kwargs: Tree
-    required_output_bytes: int
-    def __init__(self, grad_args: _Optional[_Union[Tree, _Mapping]] = ..., grad_kwargs: _Optional[_Union[Tree, _Mapping]] = ..., required_output_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, grad_args: _Optional[_Union[Tree, _Mapping]] = ..., grad_kwargs: _Optional[_Union[Tree, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id", "residual_ids")

@@ -5,8 +5,10 @@ import grpc
 from torch_jax_interop.proto.v1 import interop_pb2 as torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2
 
 
-class JaxWorkerStub(object):
-    """Missing associated documentation comment in .proto file."""
+class JaxWorkerServiceStub(object):
+    """A JAX worker: serves named JAX functions to torch clients. Every RPC but OpenSession and
+    ListFunctions names a session; over TCP every RPC needs `authorization: Bearer <token>`.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -15,94 +17,103 @@ class JaxWorkerStub(object):
             channel: A grpc.Channel.
         """
         self.OpenSession = channel.unary_stream(
-                '/torch_jax_interop.v1.JaxWorker/OpenSession',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/OpenSession',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.OpenSessionRequest.SerializeToString,
-                response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.SessionEvent.FromString,
+                response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.OpenSessionResponse.FromString,
                 )
         self.RegisterRegion = channel.unary_unary(
-                '/torch_jax_interop.v1.JaxWorker/RegisterRegion',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/RegisterRegion',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.RegisterRegionRequest.SerializeToString,
                 response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.RegisterRegionResponse.FromString,
                 )
         self.ReleaseRegion = channel.unary_unary(
-                '/torch_jax_interop.v1.JaxWorker/ReleaseRegion',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/ReleaseRegion',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseRegionRequest.SerializeToString,
                 response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseRegionResponse.FromString,
                 )
         self.ListFunctions = channel.unary_unary(
-                '/torch_jax_interop.v1.JaxWorker/ListFunctions',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/ListFunctions',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ListFunctionsRequest.SerializeToString,
                 response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ListFunctionsResponse.FromString,
                 )
         self.Call = channel.unary_unary(
-                '/torch_jax_interop.v1.JaxWorker/Call',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/Call',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.CallRequest.SerializeToString,
                 response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.CallResponse.FromString,
                 )
         self.Backward = channel.unary_unary(
-                '/torch_jax_interop.v1.JaxWorker/Backward',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/Backward',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.BackwardResponse.FromString,
                 )
         self.Release = channel.unary_unary(
-                '/torch_jax_interop.v1.JaxWorker/Release',
+                '/torch_jax_interop.proto.v1.JaxWorkerService/Release',
                 request_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseResponse.FromString,
                 )
 
 
-class JaxWorkerServicer(object):
-    """Missing associated documentation comment in .proto file."""
+class JaxWorkerServiceServicer(object):
+    """A JAX worker: serves named JAX functions to torch clients. Every RPC but OpenSession and
+    ListFunctions names a session; over TCP every RPC needs `authorization: Bearer <token>`.
+    """
 
     def OpenSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Opens a session; the stream stays open while the client lives.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RegisterRegion(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Registers a shared-memory or CUDA IPC region for the session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseRegion(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Unmaps a region of the session.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListFunctions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists the functions the worker serves.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Call(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Runs a function's forward pass (keeping residuals when asked).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Runs a backward pass from kept residuals.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Drops kept residuals.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_JaxWorkerServicer_to_server(servicer, server):
+def add_JaxWorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'OpenSession': grpc.unary_stream_rpc_method_handler(
                     servicer.OpenSession,
                     request_deserializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.OpenSessionRequest.FromString,
-                    response_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.SessionEvent.SerializeToString,
+                    response_serializer=torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.OpenSessionResponse.SerializeToString,
             ),
             'RegisterRegion': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterRegion,
@@ -136,13 +147,15 @@ def add_JaxWorkerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'torch_jax_interop.v1.JaxWorker', rpc_method_handlers)
+            'torch_jax_interop.proto.v1.JaxWorkerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
 
 
  # This class is part of an EXPERIMENTAL API.
-class JaxWorker(object):
-    """Missing associated documentation comment in .proto file."""
+class JaxWorkerService(object):
+    """A JAX worker: serves named JAX functions to torch clients. Every RPC but OpenSession and
+    ListFunctions names a session; over TCP every RPC needs `authorization: Bearer <token>`.
+    """
 
     @staticmethod
     def OpenSession(request,
@@ -155,9 +168,9 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(request, target, '/torch_jax_interop.v1.JaxWorker/OpenSession',
+        return grpc.experimental.unary_stream(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/OpenSession',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.OpenSessionRequest.SerializeToString,
-            torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.SessionEvent.FromString,
+            torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.OpenSessionResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -172,7 +185,7 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.v1.JaxWorker/RegisterRegion',
+        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/RegisterRegion',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.RegisterRegionRequest.SerializeToString,
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.RegisterRegionResponse.FromString,
             options, channel_credentials,
@@ -189,7 +202,7 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.v1.JaxWorker/ReleaseRegion',
+        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/ReleaseRegion',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseRegionRequest.SerializeToString,
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseRegionResponse.FromString,
             options, channel_credentials,
@@ -206,7 +219,7 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.v1.JaxWorker/ListFunctions',
+        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/ListFunctions',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ListFunctionsRequest.SerializeToString,
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ListFunctionsResponse.FromString,
             options, channel_credentials,
@@ -223,7 +236,7 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.v1.JaxWorker/Call',
+        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/Call',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.CallRequest.SerializeToString,
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.CallResponse.FromString,
             options, channel_credentials,
@@ -240,7 +253,7 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.v1.JaxWorker/Backward',
+        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/Backward',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.BackwardRequest.SerializeToString,
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.BackwardResponse.FromString,
             options, channel_credentials,
@@ -257,7 +270,7 @@ class JaxWorker(object):
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.v1.JaxWorker/Release',
+        return grpc.experimental.unary_unary(request, target, '/torch_jax_interop.proto.v1.JaxWorkerService/Release',
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseRequest.SerializeToString,
             torch__jax__interop_dot_proto_dot_v1_dot_interop__pb2.ReleaseResponse.FromString,
             options, channel_credentials,

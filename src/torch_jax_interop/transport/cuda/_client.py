@@ -141,11 +141,6 @@ class DeviceSlice(PoolSlice[DeviceBuffer]):
         """Device address of the slice in this process."""
         return self._entry.buffer.ptr + self._offset
 
-    def fill(self, message: Any) -> None:
-        """Write this slice into a ``CudaIpcSlice`` message."""
-        super().fill(message)
-        message.device_uuid = self.device_uuid
-
     def torch_bytes(self, *, release_when_collected: bool = False) -> Any:
         """A ``torch.uint8`` CUDA tensor over exactly the slice's bytes; no copy.
 
@@ -166,8 +161,8 @@ class DeviceSlice(PoolSlice[DeviceBuffer]):
         return f"{super()._describe()}, device={self.device_uuid}"
 
 
-RegisterCudaFn = Callable[[DeviceBuffer], tuple[int, int]]
-"""Registers a new buffer with the worker and returns its ``(region_id, generation)``."""
+RegisterCudaFn = Callable[[DeviceBuffer], int]
+"""Registers a new buffer with the worker and returns the ``region_id`` it assigned."""
 
 
 class CudaIpcPool(Pool[DeviceBuffer, DeviceSlice]):

@@ -51,28 +51,18 @@ def validate_cuda_slice(
 def check_cuda_descriptor(
     *,
     region_size: int,
-    region_uuid: str,
     offset: int,
     nbytes: int,
-    device_uuid: str,
     expected_nbytes: int | None,
     alignment: int = CUDA_ALIGNMENT,
 ) -> None:
-    """Validate a ``CudaIpcSlice`` against the region it names (worker side).
+    """Validate a ``CudaIpcSlice`` against the region it names (worker side). The slice's
+    GPU is its region's: the region was registered with its device UUID.
 
     ``expected_nbytes``: what dtype x shape needs (None for an output arena, which may be
     larger than any one tensor). Raises :class:`SliceOutOfBoundsError` (a ValueError) with a
     message saying what is wrong.
     """
-    try:
-        uuid = parse_gpu_uuid(device_uuid)
-    except ValueError as error:
-        raise SliceOutOfBoundsError(f"CUDA IPC slice: {error}") from None
-    if uuid != region_uuid:
-        raise SliceOutOfBoundsError(
-            f"CUDA IPC slice names GPU `{uuid}` but its region was registered on "
-            f"`{region_uuid}`; a slice must name the GPU of its region"
-        )
     if expected_nbytes is not None and nbytes != expected_nbytes:
         raise SliceOutOfBoundsError(
             f"CUDA IPC slice holds {nbytes} bytes but the tensor's shape and dtype need "

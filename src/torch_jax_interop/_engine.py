@@ -1,0 +1,366 @@
+"""The JAX engine: one jitted program per call signature, its vjp, and backward.
+
+JAX side of the layers: imports JAX and numpy, never torch. Both places that run a user's
+JAX function use it: ``interop_core/_local_backend.py`` (library mode; the bridge converts
+torch tensors to arrays around it) and the worker (``server/_servicer.py``, through
+``server/_compiled.py``).
+
+A *program* belongs to one input signature (argument structure and static values, shapes,
+dtypes, which inputs are differentiated; the caller builds the key). Inputs and outputs
+are flat lists of arrays: the caller's ``build`` turns the input arrays (or tracers) into
+``(args, kwargs)`` for ``fn(*args, **kwargs)``. Each program traces the user's function at
+most once per kind of call (plain, or vjp):
+
+* ``call``: the jitted function, no residuals;
+* ``forward``: one jitted ``jax.vjp`` of the differentiated inputs returning the outputs
+  and the residuals, which the caller keeps as ``Residuals`` until ``backward`` or
+  ``release``;
+* ``backward``: a second jitted function rebuilds the vjp function from the residuals and
+  applies it to the cotangents; one gradient per input, ``None`` for the inputs that were
+  not differentiated (float0 gradients of integer inputs included).
+
+# Note [Residuals that are inputs]
+
+Many residuals are inputs: ``x @ w`` keeps ``x`` to compute the gradient of ``w``. A jitted
+function that returns one of its inputs copies it into a fresh buffer (800 KB per step for
+the input batch of the benchmark MLP). The forward pass therefore returns only the
+residuals that are not inputs; those that are (found by identity while tracing) are kept
+as the input arrays themselves, by reference, as torch's saved tensors are. The caller
+must keep those inputs unchanged until backward: the local backend checks the torch
+tensors' version counters (``Residuals.saved_inputs`` says which), the worker keeps the
+client's input slices leased until the residuals are released.
+
+# Note [Scalar outputs: gradients with the forward pass]
+
+When the function's output is one real floating-point scalar (a loss), the jitted forward
+computes the gradients too, as ``jax.value_and_grad`` would, in one XLA computation: no
+residuals are stored and backward does no vjp. The vjp is linear in its cotangent, so
+backward returns ``cotangent * gradients`` (the stored gradients themselves for the usual
+cotangent 1.0). Fusing saves the residual round trip through memory and a dispatch (see
+``benchmarks``, "MLP train step, loss in JAX"). The cost: a forward pass under grad mode
+whose graph is never backpropagated computed gradients for nothing; evaluate under
+``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Engine", "Program", "Residuals", "is_float0"]
+
+_FLOAT0 = jax.dtypes.float0
+_tree_flatten: Callable[..., Any] = jax.tree_util.tree_flatten
+_tree_unflatten = jax.tree_util.tree_unflatten
+
+
+def is_float0(value: Any) -> bool:
+    """Whether ``value`` is JAX's gradient of an integer input (no gradient)."""
+    return getattr(value, "dtype", None) == _FLOAT0
+
+
+def _is_real_scalar(out: Any) -> bool:
+    return (
+        isinstance(out, jax.Array)  # a tracer while tracing
+        and out.shape == ()
+        and bool(jnp.issubdtype(out.dtype, jnp.floating))
+    )
+
+
+def _is_inexact(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def split_aux(result: Any) -> tuple[Any, Any]:
+    """``(output, aux)`` of a ``has_aux`` function's result; TypeError if it is no pair."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise TypeError(
+            "with has_aux=True the JAX function must return a pair `(output, aux)`; got "
+            f"{type(result).__name__}."
+        )
+    return result[0], result[1]
+
+
+@jax.jit
+def _scale(grads: list[Any], cotangent: Any) -> list[Any]:
+    return [g * cotangent.astype(g.dtype) for g in grads]
+
+
+class Program:
+    """Everything cached for one input signature: the jitted functions, and what tracing
+    found out (output structure, residual layout). Holds no input value."""
+
+    __slots__ = (
+        "backward",
+        "build",
+        "diff",
+        "forward",
+        "forwarded",
+        "fused",
+        "has_aux",
+        "num_inputs",
+        "out_float",
+        "out_shapes",
+        "out_treedef",
+        "passthrough",
+        "plain",
+        "res_treedef",
+        "result_shapes",
+        "saved_inputs",
+    )
+
+    def __init__(self, build: Callable[[Sequence[Any]], tuple[tuple, dict]],
+                 num_inputs: int, diff: tuple[int, ...], has_aux: bool) -> None:
+        self.build = build
+        self.num_inputs = num_inputs
+        self.diff = diff  # indices of the differentiated inputs
+        self.has_aux = has_aux
+        self.plain: Callable[..., Any] | None = None
+        self.forward: Callable[..., Any] | None = None
+        self.backward: Callable[..., Any] | None = None
+        # found while tracing:
+        self.out_treedef: Any = None
+        self.out_float: tuple[bool, ...] = ()
+        self.out_shapes: tuple[tuple[int, ...], ...] = ()
+        self.fused = False
+        self.res_treedef: Any = None
+        # per residual leaf: -1 (returned by the forward pass) or the input's index
+        self.forwarded: tuple[int, ...] = ()
+        self.saved_inputs: tuple[int, ...] = ()  # the distinct inputs among them
+        # from `describe`: shapes of the whole result (aux included), and per result leaf
+        # the input it merely passes through (or None)
+        self.result_shapes: Any = None
+        self.passthrough: tuple[int | None, ...] | None = None
+
+    def _run(self, fn: Callable[..., Any], arrays: Sequence[Any]) -> Any:
+        args, kwargs = self.build(arrays)
+        return fn(*args, **kwargs)
+
+    def _record(self, out: Any) -> list[Any]:
+        out_leaves, self.out_treedef = _tree_flatten(out)
+        self.out_float = tuple(_is_inexact(leaf) for leaf in out_leaves)
+        self.out_shapes = tuple(np.shape(leaf) for leaf in out_leaves)
+        return out_leaves  # type: ignore[no-any-return]
+
+
+class Residuals:
+    """What one forward pass keeps for backward: the residuals that are not inputs, the
+    input arrays that are residuals (Note [Residuals that are inputs]), or for a scalar
+    output the gradients themselves (Note [Scalar outputs]). ``live`` is false once
+    released."""
+
+    __slots__ = ("grads", "inputs", "kept", "live", "program")
+
+    def __init__(self, program: Program, kept: list[Any] | None, inputs: list[Any] | None,
+                 grads: list[Any] | None) -> None:
+        self.program, self.kept, self.inputs, self.grads = program, kept, inputs, grads
+        self.live = True
+
+    @property
+    def saved_inputs(self) -> tuple[int, ...]:
+        """Indices of the inputs kept by reference: they must not change before backward."""
+        return self.program.saved_inputs if self.inputs else ()
+
+    def drop(self) -> None:
+        self.live = False
+        self.kept = self.inputs = self.grads = None
+
+
+class Engine:
+    """Runs one JAX function ``fn(*args, **kwargs)`` for flat lists of input arrays.
+
+    ``max_programs`` bounds the number of cached programs (input signatures); the least
+    recently used is dropped past it. ``vjp_calls`` / ``fused_calls`` / ``live_residuals``
+    count forward passes that kept residuals, those of a scalar output that computed the
+    gradients too (Note [Scalar outputs]), and residual sets not yet released (residuals a
+    caller drops without ``release``, as the worker's residual store does when a session
+    ends, are not counted down).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, max_programs: int | None = None) -> None:
+        self.fn = fn
+        self.max_programs = max_programs
+        self.programs: OrderedDict[Hashable, Program] = OrderedDict()
+        self._lock = threading.Lock()
+        self.vjp_calls = 0
+        self.fused_calls = 0
+        self.live_residuals = 0
+
+    def program(self, key: Hashable, build: Callable[[Sequence[Any]], tuple[tuple, dict]],
+                num_inputs: int, diff: tuple[int, ...], has_aux: bool) -> Program:
+        """The program of ``key`` (made with ``build`` the first time). ``key`` must
+        determine everything else: structure, statics, shapes, dtypes, ``diff``, ``has_aux``.
+        Raises TypeError when ``key`` is not hashable."""
+        with self._lock:  # the worker serves calls from several threads
+            program = self.programs.get(key)
+            if program is None:
+                program = Program(build, num_inputs, diff, has_aux)
+                self.programs[key] = program
+                if self.max_programs is not None and len(self.programs) > self.max_programs:
+                    self.programs.popitem(last=False)
+            elif self.max_programs is not None:
+                self.programs.move_to_end(key)
+        return program
+
+    # -- no residuals --------------------------------------------------------------------
+
+    def describe(self, program: Program, arrays: Sequence[Any]) -> Any:
+        """Shapes of the whole result (aux included) without running it, traced once."""
+        if program.result_shapes is None:
+            fn = self.fn
+            closed, shapes = jax.make_jaxpr(
+                lambda a: program._run(fn, a), return_shape=True
+            )(list(arrays))
+            position = {id(var): i for i, var in enumerate(closed.jaxpr.invars)}
+            program.passthrough = tuple(position.get(id(var)) for var in closed.jaxpr.outvars)
+            program.result_shapes = shapes
+        return program.result_shapes
+
+    def call(self, program: Program, arrays: Sequence[Any], *,
+             passthrough: bool = False) -> tuple[list[Any], Any]:
+        """Run without residuals: ``(output leaves, aux or None)``; ``program.out_treedef``
+        rebuilds the outputs. With ``passthrough`` (after ``describe``), a result made only
+        of inputs passed through is returned as those inputs: XLA would copy them."""
+        forwarded = program.passthrough
+        if passthrough and forwarded is not None and all(i is not None for i in forwarded):
+            result = _tree_unflatten(jax.tree_util.tree_structure(program.result_shapes),
+                                     [arrays[i or 0] for i in forwarded])
+            out, aux = split_aux(result) if program.has_aux else (result, None)
+            return program._record(out), aux
+        if program.plain is None:
+            fn, has_aux = self.fn, program.has_aux
+
+            def plain(arrays: list[Any]) -> Any:
+                result = program._run(fn, arrays)
+                out, aux = split_aux(result) if has_aux else (result, None)
+                return program._record(out), aux
+
+            program.plain = jax.jit(plain)
+        out_leaves, aux = program.plain(list(arrays))
+        return out_leaves, aux
+
+    # -- with residuals ------------------------------------------------------------------
+
+    def _build_vjp(self, program: Program) -> None:
+        fn, diff, has_aux = self.fn, program.diff, program.has_aux
+
+        def forward(diff_arrays: list[Any], const_arrays: list[Any]) -> Any:
+            def of_diff(diff_values: list[Any]) -> Any:
+                arrays = list(const_arrays)
+                for index, value in zip(diff, diff_values, strict=True):
+                    arrays[index] = value
+                return program._run(fn, arrays)
+
+            if has_aux:
+                out, vjp, aux = jax.vjp(of_diff, diff_arrays, has_aux=True)
+            else:
+                (out, vjp), aux = jax.vjp(of_diff, diff_arrays), None
+            out_leaves = program._record(out)
+            if len(out_leaves) == 1 and _is_real_scalar(out_leaves[0]):
+                program.fused = True  # Note [Scalar outputs]
+                (grads,) = vjp(_tree_unflatten(program.out_treedef,
+                                               [jnp.ones_like(out_leaves[0])]))
+                return out_leaves, aux, grads
+            # Note [Residuals that are inputs]
+            inputs = list(const_arrays)
+            for index, value in zip(diff, diff_arrays, strict=True):
+                inputs[index] = value
+            input_index = {id(value): i for i, value in enumerate(inputs)}
+            res_leaves, program.res_treedef = _tree_flatten(vjp)
+            forwarded = [input_index.get(id(leaf), -1) for leaf in res_leaves]
+            program.forwarded = tuple(forwarded)
+            program.saved_inputs = tuple(sorted({i for i in forwarded if i >= 0}))
+            kept = [leaf for leaf, i in zip(res_leaves, forwarded, strict=True) if i < 0]
+            return out_leaves, aux, kept
+
+        def backward(residuals: list[Any], cotangents: list[Any]) -> Any:
+            vjp = _tree_unflatten(program.res_treedef, residuals)
+            (grads,) = vjp(_tree_unflatten(program.out_treedef, cotangents))
+            return grads
+
+        program.forward = jax.jit(forward)
+        program.backward = jax.jit(backward)
+
+    def forward(self, program: Program, arrays: Sequence[Any]) -> tuple[list[Any], Any, Residuals]:
+        """Run and keep residuals: ``(output leaves, aux or None, residuals)``."""
+        if program.forward is None:
+            self._build_vjp(program)
+        assert program.forward is not None
+        diff = program.diff
+        diff_arrays = [arrays[i] for i in diff]
+        const_arrays = list(arrays)
+        for i in diff:
+            const_arrays[i] = None  # the traced function gets them from `diff_arrays`
+        out_leaves, aux, kept = program.forward(diff_arrays, const_arrays)
+        self.vjp_calls += 1
+        self.live_residuals += 1
+        if program.fused:
+            self.fused_calls += 1
+            residuals = Residuals(program, None, None, kept)
+        else:
+            saved = program.saved_inputs
+            residuals = Residuals(program, kept, [arrays[i] for i in saved] or None, None)
+        return out_leaves, aux, residuals
+
+    def backward(self, residuals: Residuals, cotangents: Sequence[Any], *,
+                 retain: bool) -> list[Any]:
+        """Cotangents (one per output leaf; ignored for integer outputs) -> one gradient per
+        input, ``None`` where there is none. ``retain=False`` releases the residuals."""
+        if not residuals.live:
+            raise RuntimeError(
+                "Trying to backward through a JAX function whose residuals were already "
+                "freed. Specify retain_graph=True on the first backward call if you need to "
+                "backward through the graph a second time."
+            )
+        program = residuals.program
+        grads_kept, kept, inputs = residuals.grads, residuals.kept, residuals.inputs
+        if not retain:
+            self.release(residuals)
+        if grads_kept is not None:
+            diff_grads = _scaled(grads_kept, cotangents[0], fresh=retain)
+        else:
+            assert kept is not None and program.backward is not None
+            if inputs:
+                saved = dict(zip(program.saved_inputs, inputs, strict=True))
+                it = iter(kept)
+                kept = [next(it) if i < 0 else saved[i] for i in program.forwarded]
+            cts = [
+                ct if is_float else np.zeros(shape, _FLOAT0)
+                for is_float, shape, ct in zip(
+                    program.out_float, program.out_shapes, cotangents, strict=True
+                )
+            ]
+            diff_grads = program.backward(kept, cts)
+        grads: list[Any] = [None] * program.num_inputs
+        for index, grad in zip(program.diff, diff_grads, strict=True):
+            grads[index] = None if is_float0(grad) else grad
+        return grads
+
+    def release(self, residuals: Residuals) -> None:
+        """Drop the residuals (idempotent, cheap, safe from a finalizer)."""
+        if residuals.live:
+            residuals.drop()
+            self.live_residuals -= 1
+
+
+def _scaled(grads: list[Any], cotangent: Any, *, fresh: bool) -> list[Any]:
+    """``cotangent * g`` for each stored gradient ``g``: exact, because the vjp is linear
+    in the cotangent. ``fresh`` (the residuals keep ``grads`` for another backward) returns
+    new buffers, so that a caller's in-place accumulation cannot write into the stored ones.
+    """
+    if not fresh and isinstance(cotangent, np.ndarray) and cotangent.shape == ():
+        if float(cotangent) == 1.0:  # the usual `loss.backward()`: no JAX call at all
+            return list(grads)
+    real = [i for i, g in enumerate(grads) if not is_float0(g)]  # float0: no gradient
+    out = list(grads)
+    for i, g in zip(real, _scale([grads[i] for i in real], jnp.asarray(cotangent)),
+                    strict=True):
+        out[i] = g
+    return out

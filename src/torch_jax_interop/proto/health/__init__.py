@@ -1,1 +1,0 @@
-"""Fallback copy of grpc.health.v1 (generated)."""
