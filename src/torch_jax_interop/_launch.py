@@ -158,6 +158,9 @@ class WorkerGroup:
         except BaseException:
             self.stop()
             raise
+        # Read: gone at once, so that not even a SIGKILL of this process leaves them.
+        shutil.rmtree(self._ready_dir, ignore_errors=True)
+        self._ready_dir = None
         for rank, (process, bound) in enumerate(zip(self.processes, self.bound, strict=True)):
             log.info("worker for local rank %d (pid %d) serves %s", rank, process.pid,
                      ", ".join(bound))

@@ -46,6 +46,7 @@ class Launcher:
         self.template = f"unix://{directory}/worker-{{local_rank}}.sock"
         self.ready = directory / "ready.json"
         self.log_path = directory / "launcher.log"
+        self.started = time.time() - 1
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [*CLI, "worker", "--ranks", "2", "--listen", self.template, "--function",
@@ -129,11 +130,16 @@ def test_a_dead_worker_stops_the_group(launcher: Launcher) -> None:
 def test_workers_follow_a_killed_launcher(launcher: Launcher) -> None:
     # SIGKILL gives the launcher no chance to stop its workers: the kernel does
     # (PR_SET_PDEATHSIG), and each drains as on SIGTERM.
+    started = launcher.started
     os.kill(launcher.process.pid, signal.SIGKILL)
     launcher.process.wait(timeout=30)
     wait_until(lambda: not any(map(alive, launcher.worker_pids)), 60,
                "the workers did not exit after their launcher was killed")
     assert not any(os.path.exists(p) for p in launcher.sockets())
+    # The workers' own ready files went as soon as the launcher had read them.
+    assert not [d for d in os.listdir(tempfile.gettempdir()) if d.startswith("tji-ranks-")
+                and os.stat(os.path.join(tempfile.gettempdir(), d)).st_uid == os.getuid()
+                and os.path.getmtime(os.path.join(tempfile.gettempdir(), d)) >= started]
 
 
 @pytest.mark.slow
