@@ -20,7 +20,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _autograd, _convert, _gpu, _machine, _original, _remote, _report, _torch_module
+from . import (
+    _autograd,
+    _convert,
+    _distributed,
+    _gpu,
+    _machine,
+    _original,
+    _remote,
+    _report,
+    _torch_module,
+)
 from ._processes import REPO_ROOT
 from ._suite import ERROR, Record, Suite
 from ._timing import TimingConfig
@@ -32,6 +42,7 @@ GROUPS: dict[str, Callable[[Suite], list[tuple[str, Callable[[], None]]]]] = {
     "remote": _remote.tasks,
     "original": _original.tasks,
     "gpu": _gpu.tasks,
+    "distributed": _distributed.tasks,
 }
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
 

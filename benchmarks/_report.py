@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from . import _distributed
 from ._suite import OK, OVER_LIMIT, Comparison, Record, Suite
 
 SCHEMA_VERSION = 1
@@ -246,6 +247,10 @@ def to_markdown(suite: Suite, machine: dict[str, Any], command: str) -> str:
                 for c in others
             ],
         )
+    scaling = suite.extra.get(_distributed.GROUP, {})
+    if scaling.get("ranks"):
+        lines += ["", "#### Data-parallel training, a worker per rank (no target)", ""]
+        lines += _table(_distributed.MARKDOWN_HEADER, _distributed.markdown_rows(scaling))
     dtype_rows = _dtype_rows(suite)
     if dtype_rows:
         lines += ["", "#### Conversion of 16 elements, by dtype (ours / raw DLPack call)", ""]

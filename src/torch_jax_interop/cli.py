@@ -1,7 +1,8 @@
 """``torch-jax-interop`` command line: ``worker``, ``health``, ``train``, ``demo``.
 
 Each subcommand imports only what it needs: ``worker`` imports JAX (no torch), ``train``
-imports torch (no JAX), ``health`` imports neither.
+imports torch (no JAX), ``health`` imports neither, and ``worker --ranks N`` (a launcher
+that starts N worker processes) imports neither in the launcher itself.
 """
 
 from __future__ import annotations
@@ -22,15 +23,51 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The options every worker of ``worker --ranks N`` gets (all but ``--listen``,
+    ``--ready-file`` and the rank options, which the launcher sets per worker)."""
+    argv = [arg for spec in args.function for arg in ("--function", spec)]
+    argv += ["--token-env", args.token_env, "--max-sessions", str(args.max_sessions),
+             "--max-residuals", str(args.max_residuals),
+             "--max-tensor-bytes", str(args.max_tensor_bytes),
+             "--max-inline-bytes", str(args.max_inline_bytes), "--grace", str(args.grace)]
+    if args.shm_dir is not None:
+        argv += ["--shm-dir", args.shm_dir]
+    return argv
+
+
 def _worker(args: argparse.Namespace) -> int:
+    if not args.function:
+        print("error: give at least one --function NAME=package.module:attr", file=sys.stderr)
+        return 2
+    from ._ranks import is_rank_template, local_rank_addresses, rank_address
+
+    try:
+        if args.ranks is not None:
+            from ._launch import serve_ranks  # starts processes; imports no framework
+
+            logging.basicConfig(level=logging.INFO,
+                                format="%(asctime)s workers %(levelname)s %(message)s")
+            for template in args.listen:
+                local_rank_addresses(template, args.ranks)  # fails early on a bad template
+            return serve_ranks(args.listen, args.ranks, _worker_argv(args),
+                               ready_file=args.ready_file, grace=args.grace)
+        if args.local_rank is not None:
+            args.listen = [rank_address(t, local_rank=args.local_rank) for t in args.listen]
+        templates = [t for t in args.listen if is_rank_template(t)]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if templates:
+        print(f"error: `{templates[0]}` is an address template: give --ranks N to start a "
+              "worker per local rank, or --local-rank I for one of them", file=sys.stderr)
+        return 2
+
     from ._targets import load_function
     from .server import WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
-    if not args.function:
-        print("error: give at least one --function NAME=package.module:attr", file=sys.stderr)
-        return 2
     functions = {}
     for spec in args.function:
         name, _fn, target = load_function(spec)  # fails early on a bad spec
@@ -51,14 +88,27 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
 
     from ._health import check_health  # grpc only: no torch, no JAX (cheap, frequent probes)
+    from ._ranks import is_rank_template, local_rank_addresses
 
     try:
-        status = check_health(args.address, timeout=args.timeout)
-    except grpc.RpcError as error:
-        print(f"{args.address}: unreachable ({error.code().name})", file=sys.stderr)
-        return 1
-    print(f"{args.address}: {status}")
-    return 0 if status == "SERVING" else 1
+        if args.ranks is None and is_rank_template(args.address):
+            raise ValueError(f"`{args.address}` is an address template: give --ranks N to "
+                             "check the workers of local ranks 0..N-1")
+        addresses = ([args.address] if args.ranks is None
+                     else local_rank_addresses(args.address, args.ranks))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    healthy = True
+    for address in addresses:  # every worker of a group must serve
+        try:
+            status = check_health(address, timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"{address}: unreachable ({error.code().name})", file=sys.stderr)
+            return 1
+        print(f"{address}: {status}")
+        healthy = healthy and status == "SERVING"
+    return 0 if healthy else 1
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -80,7 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="serve JAX functions over gRPC")
     worker.add_argument("--listen", action="append", required=True,
-                        help="unix:///path/worker.sock or HOST:PORT (repeatable)")
+                        help="unix:///path/worker.sock or HOST:PORT (repeatable); with --ranks "
+                             "or --local-rank a template such as "
+                             "unix:///run/tji/worker-{local_rank}.sock")
+    ranks = worker.add_mutually_exclusive_group()
+    ranks.add_argument("--ranks", type=int, default=None, metavar="N",
+                       help="start N worker processes, one per local rank (0..N-1), each on "
+                            "--listen filled with its {local_rank}; SIGTERM stops them all")
+    ranks.add_argument("--local-rank", type=int, default=None, metavar="I",
+                       help="serve as the worker of local rank I: fill {local_rank} in --listen")
     worker.add_argument("--function", action="append", default=[],
                         help="NAME=package.module:attr (repeatable)")
     worker.add_argument("--token-env", default=TOKEN_ENV,
@@ -94,13 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-tensor-bytes", type=_size, default=4 << 30)
     worker.add_argument("--max-inline-bytes", type=_size, default=64 << 20)
     worker.add_argument("--ready-file", default=None,
-                        help="write {addresses, pid} as JSON here once serving")
+                        help="write {addresses, pid} as JSON here once serving (with --ranks: "
+                             "once every worker serves)")
     worker.add_argument("--grace", type=float, default=30.0,
                         help="seconds in-flight calls get to finish on SIGTERM")
     worker.set_defaults(run=_worker)
 
     health = sub.add_parser("health", help="standard gRPC health check; exit 0 when SERVING")
     health.add_argument("address")
+    health.add_argument("--ranks", type=int, default=None, metavar="N",
+                        help="ADDRESS is a template: check the workers of local ranks 0..N-1")
     health.add_argument("--timeout", type=float, default=5.0)
     health.set_defaults(run=_health)
 

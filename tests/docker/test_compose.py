@@ -7,17 +7,20 @@ Three layers, from cheapest to most telling:
 2. The invariants that make shared memory and CUDA IPC work between containers are read from
    the YAML: shared IPC (and, for the gpu profile, PID) namespace, ``shm_size``, the socket on
    a shared named volume, a healthcheck through ``torch-jax-interop health``, the trainer
-   waiting for a healthy worker, non-root images with one UID.
+   waiting for a healthy worker, non-root images with one UID, as many workers as trainer
+   ranks on one socket template.
 3. Each default-profile service's command runs as a local process with that service's
    environment (the image's ``ENV`` plus the service's ``environment``); container paths on
-   the socket volume map to a short temporary directory. The healthcheck command runs until
-   the worker is healthy, the trainer finishes the demo, and SIGTERM stops the worker
+   the socket volume map to a short temporary directory, and ``${VAR:-default}`` is filled as
+   Compose fills it. The healthcheck command runs until every worker is healthy, the
+   trainer (``torchrun``, two ranks) finishes the demo, and SIGTERM stops the workers
    cleanly. This is what ``docker compose up --exit-code-from torch-trainer`` does, minus the
    images and the namespaces.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -50,10 +53,38 @@ PAIRS = [("jax-worker", "torch-trainer", ""), ("jax-worker-gpu", "torch-trainer-
 # --- helpers ----------------------------------------------------------------------------------
 
 
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def _interpolate(value: Any) -> Any:
+    """``${NAME:-default}`` / ``${NAME-default}`` / ``${NAME}`` filled from the environment,
+    in every string of the loaded file, as Compose does before it reads the file."""
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v) for k, v in value.items()}
+    return value
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     with COMPOSE_FILE.open() as f:
-        return yaml.safe_load(f)
+        return _interpolate(yaml.safe_load(f))
+
+
+def _torchrun_args(command: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """A ``torchrun ... -m torch_jax_interop.demo.ddp ...`` command, parsed by torchrun's own
+    parser and then by the training script's."""
+    from torch.distributed.run import get_args_parser
+
+    from torch_jax_interop.demo.ddp import build_parser
+
+    assert command[0] == "torchrun", command
+    launcher = get_args_parser().parse_args(command[1:])
+    assert launcher.module and launcher.training_script == "torch_jax_interop.demo.ddp", command
+    return launcher, build_parser().parse_args(launcher.training_script_args)
 
 
 def _service(compose: dict[str, Any], name: str) -> dict[str, Any]:
@@ -197,7 +228,14 @@ def test_trainer_shares_the_workers_ipc_namespace_and_socket(
     assert socket_dir in w_mounts and socket_dir in t_mounts
     assert w_mounts[socket_dir] == t_mounts[socket_dir]
     assert w_mounts[socket_dir] in (compose.get("volumes") or {}), "not a named volume"
-    assert len(_unix_path(listen).encode()) < 107
+    assert len(_unix_path(listen.format(local_rank=999)).encode()) < 107
+
+    # As many workers as trainer ranks, all from the template the ranks fill.
+    ranks = int(_option(w["command"], "--ranks"))
+    assert ranks >= 1
+    assert int(_option(t["command"], "--nproc_per_node")) == ranks
+    assert int(_option(w["healthcheck"]["test"], "--ranks")) == ranks
+    assert "{local_rank}" in listen, "each rank's worker needs its own socket"
 
     # Both sides look for regions in the same directory.
     shm_dir = _environment(w).get("TORCH_JAX_INTEROP_SHM_DIR", SHM_DIR)
@@ -230,16 +268,24 @@ def test_healthcheck_uses_the_grpc_health_cli(compose: dict[str, Any], worker: s
 
 @pytest.mark.parametrize("name", [n for pair in PAIRS for n in pair[:2]])
 def test_commands_parse_with_the_cli(compose: dict[str, Any], name: str) -> None:
+    from torch_jax_interop._launch import STOP_MARGIN_S
     from torch_jax_interop.cli import build_parser  # imports neither torch nor jax
 
     service = _service(compose, name)
     parser = build_parser()
-    args = parser.parse_args(service["command"][1:])
-    if "healthcheck" in service:
-        parser.parse_args(service["healthcheck"]["test"][2:])
-    if args.command == "worker":
-        # Docker's SIGKILL must not cut the worker's own drain short.
-        assert _parse_duration(service["stop_grace_period"]) > args.grace
+    if service["command"][0] == "torchrun":
+        launcher, script = _torchrun_args(service["command"])
+        assert launcher.standalone and int(launcher.nproc_per_node) >= 1
+        assert script.address == _option(service["command"], "--address")
+    else:
+        args = parser.parse_args(service["command"][1:])
+        if "healthcheck" in service:
+            parser.parse_args(service["healthcheck"]["test"][2:])
+        if args.command == "worker":
+            # Docker's SIGKILL must not cut the workers' own drain short (the launcher of
+            # `--ranks N` waits STOP_MARGIN_S past it before it kills them).
+            margin = STOP_MARGIN_S if args.ranks is not None else 0.0
+            assert _parse_duration(service["stop_grace_period"]) > args.grace + margin
     # The image's default command (`docker run IMAGE`) is a valid one too.
     cmd = [rest for kw, rest in _final_stage(_dockerfile_of(service)) if kw == "CMD"]
     default = json.loads(cmd[-1])
@@ -322,6 +368,8 @@ class _LocalServices:
 
     def argv(self, command: list[str]) -> list[str]:
         command = [self._map(str(a)) for a in command]
+        if command[0] == "torchrun":  # the image's console script is this module
+            return [sys.executable, "-m", "torch.distributed.run", *command[1:]]
         assert command[0] == CLI, command
         # The image puts the venv's bin first on PATH; here that is this interpreter's venv.
         exe = shutil.which(CLI, path=os.path.dirname(sys.executable))
@@ -422,7 +470,8 @@ def test_default_services_run_as_local_processes(
             f"worker never became healthy; last check: {output}\n"
             f"{local_services.log('jax-worker')}")
         time.sleep(min(_parse_duration(health["interval"]), 1.0))
-    assert "SERVING" in output
+    ranks = int(_option(worker["command"], "--ranks"))
+    assert output.count(": SERVING") == ranks, output
 
     # The compose file trains for longer than a test should; a few steps show the same path.
     command = list(trainer["command"])
@@ -436,11 +485,20 @@ def test_default_services_run_as_local_processes(
     out = local_services.log("torch-trainer")
     assert code == 0, f"trainer exited with {code}:\n{out}\nworker:\n" + local_services.log(
         "jax-worker")
-    # One host and one /dev/shm, so `--transport auto` must have picked shared memory.
-    match = re.search(r"transport\W+(shm|shared[- ]memory|inline|cuda[-_ ]?ipc)", out,
-                      re.IGNORECASE)
-    assert match, f"the trainer's output does not name the transport:\n{out}"
-    assert match.group(1).lower() in ("shm", "shared memory", "shared-memory"), out
+    # One host and one /dev/shm, so `--transport auto` must have picked shared memory, in
+    # every rank, each with the worker of its own local rank.
+    found = re.findall(r"rank (\d+)/(\d+) \(pid (\d+)\): worker (\S+); transport\W+"
+                       r"(shm|shared[- ]memory|inline|cuda[-_ ]?ipc)", out, re.IGNORECASE)
+    assert sorted(int(f[0]) for f in found) == list(range(ranks)), (
+        f"the trainer's output does not name each rank's worker and transport:\n{out}")
+    template = local_services._map(_option(worker["command"], "--listen"))
+    for rank, world, _pid, address, transport in found:
+        assert int(world) == ranks and address == template.format(local_rank=int(rank)), out
+        assert transport.lower() in ("shm", "shared memory", "shared-memory"), out
+    rank_pids = [int(f[2]) for f in found]
+    worker_pids = [int(p) for p in re.findall(r"worker for local rank \d+ \(pid (\d+)\)",
+                                              local_services.log("jax-worker"))]
+    assert len(worker_pids) == ranks, local_services.log("jax-worker")
     assert time.monotonic() - started < 300
 
     # `docker compose stop` / the end of `up --exit-code-from`: SIGTERM, then a grace period.
@@ -455,9 +513,10 @@ def test_default_services_run_as_local_processes(
 
     for name in ("jax-worker", "torch-trainer"):
         assert not local_services.group_alive(name), f"a process of {name} outlived it"
-    socket_path = _unix_path(local_services._map(_option(worker["command"], "--listen")))
-    assert not os.path.exists(socket_path), "the worker left its socket file behind"
+    for rank in range(ranks):
+        socket_path = _unix_path(template.format(local_rank=rank))
+        assert not os.path.exists(socket_path), "a worker left its socket file behind"
     # Region names carry the owner's pid, so this sees only this test's regions even when
     # other test runs share /dev/shm.
-    pids = [proc.pid, trainer_proc.pid]
+    pids = [proc.pid, trainer_proc.pid, *rank_pids, *worker_pids]
     assert _regions_of(pids) == [], "shared-memory regions outlived their processes"

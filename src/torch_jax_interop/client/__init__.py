@@ -1,6 +1,7 @@
 """The torch side of service mode: ``connect()`` to a JAX worker. Imports torch, never JAX
 (except ``connect("inproc", ...)``, which runs the functions in this process)."""
 
+from .._ranks import rank_address as rank_address
 from ..errors import (
     AuthenticationError as AuthenticationError,
 )
@@ -47,4 +48,5 @@ __all__ = [
     "Worker",
     "WorkerUnavailableError",
     "connect",
+    "rank_address",
 ]

@@ -8,6 +8,7 @@ to the pool when the last of those tensors is garbage-collected, so no copy is m
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -63,9 +64,15 @@ def prepare(t: torch.Tensor, *, keep_device: bool = False) -> torch.Tensor:
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of a contiguous CPU tensor (one copy).
+
+    Not through ``t.numpy()``: that marks the tensor's storage as not resizable for good,
+    and FSDP2 (``fully_shard``) frees an unsharded parameter after forward by resizing its
+    storage to 0, so a parameter sent inline once would make every later step fail.
+    """
     if t.numel() == 0:
         return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
 class Encoder:

@@ -28,6 +28,7 @@ from .._errors import (
     WorkerUnavailableError,
 )
 from .._names import TOKEN_ENV, check_transport
+from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
@@ -496,7 +497,14 @@ def connect(
     ``"shm"`` insists on shared memory; ``"inline"`` never uses it. Outputs of a call with
     CUDA inputs come back on the first CUDA input's device.
     ``timeout`` bounds the connection and every call (deadline, seconds).
+
+    ``address`` may be a template with ``{local_rank}`` (or ``{rank}``, ``{world_size}``,
+    ``{local_world_size}``), filled from the variables ``torchrun`` sets in each rank, so one
+    training script reaches one worker per rank:
+    ``connect("unix:///run/tji/worker-{local_rank}.sock")`` (see ``rank_address``;
+    ``torch-jax-interop worker --ranks N`` starts those workers).
     """
+    address = rank_address(address)  # a plain address comes back unchanged
     if address == "inproc" or address.startswith("inproc:"):
         from ..interop_core._inproc import InprocWorker  # the bridge: imports JAX
 
