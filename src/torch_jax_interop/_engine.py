@@ -256,7 +256,8 @@ class Engine:
                 arrays = list(const_arrays)
                 for index, value in zip(diff, diff_values, strict=True):
                     arrays[index] = value
-                return program._run(fn, arrays)
+                result = program._run(fn, arrays)
+                return split_aux(result) if has_aux else result  # the same error as `call`
 
             if has_aux:
                 out, vjp, aux = jax.vjp(of_diff, diff_arrays, has_aux=True)

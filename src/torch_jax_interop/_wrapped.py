@@ -403,7 +403,16 @@ class WrappedJaxScalarFunction(WrappedJaxFunction):
         super().__init__(jax_function, jax_params, has_aux=has_aux, clone_params=clone_params)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        result = super()._run(args, kwargs)
+        try:
+            result = super()._run(args, kwargs)
+        except TypeError as error:
+            if self.has_aux and "has_aux=True" in str(error):
+                raise TypeError(
+                    f"{error} WrappedJaxScalarFunction defaults to has_aux=True, as in "
+                    "torch-jax-interop 0.0.8: pass has_aux=False for a function that returns "
+                    "the loss alone."
+                ) from None
+            raise
         loss = result[0] if self.has_aux else result
         if not (isinstance(loss, _Tensor) and loss.dim() == 0 and loss.is_floating_point()):
             got = (f"a {tuple(loss.shape)} {loss.dtype} tensor" if isinstance(loss, _Tensor)
