@@ -213,7 +213,10 @@ class WrappedJaxFunction(torch.nn.Module):
     ``struct.dataclass`` or an Equinox module) becomes torch ``Parameter`` s under
     ``self.params`` with keys from the pytree paths: ``state_dict()`` gives ``params.0`` for
     a single array and readable nested keys (``params.dense.kernel``) for dicts, in JAX's
-    leaf order (sorted dict keys; see Note [One pytree policy] in ``_pytree.py``). Integer
+    leaf order (sorted dict keys; see Note [One pytree policy] in ``_pytree.py``), except
+    that torch lists a node's own arrays before its sub-trees. A ``state_dict`` saved by
+    torch-jax-interop 0.0.8 (``params.0``, ``params.1``, ... by leaf index) loads too, with
+    its leaf count and shapes checked (Note [state_dict keys of torch-jax-interop 0.0.8]). Integer
     leaves become buffers; leaves that are not arrays (an Equinox module's activation
     function) stay constants of the tree.
 
