@@ -409,6 +409,7 @@ class WrappedJaxScalarFunction(WrappedJaxFunction):
         try:
             result = super()._run(args, kwargs)
         except TypeError as error:
+            # the engine's `split_aux` names has_aux=True when the result is not a pair
             if self.has_aux and "has_aux=True" in str(error):
                 raise TypeError(
                     f"{error} WrappedJaxScalarFunction defaults to has_aux=True, as in "

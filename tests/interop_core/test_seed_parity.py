@@ -3,6 +3,7 @@ state_dicts saved by 0.0.8's ``WrappedJaxFunction`` (see docs/migration.md)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -218,3 +219,24 @@ def test_seed_index_of_a_leaf_that_is_not_an_array_is_refused() -> None:
     with pytest.raises(RuntimeError, match=rf"`params.{function_leaf}` .* names leaf "
                        rf"{function_leaf}, which is not an array"):
         module.load_state_dict(seed_state)
+
+
+def test_a_deep_copy_trains_on_its_own() -> None:
+    """``copy.deepcopy(module)`` (EMA models, 0.0.8 code) works: the copy owns its
+    parameters and compiles its own programs."""
+    module = WrappedJaxFunction(lambda p, x: jnp.tanh(x @ p["w"]), {"w": jnp.ones((3, 2))},
+                                clone_params=True)
+    x = torch.randn(4, 3)
+    module(x).sum().backward()  # compiled before the copy
+    twin = copy.deepcopy(module)
+    assert twin.params["w"].data_ptr() != module.params["w"].data_ptr()
+    with torch.no_grad():
+        twin.params["w"].add_(1.0)
+    twin.zero_grad()
+    twin(x).sum().backward()
+    torch.testing.assert_close(module.params["w"].detach(), torch.ones(3, 2))
+    expected = torch.func.grad(lambda w: torch.tanh(x @ w).sum())(torch.full((3, 2), 2.0))
+    torch.testing.assert_close(twin.params["w"].grad, expected)
+    assert twin.backend.engine.vjp_calls == 1 and module.backend.engine.vjp_calls == 1
+    twin.load_state_dict({"params.0": torch.zeros(3, 2)})  # 0.0.8 keys reach the copy
+    torch.testing.assert_close(twin.params["w"].detach(), torch.zeros(3, 2))
