@@ -240,3 +240,74 @@ def test_a_deep_copy_trains_on_its_own() -> None:
     assert twin.backend.engine.vjp_calls == 1 and module.backend.engine.vjp_calls == 1
     twin.load_state_dict({"params.0": torch.zeros(3, 2)})  # 0.0.8 keys reach the copy
     torch.testing.assert_close(twin.params["w"].detach(), torch.zeros(3, 2))
+
+
+def _flax_like() -> dict[str, Any]:
+    keys = jax.random.split(jax.random.key(7), 4)
+    return {"params": {"Dense_0": {"kernel": jax.random.normal(keys[0], (4, 5)),
+                                   "bias": jax.random.normal(keys[1], (5,))},
+                       "Dense_1": {"kernel": jax.random.normal(keys[2], (5, 2)),
+                                   "bias": jax.random.normal(keys[3], (2,))}}}
+
+
+def _flax_like_apply(variables: dict[str, Any], x: jax.Array) -> jax.Array:
+    p = variables["params"]
+    h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def test_parameters_order_is_jax_leaf_order_but_own_arrays_come_first() -> None:
+    """As README and docs/migration.md say: JAX's leaf order, except that torch lists a
+    node's own arrays before its sub-trees; Flax variables and Equinox modules have no such
+    node, so 0.0.8's positions (an optimiser's state) hold for them."""
+    mixed = WrappedJaxFunction(lambda p, x: x, {"a": {"x": jnp.ones(1)}, "b": jnp.ones(2)})
+    assert [name for name, _ in mixed.named_parameters()] == ["params.b", "params.a.x"]
+    for params in (_flax_like(), init_mlp(), init_dense()):
+        module = WrappedJaxFunction(lambda p, x: x, params)
+        arrays = [leaf for leaf in jax.tree_util.tree_leaves(params)
+                  if isinstance(leaf, jax.Array)]
+        assert [tuple(p.shape) for p in module.parameters()] == [a.shape for a in arrays]
+        for parameter, array in zip(module.parameters(), arrays, strict=True):
+            assert parameter.data_ptr() == array.unsafe_buffer_pointer()  # the same leaf
+
+
+def test_seed_model_and_optimiser_state_resume_training() -> None:
+    """A 0.0.8 checkpoint (model and Adam state, saved mid-training) resumes here exactly
+    as an uninterrupted run of this package would have continued."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(6, 4, generator=g), torch.randn(6, 2, generator=g)) for _ in range(4)]
+
+    def step(module: torch.nn.Module, optimiser: torch.optim.Optimizer, x: Any, y: Any) -> None:
+        optimiser.zero_grad()
+        torch.mean((module(x) - y) ** 2).backward()
+        optimiser.step()
+
+    # the uninterrupted run
+    reference = WrappedJaxFunction(_flax_like_apply, _flax_like(), clone_params=True)
+    reference_opt = torch.optim.Adam(reference.parameters(), lr=0.05)
+    for x, y in data:
+        step(reference, reference_opt, x, y)
+
+    # "0.0.8" trained two steps: its parameters() were its ParameterList, JAX's leaf order,
+    # which is ours for Flax variables (test above), so its Adam state is this one's...
+    seed_like = WrappedJaxFunction(_flax_like_apply, _flax_like(), clone_params=True)
+    seed_opt = torch.optim.Adam(seed_like.parameters(), lr=0.05)
+    for x, y in data[:2]:
+        step(seed_like, seed_opt, x, y)
+    saved = _flax_like()
+    trained = [p.detach().numpy() for p in seed_like.parameters()]
+    leaves, treedef = jax.tree.flatten(saved)
+    checkpoint = SeedWrappedJaxFunction(jax.tree.unflatten(treedef, [jnp.asarray(t) for t in
+                                                                     trained])).state_dict()
+    assert list(checkpoint) == [f"params.{i}" for i in range(len(leaves))]
+
+    # ...and this package resumes from its checkpoint
+    fresh = jax.tree_util.tree_map(jnp.zeros_like, _flax_like())
+    resumed = WrappedJaxFunction(_flax_like_apply, fresh, clone_params=True)
+    resumed.load_state_dict(checkpoint)
+    resumed_opt = torch.optim.Adam(resumed.parameters(), lr=0.05)
+    resumed_opt.load_state_dict(seed_opt.state_dict())
+    for x, y in data[2:]:
+        step(resumed, resumed_opt, x, y)
+    for ours, theirs in zip(resumed.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
