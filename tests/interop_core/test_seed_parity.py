@@ -20,6 +20,7 @@ from torch_jax_interop import (
     WrappedJaxScalarFunction,
     interop_core,
     jax_to_torch,
+    torch_to_jax,
 )
 
 pytestmark = pytest.mark.usefixtures("jax_default_cpu")
@@ -311,3 +312,14 @@ def test_seed_model_and_optimiser_state_resume_training() -> None:
         step(resumed, resumed_opt, x, y)
     for ours, theirs in zip(resumed.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_to_jax_of_a_module_names_torch_module_to_jax() -> None:
+    """0.0.8 converted a module with ``torch_to_jax``; here that says what to call (a
+    two-layer ``nn.Sequential`` would otherwise unpack into two layers without a word)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+    with pytest.raises(TypeError, match=r"not a `Sequential` module: use `apply, params = "
+                       r"torch_module_to_jax\(module\)`"):
+        torch_to_jax(model)
+    tree = torch_to_jax({"model": model, "x": torch.ones(2)})  # inside a pytree: a leaf
+    assert tree["model"] is model and isinstance(tree["x"], jax.Array)
