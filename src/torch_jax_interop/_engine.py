@@ -193,6 +193,18 @@ class Engine:
         self.fused_calls = 0
         self.live_residuals = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy`` of a ``WrappedJaxFunction``) starts with no programs:
+        the lock and the compiled functions cannot be copied, and are rebuilt on use."""
+        state = self.__dict__.copy()
+        state.update(programs=OrderedDict(), _lock=None, vjp_calls=0, fused_calls=0,
+                     live_residuals=0)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def program(self, key: Hashable, build: Callable[[Sequence[Any]], tuple[tuple, dict]],
                 num_inputs: int, diff: tuple[int, ...], has_aux: bool) -> Program:
         """The program of ``key`` (made with ``build`` the first time). ``key`` must
@@ -256,7 +268,8 @@ class Engine:
                 arrays = list(const_arrays)
                 for index, value in zip(diff, diff_values, strict=True):
                     arrays[index] = value
-                return program._run(fn, arrays)
+                result = program._run(fn, arrays)
+                return split_aux(result) if has_aux else result  # the same error as `call`
 
             if has_aux:
                 out, vjp, aux = jax.vjp(of_diff, diff_arrays, has_aux=True)
