@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from pytree_models import init_dense, init_mlp, mlp_apply
+from support.pytree_models import init_dense, init_mlp, mlp_apply
 
 import torch_jax_interop
 from torch_jax_interop import (
