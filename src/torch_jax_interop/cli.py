@@ -13,6 +13,7 @@ import os
 import sys
 
 from ._names import TOKEN_ENV, TRANSPORTS
+from ._tls import TlsConfig, check_listen_security, read_token_file
 
 
 def _size(text: str) -> int:
@@ -33,7 +34,29 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
              "--max-inline-bytes", str(args.max_inline_bytes), "--grace", str(args.grace)]
     if args.shm_dir is not None:
         argv += ["--shm-dir", args.shm_dir]
+    argv += ["--max-connections", str(args.max_connections),
+             "--handshake-timeout", str(args.handshake_timeout),
+             "--idle-timeout", str(args.idle_timeout)]
+    for flag, value in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert),
+                        ("--tls-key", args.tls_key), ("--tls-client-ca", args.tls_client_ca)):
+        if value is not None:
+            argv += [flag, value]
+    if args.insecure:
+        argv.append("--insecure")
     return argv
+
+
+def _worker_tls(args: argparse.Namespace) -> TlsConfig | None:
+    """The worker's TLS settings from its flags; ``ValueError`` when they do not fit."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client "
+                             "certificates are checked only on a TLS listener")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("give --tls-cert and --tls-key together (the worker's certificate "
+                         "and its private key, PEM files)")
+    return TlsConfig(ca_file=args.tls_client_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -43,6 +66,13 @@ def _worker(args: argparse.Namespace) -> int:
     from ._ranks import is_rank_template, local_rank_addresses, rank_address
 
     try:
+        tls = _worker_tls(args)
+        # Before any worker starts (or JAX loads): a misconfigured listener exits with 2.
+        check_listen_security(args.listen, tls=tls is not None, insecure=args.insecure)
+        if tls is not None:
+            tls.server_credentials()  # reads the files: a wrong path fails here, with 2
+        if args.token_file is not None:
+            read_token_file(args.token_file)
         if args.ranks is not None:
             from ._launch import serve_ranks  # starts processes; imports no framework
 
@@ -64,7 +94,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
 
     from ._targets import load_function
-    from .server import WorkerConfig, serve
+    from .server import ConnectionLimits, WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
@@ -72,7 +102,10 @@ def _worker(args: argparse.Namespace) -> int:
     for spec in args.function:
         name, _fn, target = load_function(spec)  # fails early on a bad spec
         functions[name] = target
-    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_file is not None:
+        token: str | None = read_token_file(args.token_file)
+    else:
+        token = os.environ.get(args.token_env) if args.token_env else None
     config = WorkerConfig(
         max_sessions=args.max_sessions,
         max_residuals=args.max_residuals,
@@ -80,8 +113,12 @@ def _worker(args: argparse.Namespace) -> int:
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
     )
+    limits = ConnectionLimits(max_connections=args.max_connections,
+                              handshake_timeout=args.handshake_timeout,
+                              idle_timeout=args.idle_timeout)
     return serve(functions, args.listen, token=token, config=config,
-                 ready_file=args.ready_file, grace=args.grace)
+                 ready_file=args.ready_file, grace=args.grace, tls=tls,
+                 insecure=args.insecure, connection_limits=limits)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -143,6 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NAME=package.module:attr (repeatable)")
     worker.add_argument("--token-env", default=TOKEN_ENV,
                         help="environment variable holding the token TCP clients must send")
+    worker.add_argument("--token-file", default=None, metavar="PATH",
+                        help="read the token from this file instead (e.g. /run/secrets/tji)")
+    worker.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="serve TCP over TLS with this certificate chain (with --tls-key)")
+    worker.add_argument("--tls-key", default=None, metavar="PEM",
+                        help="private key of --tls-cert")
+    worker.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                        help="require TCP clients to present a certificate signed by this CA "
+                             "(mTLS)")
+    worker.add_argument("--insecure", action="store_true",
+                        help="allow a TCP listener on a non-loopback address without TLS "
+                             "(token and tensors in cleartext: a trusted network only)")
+    worker.add_argument("--max-connections", type=int, default=256,
+                        help="connections each listener accepts at once; more are closed at "
+                             "once (bounds descriptors an idle flood can take)")
+    worker.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a connection must finish its TLS/HTTP2 handshake within this")
+    worker.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="close a connection after this long without a call")
     worker.add_argument("--shm-dir", default=None,
                         help="shared-memory directory (default $TORCH_JAX_INTEROP_SHM_DIR "
                              "or /dev/shm)")
