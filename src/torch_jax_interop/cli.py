@@ -136,10 +136,19 @@ def _health(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        try:
+            tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert,
+                            key_file=args.tls_key, server_name=args.tls_server_name)
+            tls.channel_credentials()  # reads the files: a wrong path exits with 2
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     healthy = True
     for address in addresses:  # every worker of a group must serve
         try:
-            status = check_health(address, timeout=args.timeout)
+            status = check_health(address, timeout=args.timeout, tls=tls)
         except grpc.RpcError as error:
             print(f"{address}: unreachable ({error.code().name})", file=sys.stderr)
             return 1
@@ -219,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--ranks", type=int, default=None, metavar="N",
                         help="ADDRESS is a template: check the workers of local ranks 0..N-1")
     health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="check a TLS worker: the CA that signed its certificate")
+    health.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="client certificate, for a worker that requires one (mTLS)")
+    health.add_argument("--tls-key", default=None, metavar="PEM", help="key of --tls-cert")
+    health.add_argument("--tls-server-name", default=None, metavar="NAME",
+                        help="the name the worker's certificate is checked against")
     health.set_defaults(run=_health)
 
     for name, helptext, run in (("train", "train the demo torch model against a worker",

@@ -262,3 +262,14 @@ def test_idle_tcp_flood_leaves_the_unix_socket_serving(short_tmp: str) -> None:
         for sock in sockets:
             sock.close()
         assert stop_worker(worker) == 0, worker.log()
+
+
+def test_health_command_over_tls(mtls_worker: WorkerProcess, certs: Certificates) -> None:
+    assert mtls_worker.tcp_address is not None
+    base = [sys.executable, "-m", "torch_jax_interop.cli", "health", mtls_worker.tcp_address,
+            "--timeout", "5", "--tls-ca", certs.ca]
+    ok = subprocess.run([*base, "--tls-cert", certs.client_cert, "--tls-key",
+                         certs.client_key], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "unreachable" in refused.stderr
