@@ -36,7 +36,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--shm-dir", args.shm_dir]
     argv += ["--max-connections", str(args.max_connections),
              "--handshake-timeout", str(args.handshake_timeout),
-             "--idle-timeout", str(args.idle_timeout)]
+             "--idle-timeout", str(args.idle_timeout),
+             "--max-streams-per-connection", str(args.max_streams_per_connection)]
     for flag, value in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert),
                         ("--tls-key", args.tls_key), ("--tls-client-ca", args.tls_client_ca)):
         if value is not None:
@@ -115,7 +116,8 @@ def _worker(args: argparse.Namespace) -> int:
     )
     limits = ConnectionLimits(max_connections=args.max_connections,
                               handshake_timeout=args.handshake_timeout,
-                              idle_timeout=args.idle_timeout)
+                              idle_timeout=args.idle_timeout,
+                              max_streams_per_connection=args.max_streams_per_connection)
     return serve(functions, args.listen, token=token, config=config,
                  ready_file=args.ready_file, grace=args.grace, tls=tls,
                  insecure=args.insecure, connection_limits=limits)
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a connection must finish its TLS/HTTP2 handshake within this")
     worker.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="close a connection after this long without a call")
+    worker.add_argument("--max-streams-per-connection", type=int, default=128,
+                        help="calls one connection may have in flight at once")
     worker.add_argument("--shm-dir", default=None,
                         help="shared-memory directory (default $TORCH_JAX_INTEROP_SHM_DIR "
                              "or /dev/shm)")

@@ -33,7 +33,8 @@ _FILES_KEPT_FREE = 256  # descriptors beyond the connection caps: mappings, logs
 @dataclass(frozen=True)
 class ConnectionLimits:
     """What a peer that has not (yet) authenticated may hold in the worker (the CLI flags
-    ``--max-connections``, ``--handshake-timeout``, ``--idle-timeout``).
+    ``--max-connections``, ``--handshake-timeout``, ``--idle-timeout``,
+    ``--max-streams-per-connection``).
 
     Note [Unauthenticated peers cost little]
     ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -48,15 +49,19 @@ class ConnectionLimits:
     * A connection must finish its handshake (TLS and HTTP/2 preface) within
       ``handshake_timeout`` seconds and is closed after ``idle_timeout`` seconds without a
       call (a connected client always has its session's stream open, so it is never idle).
+    * One connection carries at most ``max_streams_per_connection`` calls at once (a client
+      needs one for its session plus one per concurrent call).
     """
 
     max_connections: int = 256
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    max_streams_per_connection: int = 128
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
             ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout * 1000)),
             ("grpc.max_connection_idle_ms", int(self.idle_timeout * 1000)),
         ]
