@@ -273,3 +273,20 @@ def test_health_command_over_tls(mtls_worker: WorkerProcess, certs: Certificates
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
     refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "unreachable" in refused.stderr
+
+
+@pytest.mark.parametrize("address,loopback", [
+    ("127.0.0.1:0", True), ("127.1.2.3:5005", True), ("localhost:5005", True),
+    ("[::1]:5005", True), ("0.0.0.0:5005", False), ("[::]:0", False),
+    ("10.0.0.7:5005", False), ("jax-worker:5005", False)])
+def test_which_addresses_count_as_the_network(address: str, loopback: bool) -> None:
+    from torch_jax_interop._tls import check_listen_security, is_loopback
+
+    assert is_loopback(address) is loopback
+    if loopback:
+        check_listen_security([address], tls=False, insecure=False)
+    else:
+        with pytest.raises(ValueError, match="--insecure"):
+            check_listen_security([address], tls=False, insecure=False)
+        check_listen_security([address], tls=True, insecure=False)
+        check_listen_security([address], tls=False, insecure=True)
