@@ -30,7 +30,7 @@ from .._errors import (
 from .._names import TOKEN_ENV, check_transport
 from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
-from .._tls import TlsConfig, is_tcp, read_token_file
+from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
@@ -120,6 +120,9 @@ class Worker:
             token = read_token_file(token_file)
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if token and tls is None and is_tcp(address) and not is_loopback(address):
+            log.warning("sending the token to %s without TLS: anyone on the path can read it "
+                        "and every tensor; pass tls=TlsConfig(...) to connect()", address)
         limit = 256 << 20
         options = [
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
