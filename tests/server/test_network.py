@@ -290,3 +290,50 @@ def test_which_addresses_count_as_the_network(address: str, loopback: bool) -> N
             check_listen_security([address], tls=False, insecure=False)
         check_listen_security([address], tls=True, insecure=False)
         check_listen_security([address], tls=False, insecure=True)
+
+
+def test_unix_peers_without_a_token_still_get_full_answers(short_tmp: str) -> None:
+    # Tokenless calls go through the check-before-reading handler; on the unix socket they
+    # are read and answered as before: decoded leniently, errors mapped to status codes.
+    worker = start_worker(short_tmp, tcp=True, token=TOKEN)
+    try:
+        with grpc.insecure_channel(worker.address) as channel:
+            listed = channel.unary_unary(
+                f"/{SERVICE_NAME}/ListFunctions",
+                response_deserializer=pb.ListFunctionsResponse.FromString)(
+                    pb.ListFunctionsRequest().SerializeToString(), timeout=30)
+            assert "add_one" in {f.name for f in listed.functions}
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary(f"/{SERVICE_NAME}/Call")(b"\xff\xfe garbage", timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid protobuf message" in (caught.value.details() or "")
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary(f"/{SERVICE_NAME}/Call")(
+                    pb.CallRequest(session_id="nope", function="add_one").SerializeToString(),
+                    timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        assert stop_worker(worker) == 0, worker.log()
+
+
+def _soft_open_file_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no open-file limit")
+
+
+def test_worker_raises_its_open_file_limit_to_the_hard_limit(short_tmp: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 512:
+        pytest.skip(f"the hard open-file limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # the worker inherits it
+    try:
+        worker = start_worker(short_tmp, tcp=True, token=TOKEN)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert _soft_open_file_limit(worker.process.pid) == hard
+    finally:
+        assert stop_worker(worker) == 0, worker.log()
