@@ -18,10 +18,14 @@ plus the token) who the client is.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
+
+log = logging.getLogger("torch_jax_interop")
 
 
 def _read(path: str, what: str) -> bytes:
@@ -95,6 +99,11 @@ class TlsConfig:
 def read_token_file(path: str) -> str:
     """The token stored in ``path`` (e.g. a ``/run/secrets/...`` file), surrounding
     whitespace removed; a ``ValueError`` when the file cannot be read or is empty."""
+    try:
+        if os.stat(path).st_mode & 0o077:
+            log.warning("the token file `%s` can be read by other users: chmod 600 it", path)
+    except OSError:
+        pass  # _read names the problem
     token = _read(path, "token file").decode("utf-8", errors="strict").strip()
     if not token:
         raise ValueError(f"the token file `{path}` is empty; write the token into it")

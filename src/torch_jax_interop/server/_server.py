@@ -51,6 +51,11 @@ class ConnectionLimits:
       call (a connected client always has its session's stream open, so it is never idle).
     * One connection carries at most ``max_streams_per_connection`` calls at once (a client
       needs one for its session plus one per concurrent call).
+    * No maximum connection age: a session lives on its connection's stream, so closing an
+      old connection would end a healthy session (and drop its residuals).
+    * Out of reach of these caps: a peer that can reach the TCP port can keep taking its
+      ``max_connections``, so TCP clients may be shut out during a flood; the unix socket
+      has its own cap and keeps serving.
     """
 
     max_connections: int = 256
@@ -183,6 +188,9 @@ def create_server(
             os.chmod(address[len("unix://"):], 0o600)
     health.serving()
     servicer.health = health  # type: ignore[attr-defined]
+    if any(is_tcp(a) for a in bound):
+        log.info("TCP %s", "without TLS (--insecure or loopback)" if tls is None else
+                 "over TLS, client certificates required" if tls.ca_file else "over TLS")
     log.info("serving %s on %s", ", ".join(sorted(compiled)), ", ".join(bound))
     return server, bound, servicer
 
