@@ -13,6 +13,7 @@ import os
 import sys
 
 from ._names import TOKEN_ENV, TRANSPORTS
+from ._tls import TlsConfig, check_listen_security, read_token_file
 
 
 def _size(text: str) -> int:
@@ -33,7 +34,30 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
              "--max-inline-bytes", str(args.max_inline_bytes), "--grace", str(args.grace)]
     if args.shm_dir is not None:
         argv += ["--shm-dir", args.shm_dir]
+    argv += ["--max-connections", str(args.max_connections),
+             "--handshake-timeout", str(args.handshake_timeout),
+             "--idle-timeout", str(args.idle_timeout),
+             "--max-streams-per-connection", str(args.max_streams_per_connection)]
+    for flag, value in (("--token-file", args.token_file), ("--tls-cert", args.tls_cert),
+                        ("--tls-key", args.tls_key), ("--tls-client-ca", args.tls_client_ca)):
+        if value is not None:
+            argv += [flag, value]
+    if args.insecure:
+        argv.append("--insecure")
     return argv
+
+
+def _worker_tls(args: argparse.Namespace) -> TlsConfig | None:
+    """The worker's TLS settings from its flags; ``ValueError`` when they do not fit."""
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client "
+                             "certificates are checked only on a TLS listener")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("give --tls-cert and --tls-key together (the worker's certificate "
+                         "and its private key, PEM files)")
+    return TlsConfig(ca_file=args.tls_client_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -43,6 +67,13 @@ def _worker(args: argparse.Namespace) -> int:
     from ._ranks import is_rank_template, local_rank_addresses, rank_address
 
     try:
+        tls = _worker_tls(args)
+        # Before any worker starts (or JAX loads): a misconfigured listener exits with 2.
+        check_listen_security(args.listen, tls=tls is not None, insecure=args.insecure)
+        if tls is not None:
+            tls.server_credentials()  # reads the files: a wrong path fails here, with 2
+        if args.token_file is not None:
+            read_token_file(args.token_file)
         if args.ranks is not None:
             from ._launch import serve_ranks  # starts processes; imports no framework
 
@@ -64,7 +95,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
 
     from ._targets import load_function
-    from .server import WorkerConfig, serve
+    from .server import ConnectionLimits, WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)
@@ -72,7 +103,10 @@ def _worker(args: argparse.Namespace) -> int:
     for spec in args.function:
         name, _fn, target = load_function(spec)  # fails early on a bad spec
         functions[name] = target
-    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_file is not None:
+        token: str | None = read_token_file(args.token_file)
+    else:
+        token = os.environ.get(args.token_env) if args.token_env else None
     config = WorkerConfig(
         max_sessions=args.max_sessions,
         max_residuals=args.max_residuals,
@@ -80,8 +114,13 @@ def _worker(args: argparse.Namespace) -> int:
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
     )
+    limits = ConnectionLimits(max_connections=args.max_connections,
+                              handshake_timeout=args.handshake_timeout,
+                              idle_timeout=args.idle_timeout,
+                              max_streams_per_connection=args.max_streams_per_connection)
     return serve(functions, args.listen, token=token, config=config,
-                 ready_file=args.ready_file, grace=args.grace)
+                 ready_file=args.ready_file, grace=args.grace, tls=tls,
+                 insecure=args.insecure, connection_limits=limits)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -99,10 +138,19 @@ def _health(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        try:
+            tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert,
+                            key_file=args.tls_key, server_name=args.tls_server_name)
+            tls.channel_credentials()  # reads the files: a wrong path exits with 2
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     healthy = True
     for address in addresses:  # every worker of a group must serve
         try:
-            status = check_health(address, timeout=args.timeout)
+            status = check_health(address, timeout=args.timeout, tls=tls)
         except grpc.RpcError as error:
             print(f"{address}: unreachable ({error.code().name})", file=sys.stderr)
             return 1
@@ -143,6 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NAME=package.module:attr (repeatable)")
     worker.add_argument("--token-env", default=TOKEN_ENV,
                         help="environment variable holding the token TCP clients must send")
+    worker.add_argument("--token-file", default=None, metavar="PATH",
+                        help="read the token from this file instead (e.g. /run/secrets/tji)")
+    worker.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="serve TCP over TLS with this certificate chain (with --tls-key)")
+    worker.add_argument("--tls-key", default=None, metavar="PEM",
+                        help="private key of --tls-cert")
+    worker.add_argument("--tls-client-ca", default=None, metavar="PEM",
+                        help="require TCP clients to present a certificate signed by this CA "
+                             "(mTLS)")
+    worker.add_argument("--insecure", action="store_true",
+                        help="allow a TCP listener on a non-loopback address without TLS "
+                             "(token and tensors in cleartext: a trusted network only)")
+    worker.add_argument("--max-connections", type=int, default=256,
+                        help="connections each listener accepts at once; more are closed at "
+                             "once (bounds descriptors an idle flood can take)")
+    worker.add_argument("--handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="a connection must finish its TLS/HTTP2 handshake within this")
+    worker.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="close a connection after this long without a call")
+    worker.add_argument("--max-streams-per-connection", type=int, default=128,
+                        help="calls one connection may have in flight at once")
     worker.add_argument("--shm-dir", default=None,
                         help="shared-memory directory (default $TORCH_JAX_INTEROP_SHM_DIR "
                              "or /dev/shm)")
@@ -163,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--ranks", type=int, default=None, metavar="N",
                         help="ADDRESS is a template: check the workers of local ranks 0..N-1")
     health.add_argument("--timeout", type=float, default=5.0)
+    health.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="check a TLS worker: the CA that signed its certificate")
+    health.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="client certificate, for a worker that requires one (mTLS)")
+    health.add_argument("--tls-key", default=None, metavar="PEM", help="key of --tls-cert")
+    health.add_argument("--tls-server-name", default=None, metavar="NAME",
+                        help="the name the worker's certificate is checked against")
     health.set_defaults(run=_health)
 
     for name, helptext, run in (("train", "train the demo torch model against a worker",
