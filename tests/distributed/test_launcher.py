@@ -201,6 +201,7 @@ def test_every_worker_option_reaches_the_workers() -> None:
     values = {"function": ["a=m:f", "b=m:g"], "token_env": "MY_TOKEN", "shm_dir": "/dev/shm/x",
               "max_sessions": 3, "max_residuals": 7, "max_tensor_bytes": 1234,
               "max_inline_bytes": 567, "grace": 2.5}
+    values.update({"max_residual_bytes": 8901, "max_leaves": 12, "max_compiled_signatures": 34})
     options = {a.dest for a in worker_parser._actions if a.option_strings} - per_worker
     assert options == set(values), "a worker option is not covered: add it to _worker_argv"
     argv = ["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"]

@@ -1,0 +1,229 @@
+"""The worker's memory and request bounds, with a real worker over real gRPC (issue 13,
+findings 8-11, 16, 17 and the long function name of 19):
+
+* leaves per request (``--max-leaves``) are checked before anything is decoded or compiled;
+* inline bytes are summed over the request (``--max-inline-bytes``);
+* residuals are budgeted in bytes (``--max-residual-bytes``): the oldest are dropped, one
+  larger than the budget is refused;
+* cotangents must match the forward's outputs (shape, and dtype for floating outputs); a
+  refused Backward leaves the residual in place, so the retry succeeds;
+* bool bytes other than 0/1 read as True, inline and in shared memory;
+* the compile cache is bounded (``--max-compiled-signatures``);
+* an unknown function with a very long name is NOT_FOUND, its name truncated.
+
+Requests are built by hand (``pb``), as a buggy or hostile peer would send them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from support.workers import WorkerProcess, start_worker, stop_worker
+
+from torch_jax_interop._dtypes import DTYPE_TO_ENUM
+from torch_jax_interop._wire import PROTOCOL_VERSION
+from torch_jax_interop.client import connect
+from torch_jax_interop.proto.v1 import interop_pb2 as pb
+from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+
+_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32",
+          np.dtype(np.bool_): "bool", np.dtype(np.float64): "float64"}
+
+
+@pytest.fixture(scope="module")
+def bounded() -> Iterator[WorkerProcess]:
+    """A worker with small limits, so that the tests stay small."""
+    with tempfile.TemporaryDirectory(prefix="tjib", dir="/tmp") as tmp:
+        worker = start_worker(tmp, extra=["--max-leaves", "64", "--max-inline-bytes", "1m",
+                                          "--max-residual-bytes", "800k"])
+        try:
+            yield worker
+        finally:
+            stop_worker(worker)
+
+
+class _Peer:
+    """A hand-made client: one session, requests built from numpy arrays (inline)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(
+            address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = pb_grpc.JaxWorkerServiceStub(self.channel)
+        self.stream = self.stub.OpenSession(pb.OpenSessionRequest(
+            protocol_version=PROTOCOL_VERSION, client_pid=os.getpid()))
+        self.session_id = next(self.stream).session_id
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
+
+    @staticmethod
+    def tree(arrays: list[Any], tree: Any) -> None:
+        """A tuple of ``arrays``; a list among them is a nested tuple."""
+        tree.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=len(arrays))
+        for array in arrays:
+            if isinstance(array, list):
+                tree.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=len(array))
+            for item in array if isinstance(array, list) else [array]:
+                tree.nodes.add(kind=pb.TreeNode.KIND_LEAF)
+                leaf = tree.leaves.add(dtype=DTYPE_TO_ENUM[_NAMES[item.dtype]],
+                                       shape=list(item.shape))
+                leaf.inline_data = np.ascontiguousarray(item).tobytes()
+
+    def call(self, function: str, *arrays: Any, keep: bool = False,
+             no_grad: list[int] | None = None) -> Any:
+        request = pb.CallRequest(session_id=self.session_id, function=function,
+                                 keep_residuals=keep, no_grad_leaves=no_grad or [])
+        self.tree(list(arrays), request.args)
+        return self.stub.Call(request, timeout=60)
+
+    def backward(self, residual_id: int, *cotangents: np.ndarray, keep: bool = False) -> Any:
+        request = pb.BackwardRequest(session_id=self.session_id, residual_id=residual_id,
+                                     keep_residuals=keep)
+        # The outputs' structure: one output is a single leaf, several a tuple.
+        if len(cotangents) == 1:
+            request.cotangents.nodes.add(kind=pb.TreeNode.KIND_LEAF)
+            leaf = request.cotangents.leaves.add(
+                dtype=DTYPE_TO_ENUM[_NAMES[cotangents[0].dtype]], shape=list(cotangents[0].shape))
+            leaf.inline_data = cotangents[0].tobytes()
+        else:
+            self.tree(list(cotangents), request.cotangents)
+        return self.stub.Backward(request, timeout=60)
+
+
+def _array(message: Any) -> np.ndarray:
+    names = {v: k for k, v in DTYPE_TO_ENUM.items()}
+    return np.frombuffer(message.inline_data, dtype=names[message.dtype]).reshape(
+        tuple(message.shape))
+
+
+@pytest.fixture
+def peer(bounded: WorkerProcess) -> Iterator[_Peer]:
+    p = _Peer(bounded.address)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _refused(caught: pytest.ExceptionInfo[grpc.RpcError], code: grpc.StatusCode,
+             pattern: str) -> None:
+    import re
+
+    assert caught.value.code() == code, (caught.value.code(), caught.value.details())
+    assert re.search(pattern, caught.value.details() or ""), caught.value.details()
+
+
+def _still_serves(p: _Peer) -> None:
+    out = p.call("add_one", np.arange(3, dtype=np.float32)).outputs.leaves[0]
+    assert _array(out).tolist() == [1.0, 2.0, 3.0]
+
+
+# -- leaves per request (finding 8) ------------------------------------------------------
+
+
+def test_a_call_with_too_many_leaves_is_refused_before_it_is_compiled(peer: _Peer) -> None:
+    many = [np.full((1,), i, np.float32) for i in range(65)]
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.call("identity", many)
+    _refused(caught, grpc.StatusCode.RESOURCE_EXHAUSTED, r"65 tensors.*limit of 64.*--max-leaves")
+    # At the limit the call runs.
+    out = peer.call("identity", many[:64]).outputs
+    assert [float(_array(leaf)[0]) for leaf in out.leaves] == list(range(64))
+
+
+def test_the_default_leaf_limit_refuses_8000_leaves_at_once(worker: WorkerProcess) -> None:
+    """8,000 leaves cost 8.5 s of CPU and ~700 MiB before the limit; now a fast refusal."""
+    p = _Peer(worker.address)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            p.call("identity", [np.zeros((1,), np.float32)] * 8000)
+        elapsed = time.monotonic() - started
+        _refused(caught, grpc.StatusCode.RESOURCE_EXHAUSTED, r"8000 tensors.*--max-leaves")
+        assert elapsed < 2.0, elapsed
+        _still_serves(p)
+    finally:
+        p.close()
+
+
+# -- inline bytes per request (finding 11) -----------------------------------------------
+
+
+def test_inline_bytes_are_summed_over_the_request(peer: _Peer) -> None:
+    half = np.zeros(160 << 10, np.float32)  # 640 KiB: each under 1 MiB, both over it
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.call("identity", [half, half])
+    _refused(caught, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             r"more than 1048576 bytes of inline tensors.*--max-inline-bytes")
+    assert len(peer.call("identity", half).outputs.leaves) == 1
+    _still_serves(peer)
+
+
+# -- cotangents and the residual they would consume (findings 10, 16) ---------------------
+
+
+def test_a_scalar_output_refuses_a_large_cotangent_and_keeps_its_residual(peer: _Peer) -> None:
+    x = np.arange(4, dtype=np.float32)
+    response = peer.call("checksum", x, keep=True)
+    assert response.residual_id
+    big = np.ones(1 << 18, np.float32)  # 1 MiB for a scalar output: it used to broadcast
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.backward(response.residual_id, big[: (1 << 18) - 16])
+    _refused(caught, grpc.StatusCode.INVALID_ARGUMENT,
+             r"cotangent of output 0 must have the output's shape \[\] and dtype float32, got "
+             r"shape \[262128\]")
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.backward(response.residual_id, np.array(1, np.int32))
+    _refused(caught, grpc.StatusCode.INVALID_ARGUMENT, r"dtype float32, got shape \[\] and "
+             r"dtype int32")
+    with pytest.raises(grpc.RpcError) as caught:  # wrong structure: two for one output
+        peer.backward(response.residual_id, np.array(1, np.float32), np.array(1, np.float32))
+    _refused(caught, grpc.StatusCode.INVALID_ARGUMENT, r"got 2 cotangents for 1 outputs")
+    # The refusals consumed nothing: the retry with the right cotangent succeeds.
+    grads = peer.backward(response.residual_id, np.array(2, np.float32)).grad_args
+    assert _array(grads.leaves[0]).tolist() == [2.0, 2.0, 2.0, 2.0]
+
+
+def test_a_vector_output_refuses_a_cotangent_of_another_shape(peer: _Peer) -> None:
+    params, x = np.array(3, np.float32), np.arange(4, dtype=np.float32)
+    response = peer.call("scale", params, x, keep=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.backward(response.residual_id, np.ones((1, 4), np.float32))
+    _refused(caught, grpc.StatusCode.INVALID_ARGUMENT,
+             r"shape \[4\] and dtype float32, got shape \[1, 4\]")
+    grads = peer.backward(response.residual_id, np.ones(4, np.float32)).grad_args
+    assert float(_array(grads.leaves[0])) == 6.0  # d/dparams sum(params * x) = sum(x)
+
+
+# -- residuals in bytes (finding 9) ------------------------------------------------------
+
+
+def test_residuals_are_budgeted_in_bytes(peer: _Peer, bounded: WorkerProcess) -> None:
+    params = np.array(2, np.float32)
+    x = np.ones(64 << 10, np.float32)  # 256 KiB kept per forward (x, for the params' grad)
+    ids = [peer.call("scale", params, x, keep=True, no_grad=[1]).residual_id
+           for _ in range(5)]
+    # 800 KiB hold 3 of them: the two oldest were dropped.
+    for dropped in ids[:2]:
+        with pytest.raises(grpc.RpcError) as caught:
+            peer.backward(dropped, np.ones_like(x))
+        _refused(caught, grpc.StatusCode.INVALID_ARGUMENT, r"--max-residual-bytes 819200")
+    for kept in ids[2:]:
+        grads = peer.backward(kept, np.ones_like(x)).grad_args
+        assert float(_array(grads.leaves[0])) == float(x.sum())
+    assert "residual budget reached" in bounded.log()
+    # A forward whose residuals alone exceed the budget is refused; the worker serves on.
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.call("scale", params, np.ones(210 << 10, np.float32), keep=True, no_grad=[1])
+    _refused(caught, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             r"residuals need 860160 bytes.*budget of 819200 bytes.*--max-residual-bytes")
+    _still_serves(peer)
