@@ -227,3 +227,66 @@ def test_residuals_are_budgeted_in_bytes(peer: _Peer, bounded: WorkerProcess) ->
     _refused(caught, grpc.StatusCode.RESOURCE_EXHAUSTED,
              r"residuals need 860160 bytes.*budget of 819200 bytes.*--max-residual-bytes")
     _still_serves(peer)
+
+
+# -- bool bytes (finding 17) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("transport", "count"), [("inline", 4), ("shm", 1 << 16)])
+def test_bool_bytes_other_than_0_and_1_read_as_true(worker: WorkerProcess, transport: str,
+                                                    count: int) -> None:
+    """``True + 1`` is 2 whatever byte holds True (it was 3 for a byte of 2), on the inline
+    path and on the zero-copy shared-memory path (64 Ki bools: above the inline threshold)."""
+    raw = torch.tensor([0, 1, 2, 255], dtype=torch.uint8).repeat(count // 4)
+    x = raw.view(torch.bool)
+    with connect(worker.address, transport=transport, timeout=60) as w:
+        assert w.transport == {"inline": "inline", "shm": "shared memory"}[transport]
+        plus_one = w.function("add_one")(x)
+        assert plus_one.tolist() == [1, 2, 2, 2] * (count // 4)
+        back = w.function("identity")(x)
+        assert back.view(torch.uint8).tolist() == [0, 1, 1, 1] * (count // 4)
+        assert int(w.function("checksum")(x)) == 3 * (count // 4)
+
+
+# -- compile cache (finding 8) -------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_the_compile_cache_is_bounded_by_max_compiled_signatures() -> None:
+    """Each input signature compiles a program (~1.1-1.5 MiB each for ``add_one``, kept
+    forever up to the old fixed cap of 1,024); with ``--max-compiled-signatures 4`` a worker
+    that saw 150 shapes grows by little for 150 more."""
+    with tempfile.TemporaryDirectory(prefix="tjic", dir="/tmp") as tmp:
+        worker = start_worker(tmp, extra=["--max-compiled-signatures", "4"])
+        try:
+            p = _Peer(worker.address)
+            try:
+                for n in range(1, 151):
+                    p.call("add_one", np.zeros(n, np.float32))
+                before = _rss_mib(worker.process.pid)
+                for n in range(151, 301):
+                    p.call("add_one", np.zeros(n, np.float32))
+                grown = _rss_mib(worker.process.pid) - before
+                assert grown < 60, f"worker RSS grew by {grown:.0f} MiB over 150 new shapes"
+                _still_serves(p)
+            finally:
+                p.close()
+        finally:
+            stop_worker(worker)
+
+
+# -- a long unknown name (finding 19) ------------------------------------------------------
+
+
+def test_an_unknown_function_with_a_long_name_is_not_found(peer: _Peer) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.call("f" * 10_000, np.zeros(1, np.float32))
+    _refused(caught, grpc.StatusCode.NOT_FOUND,
+             r"unknown function `f{200}\.\.\. \(10000 characters\)`; this worker serves: .*add_one")
+    assert len(caught.value.details()) < 1000
+    _still_serves(peer)
