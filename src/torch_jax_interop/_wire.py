@@ -178,7 +178,13 @@ def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
             _pytree.TUPLE if kind == _TUPLE else _pytree.LIST, children, None, leaves
         )
 
-    spec = build(0)
+    try:
+        spec = build(0)
+    finally:
+        # `build` refers to itself through its closure: a reference cycle that would keep
+        # `nodes`, hence the whole request message and its inline bytes, alive until the
+        # garbage collector runs (seen: +16 MiB of worker RSS per 16 MiB call).
+        del build
     if position != len(nodes):
         raise InvalidArgumentError(
             f"structure description has {len(nodes) - position} trailing nodes"
