@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import _pytree, _wire
@@ -107,7 +108,7 @@ def decode_tensor(message: Any, session: Session, limits: Limits,
         return _narrowed(region.host(where.offset, _NUMPY[name], shape), name, narrow)
     if name == "bool" and location == CUDA_IPC:
         # Note [Bool bytes]: on the device, normalising costs one elementwise op.
-        return jax.numpy.not_equal(region.view(where.offset, np.dtype(np.uint8), shape), 0)
+        return jnp.not_equal(region.view(where.offset, np.dtype(np.uint8), shape), 0)
     view = region.view(where.offset, _NUMPY[name], shape)
     if name == "bool":
         view = _normalised_bool(view)
