@@ -156,6 +156,16 @@ def test_the_default_leaf_limit_refuses_8000_leaves_at_once(worker: WorkerProces
         p.close()
 
 
+def test_a_backward_with_too_many_cotangents_is_refused_and_keeps_its_residual(
+        peer: _Peer) -> None:
+    response = peer.call("checksum", np.arange(4, dtype=np.float32), keep=True)
+    with pytest.raises(grpc.RpcError) as caught:
+        peer.backward(response.residual_id, *[np.array(1, np.float32)] * 65)
+    _refused(caught, grpc.StatusCode.RESOURCE_EXHAUSTED, r"65 tensors.*--max-leaves")
+    grads = peer.backward(response.residual_id, np.array(1, np.float32)).grad_args
+    assert _array(grads.leaves[0]).tolist() == [1.0] * 4
+
+
 # -- inline bytes per request (finding 11) -----------------------------------------------
 
 
