@@ -29,6 +29,13 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The options every worker of ``worker --ranks N`` gets (all but ``--listen``,
     ``--ready-file`` and the rank options, which the launcher sets per worker)."""
@@ -169,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-inline-bytes", type=_size, default=64 << 20,
                         help="inline tensor bytes per request (the sum over its tensors) "
                              "and per output")
-    worker.add_argument("--max-leaves", type=int, default=DEFAULT_MAX_LEAVES,
+    worker.add_argument("--max-leaves", type=_positive, default=DEFAULT_MAX_LEAVES,
                         help="tensors per request (arguments, or cotangents), checked "
                              "before anything is decoded or compiled")
-    worker.add_argument("--max-compiled-signatures", type=int,
+    worker.add_argument("--max-compiled-signatures", type=_positive,
                         default=DEFAULT_MAX_COMPILED_SIGNATURES,
                         help="compiled input signatures kept per served function (least "
                              "recently used dropped)")

@@ -65,8 +65,8 @@ _TRANSPORT_NAMES = {pb.TRANSPORT_INLINE: "inline bytes",
 
 
 class WorkerConfig:
-    """Limits and paths of one worker (the CLI flags; the README's "Limits" lists them with
-    the memory each bounds)."""
+    """Limits and paths of one worker (the CLI flags; the README's "Memory and request
+    bounds" lists them with their defaults and the memory each bounds)."""
 
     def __init__(
         self,
