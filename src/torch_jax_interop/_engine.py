@@ -78,6 +78,11 @@ def _is_inexact(leaf: Any) -> bool:
     return dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
+def _dtype_of(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(leaf).dtype
+
+
 def split_aux(result: Any) -> tuple[Any, Any]:
     """``(output, aux)`` of a ``has_aux`` function's result; TypeError if it is no pair."""
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
@@ -106,6 +111,7 @@ class Program:
         "fused",
         "has_aux",
         "num_inputs",
+        "out_dtypes",
         "out_float",
         "out_shapes",
         "out_treedef",
@@ -129,6 +135,7 @@ class Program:
         self.out_treedef: Any = None
         self.out_float: tuple[bool, ...] = ()
         self.out_shapes: tuple[tuple[int, ...], ...] = ()
+        self.out_dtypes: tuple[np.dtype, ...] = ()
         self.fused = False
         self.res_treedef: Any = None
         # per residual leaf: -1 (returned by the forward pass) or the input's index
@@ -147,6 +154,7 @@ class Program:
         out_leaves, self.out_treedef = _tree_flatten(out)
         self.out_float = tuple(_is_inexact(leaf) for leaf in out_leaves)
         self.out_shapes = tuple(np.shape(leaf) for leaf in out_leaves)
+        self.out_dtypes = tuple(_dtype_of(leaf) for leaf in out_leaves)
         return out_leaves  # type: ignore[no-any-return]
 
 
@@ -162,6 +170,14 @@ class Residuals:
                  grads: list[Any] | None) -> None:
         self.program, self.kept, self.inputs, self.grads = program, kept, inputs, grads
         self.live = True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array kept (residuals, inputs kept by reference, gradients): what
+        a residual budget counts."""
+        return sum(int(getattr(leaf, "nbytes", 0))
+                   for leaves in (self.kept, self.inputs, self.grads) if leaves
+                   for leaf in leaves if leaf is not None)
 
     @property
     def saved_inputs(self) -> tuple[int, ...]:

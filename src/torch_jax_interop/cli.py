@@ -12,7 +12,13 @@ import logging
 import os
 import sys
 
-from ._names import TOKEN_ENV, TRANSPORTS
+from ._names import (
+    DEFAULT_MAX_COMPILED_SIGNATURES,
+    DEFAULT_MAX_LEAVES,
+    DEFAULT_MAX_RESIDUAL_BYTES,
+    TOKEN_ENV,
+    TRANSPORTS,
+)
 from ._tls import TlsConfig, check_listen_security, read_token_file
 
 
@@ -24,12 +30,22 @@ def _size(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The options every worker of ``worker --ranks N`` gets (all but ``--listen``,
     ``--ready-file`` and the rank options, which the launcher sets per worker)."""
     argv = [arg for spec in args.function for arg in ("--function", spec)]
     argv += ["--token-env", args.token_env, "--max-sessions", str(args.max_sessions),
              "--max-residuals", str(args.max_residuals),
+             "--max-residual-bytes", str(args.max_residual_bytes),
+             "--max-leaves", str(args.max_leaves),
+             "--max-compiled-signatures", str(args.max_compiled_signatures),
              "--max-tensor-bytes", str(args.max_tensor_bytes),
              "--max-inline-bytes", str(args.max_inline_bytes), "--grace", str(args.grace)]
     if args.shm_dir is not None:
@@ -110,6 +126,9 @@ def _worker(args: argparse.Namespace) -> int:
     config = WorkerConfig(
         max_sessions=args.max_sessions,
         max_residuals=args.max_residuals,
+        max_residual_bytes=args.max_residual_bytes,
+        max_leaves=args.max_leaves,
+        max_compiled_signatures=args.max_compiled_signatures,
         max_tensor_bytes=args.max_tensor_bytes,
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
@@ -218,8 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-sessions", type=int, default=64)
     worker.add_argument("--max-residuals", type=int, default=1024,
                         help="vjp residuals kept per session before the oldest are dropped")
+    worker.add_argument("--max-residual-bytes", type=_size, default=DEFAULT_MAX_RESIDUAL_BYTES,
+                        help="bytes of vjp residuals kept per session; past it the oldest "
+                             "are dropped, and a call whose residuals alone exceed it is "
+                             "refused (RESOURCE_EXHAUSTED)")
     worker.add_argument("--max-tensor-bytes", type=_size, default=4 << 30)
-    worker.add_argument("--max-inline-bytes", type=_size, default=64 << 20)
+    worker.add_argument("--max-inline-bytes", type=_size, default=64 << 20,
+                        help="inline tensor bytes per request (the sum over its tensors) "
+                             "and per output")
+    worker.add_argument("--max-leaves", type=_positive, default=DEFAULT_MAX_LEAVES,
+                        help="tensors per request (arguments, or cotangents), checked "
+                             "before anything is decoded or compiled")
+    worker.add_argument("--max-compiled-signatures", type=_positive,
+                        default=DEFAULT_MAX_COMPILED_SIGNATURES,
+                        help="compiled input signatures kept per served function (least "
+                             "recently used dropped)")
     worker.add_argument("--ready-file", default=None,
                         help="write {addresses, pid} as JSON here once serving (with --ranks: "
                              "once every worker serves)")

@@ -204,6 +204,7 @@ def test_every_worker_option_reaches_the_workers() -> None:
     values.update(token_file="/run/secrets/t", tls_cert="c.pem", tls_key="k.pem",
                   tls_client_ca="ca.pem", insecure=True, max_connections=9,
                   handshake_timeout=1.5, idle_timeout=60.0, max_streams_per_connection=5)
+    values.update({"max_residual_bytes": 8901, "max_leaves": 12, "max_compiled_signatures": 34})
     options = {a.dest for a in worker_parser._actions if a.option_strings} - per_worker
     assert options == set(values), "a worker option is not covered: add it to _worker_argv"
     argv = ["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"]

@@ -128,7 +128,8 @@ def create_server(
         target = ""
         if isinstance(fn, str):
             _, fn, target = load_function(f"{name}={fn}")
-        compiled[name] = CompiledFunction(name, fn, target)
+        compiled[name] = CompiledFunction(name, fn, target,
+                                          max_programs=config.max_compiled_signatures)
     # min_age: pids in names mean nothing across PID namespaces (containers sharing only
     # /dev/shm); a live client unlinks its names within a second of creating them.
     removed = cleanup_orphans(config.shm_dir, min_age=60.0)
