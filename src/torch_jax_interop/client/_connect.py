@@ -44,7 +44,7 @@ log = logging.getLogger("torch_jax_interop.client")
 
 INLINE_THRESHOLD = 64 << 10  # smaller tensors travel inline: one RPC, no pool bookkeeping
 _MESSAGE_OVERHEAD = 16 << 20
-DEFAULT_MAX_ARENA_BYTES = 4 << 30
+DEFAULT_MAX_ARENA_BYTES = 1 << 30
 """The most output-arena bytes a worker may ask this client for, per call, by default."""
 _RECONNECT_ATTEMPT_S = 1.0
 """How long a call looks for a worker that went away when no reconnect window is set: long
@@ -605,7 +605,7 @@ def connect(
     waits for it to come back before failing. The default ``0`` fails fast (a restarted
     worker that is already listening is still found: the client retries within a second).
     ``max_arena_bytes``: the most shared memory (bytes) a worker may ask this client to
-    set aside for one call's outputs (default 4 GiB); a bigger ask is refused with
+    set aside for one call's outputs (default 1 GiB); a bigger ask is refused with
     ``TransportError``.
 
     ``address`` may be a template with ``{local_rank}`` (or ``{rank}``, ``{world_size}``,
