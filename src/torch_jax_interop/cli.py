@@ -8,6 +8,7 @@ that starts N worker processes) imports neither in the launcher itself.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -80,8 +81,14 @@ def _worker(args: argparse.Namespace) -> int:
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
     )
-    return serve(functions, args.listen, token=token, config=config,
-                 ready_file=args.ready_file, grace=args.grace)
+    try:
+        return serve(functions, args.listen, token=token, config=config,
+                     ready_file=args.ready_file, grace=args.grace)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 2
 
 
 def _health(args: argparse.Namespace) -> int:
