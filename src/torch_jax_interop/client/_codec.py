@@ -21,7 +21,6 @@ from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
 from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, MalformedReplyError, ResourceExhaustedError
 
-
 _MAX_OUTPUT_BYTES = 1 << 62
 """No output is refused for its size alone (the arena and inline limits bound it); only
 shapes whose byte size cannot exist are."""
