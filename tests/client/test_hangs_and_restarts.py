@@ -115,9 +115,10 @@ def test_calls_after_a_worker_died_fail_fast_and_a_restart_is_found_within_a_sec
         assert torch.equal(w.function("identity")(x), x)
         first.process.kill()
         first.process.wait()
-        for _ in range(3):  # the first call and every later one: no wait for the timeout
+        for i in range(3):  # the first call and every later one: no wait for the timeout
             start = time.monotonic()
-            with pytest.raises(WorkerUnavailableError, match="reconnect_timeout"):
+            # The first may reach the dead connection before the session watch noticed.
+            with pytest.raises(WorkerUnavailableError, match="reconnect_timeout" if i else ""):
                 w.function("identity")(x)
             assert time.monotonic() - start < 3
         second = start_worker(short_tmp)
