@@ -15,6 +15,9 @@ from ..errors import (
     InvalidArgumentError as InvalidArgumentError,
 )
 from ..errors import (
+    MalformedReplyError as MalformedReplyError,
+)
+from ..errors import (
     ProtocolVersionError as ProtocolVersionError,
 )
 from ..errors import (
@@ -40,6 +43,7 @@ __all__ = [
     "FunctionInfo",
     "FunctionNotFoundError",
     "InvalidArgumentError",
+    "MalformedReplyError",
     "ProtocolVersionError",
     "RemoteError",
     "RemoteExecutionError",
