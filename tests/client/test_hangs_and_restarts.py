@@ -107,6 +107,27 @@ def test_a_stopped_worker_fails_connect_within_its_timeout(
         assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
 
 
+def test_a_stopped_worker_fails_the_reconnect_within_the_timeout(
+        fresh_worker: WorkerProcess) -> None:
+    with connect(fresh_worker.address, timeout=30) as w:
+        assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))  # compiled
+        w.timeout = 1.5
+        os.kill(fresh_worker.process.pid, signal.SIGSTOP)
+        try:
+            # The connection stays up while the worker is stopped; a session that ended
+            # (as when its stream breaks) makes the next call open a new one on it.
+            assert w._session is not None
+            w._session.alive.clear()
+            start = time.monotonic()
+            with pytest.raises(WorkerUnavailableError, match=r"within 1\.5 s"):
+                w.function("add_one")(torch.zeros(2))
+            assert time.monotonic() - start < 5
+        finally:
+            os.kill(fresh_worker.process.pid, signal.SIGCONT)
+        w.timeout = 30
+        assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
+
+
 def test_calls_after_a_worker_died_fail_fast_and_a_restart_is_found_within_a_second(
         short_tmp: str) -> None:
     first = start_worker(short_tmp)
