@@ -85,6 +85,11 @@ class ProtocolVersionError(RemoteError):
     torch-jax-interop version on both sides."""
 
 
+class MalformedReplyError(RemoteError, ValueError):
+    """The worker's reply broke the protocol (a bad dtype, shape, size or location, outputs
+    that overlap): a bug or a hostile worker. Nothing of the reply is used."""
+
+
 class RemoteExecutionError(RemoteError):
     """The served JAX function raised inside the worker (whatever the exception's type; the
     message names it)."""

@@ -8,6 +8,7 @@ that starts N worker processes) imports neither in the launcher itself.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -137,9 +138,15 @@ def _worker(args: argparse.Namespace) -> int:
                               handshake_timeout=args.handshake_timeout,
                               idle_timeout=args.idle_timeout,
                               max_streams_per_connection=args.max_streams_per_connection)
-    return serve(functions, args.listen, token=token, config=config,
-                 ready_file=args.ready_file, grace=args.grace, tls=tls,
-                 insecure=args.insecure, connection_limits=limits)
+    try:
+        return serve(functions, args.listen, token=token, config=config,
+                     ready_file=args.ready_file, grace=args.grace, tls=tls,
+                     insecure=args.insecure, connection_limits=limits)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 2
 
 
 def _health(args: argparse.Namespace) -> int:

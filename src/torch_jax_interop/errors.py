@@ -27,6 +27,7 @@ type), the project's class derives from both, so ``except OverflowError`` and
         ├── WorkerUnavailableError (ConnectionError)  worker gone or unreachable
         ├── DeadlineExceededError (TimeoutError)  the call ran past its deadline
         ├── ProtocolVersionError                  client and worker speak other protocols
+        ├── MalformedReplyError (ValueError)      the worker's reply broke the protocol
         └── RemoteExecutionError                  the JAX function itself raised
 
 On the client, gRPC status codes map into the ``RemoteError`` branch (see
@@ -46,6 +47,7 @@ from ._errors import FunctionNotFoundError as FunctionNotFoundError
 from ._errors import IntegerOverflowError as IntegerOverflowError
 from ._errors import InteropError as InteropError
 from ._errors import InvalidArgumentError as InvalidArgumentError
+from ._errors import MalformedReplyError as MalformedReplyError
 from ._errors import PoolExhaustedError as PoolExhaustedError
 from ._errors import ProtocolVersionError as ProtocolVersionError
 from ._errors import RegionRejectedError as RegionRejectedError
@@ -68,6 +70,7 @@ __all__ = [
     "IntegerOverflowError",
     "InteropError",
     "InvalidArgumentError",
+    "MalformedReplyError",
     "PoolExhaustedError",
     "ProtocolVersionError",
     "RegionRejectedError",

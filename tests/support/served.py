@@ -57,6 +57,11 @@ def rejects_input(x: jax.Array) -> jax.Array:
     raise ValueError(f"rejects_input takes no input, got shape {tuple(x.shape)}")
 
 
+def slow_scale(params: jax.Array, x: jax.Array) -> jax.Array:
+    """``params * x`` computed after sleeping 2 s (differentiable in ``params`` only)."""
+    return params * slow_identity(x)
+
+
 def slow_identity(x: jax.Array) -> jax.Array:
     """Returns ``x`` after sleeping 2 s in the worker (for deadline and drain tests)."""
     import time

@@ -16,7 +16,7 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FUNCTIONS = {
     name: f"support.served:{name}"
     for name in ("identity", "add_one", "scale", "mlp_apply", "mlp_loss", "checksum", "with_aux",
-                 "fails", "rejects_input", "slow_identity")
+                 "fails", "rejects_input", "slow_identity", "slow_scale")
 }
 FUNCTIONS["mlp"] = "torch_jax_interop.examples.mlp:apply"
 

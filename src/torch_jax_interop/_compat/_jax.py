@@ -83,7 +83,14 @@ class DLPackFastPath:
                 return _dlpack_to_buffer(capsule, device, None, None)
 
         def export_capsule(array: Any) -> Any:
-            return _buffer_to_dlpack(array, stream=None)
+            # Note [Exporting a shard, not the array]: the capsule holds an external
+            # reference on the buffer of the array it was made from. Made from ``array``
+            # itself, ``array.delete()`` would destroy that buffer under the hold and XLA
+            # aborts the process ("Non-zero type 1 hold on destruction"). Made from a new
+            # single-device array on the same buffer (what jax's public ``__dlpack__``
+            # does), ``delete()`` drops only ``array``'s reference: the torch tensor keeps
+            # the buffer alive until it dies.
+            return _buffer_to_dlpack(array.addressable_data(0), stream=None)
 
         sample = aligned_empty(16, np.dtype(np.float32))
         sample[:] = np.arange(16, dtype=np.float32)

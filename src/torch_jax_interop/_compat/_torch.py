@@ -18,8 +18,19 @@ def _public_to_dlpack(t: torch.Tensor) -> Any:
     return t.__dlpack__()
 
 
-to_dlpack_capsule: Callable[[torch.Tensor], Any] = _private_to_dlpack or _public_to_dlpack
-"""A DLPack capsule of a tensor (shares its memory)."""
+_to_dlpack: Callable[[torch.Tensor], Any] = _private_to_dlpack or _public_to_dlpack
+
+
+def to_dlpack_capsule(t: torch.Tensor) -> Any:
+    """A DLPack capsule of a tensor (shares its memory; holds its storage alive).
+
+    The capsule is made from an alias (``t.detach()``: a new tensor object on the same
+    storage), not from ``t``: a capsule holds the tensor object it was made from, so
+    ``t.set_(other)`` would otherwise drop the last reference to the shared storage and
+    free the memory the JAX array reads. ``t.resize_()`` and
+    ``t.untyped_storage().resize_()`` reallocate the storage itself: nothing can guard
+    those (Note [Memory sharing and copies] in ``interop_core/_convert.py``)."""
+    return _to_dlpack(t.detach())
 
 from_dlpack_capsule: Callable[[Any], torch.Tensor] = _private_from_dlpack or torch.from_dlpack
 """A tensor from a DLPack capsule (shares its memory)."""

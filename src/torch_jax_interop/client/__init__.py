@@ -16,6 +16,9 @@ from ..errors import (
     InvalidArgumentError as InvalidArgumentError,
 )
 from ..errors import (
+    MalformedReplyError as MalformedReplyError,
+)
+from ..errors import (
     ProtocolVersionError as ProtocolVersionError,
 )
 from ..errors import (
@@ -42,6 +45,7 @@ __all__ = [
     "TlsConfig",
     "FunctionNotFoundError",
     "InvalidArgumentError",
+    "MalformedReplyError",
     "ProtocolVersionError",
     "RemoteError",
     "RemoteExecutionError",

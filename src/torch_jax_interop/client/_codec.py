@@ -8,6 +8,7 @@ to the pool when the last of those tensors is garbage-collected, so no copy is m
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 from typing import Any
 
@@ -18,7 +19,11 @@ from .. import _pytree, _wire
 from .._dtypes import DTYPE_NAMES
 from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
 from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
-from .._errors import InvalidArgumentError, ResourceExhaustedError
+from .._errors import InvalidArgumentError, MalformedReplyError, ResourceExhaustedError
+
+_MAX_OUTPUT_BYTES = 1 << 62
+"""No output is refused for its size alone (the arena and inline limits bound it); only
+shapes whose byte size cannot exist are."""
 
 
 def wire_specs(call: Any, name: str) -> tuple[_pytree.TreeSpec, _pytree.TreeSpec]:
@@ -159,11 +164,16 @@ class Encoder:
 
 
 class Decoder:
-    """Reads ``Tree`` messages from the worker; arena tensors share the arena's memory."""
+    """Reads ``Tree`` messages from the worker; arena tensors share the arena's memory.
+
+    Every reply is checked before use: a reply that breaks the protocol (unknown dtype, bad
+    shape, wrong size, a location outside the arena, two outputs on the same bytes) raises
+    ``MalformedReplyError`` naming what was wrong, never a raw torch or Python error."""
 
     def __init__(self, arena: Any = None, device: torch.device | None = None) -> None:
         self.arena = arena
         self._base: torch.Tensor | None = None
+        self._taken: list[tuple[int, int]] = []  # arena byte ranges of the outputs so far
         # Calls with CUDA inputs get their outputs on that device (a copy unless CUDA IPC).
         self.device = device if device is not None and device.type == "cuda" else None
 
@@ -178,8 +188,12 @@ class Decoder:
 
     def leaves(self, message: Any) -> tuple[_pytree.TreeSpec, list[torch.Tensor]]:
         """The structure and the tensors of a ``Tree`` message."""
-        spec = _wire.decode_spec(message.nodes, len(message.leaves))
-        return spec, [self.tensor(leaf) for leaf in message.leaves]
+        try:
+            spec = _wire.decode_spec(message.nodes, len(message.leaves))
+        except (InvalidArgumentError, ResourceExhaustedError) as error:
+            raise MalformedReplyError(
+                f"the worker sent a malformed output structure: {error}") from None
+        return spec, [self.tensor(leaf, i) for i, leaf in enumerate(message.leaves)]
 
     def gradients(self, message: Any, sent: _pytree.TreeSpec) -> list[torch.Tensor | None]:
         """One gradient per leaf of ``sent`` (the structure of the inputs): the worker
@@ -188,17 +202,28 @@ class Decoder:
         _leaves_like(sent, self.tree(message), out)
         return out
 
-    def tensor(self, message: Any) -> torch.Tensor:
-        name = _wire.dtype_name(message.dtype)
-        dtype = NAME_TO_TORCH[name]
-        shape = tuple(message.shape)
-        nbytes = _wire.tensor_nbytes(name, shape, limit=1 << 62)
+    def tensor(self, message: Any, index: int = 0) -> torch.Tensor:
+        what = f"output {index}"
+        try:
+            name = _wire.dtype_name(message.dtype)
+            dtype = NAME_TO_TORCH[name]
+            shape = tuple(message.shape)
+            nbytes = _wire.tensor_nbytes(name, shape, limit=_MAX_OUTPUT_BYTES)
+        except (InvalidArgumentError, ResourceExhaustedError, KeyError) as error:
+            raise MalformedReplyError(
+                f"the worker sent a malformed {what} (dtype {message.dtype}, shape "
+                f"{list(message.shape)[:8]}): {error}") from None
         location = message.WhichOneof("location")
         if nbytes == 0:
+            if location == "inline_data" and message.inline_data:
+                raise MalformedReplyError(
+                    f"the worker sent {len(message.inline_data)} bytes for the empty {what}")
             return self._placed(torch.empty(shape, dtype=dtype))
         if location == "inline_data":
             if len(message.inline_data) != nbytes:
-                raise InvalidArgumentError("worker sent an inline tensor of the wrong size")
+                raise MalformedReplyError(
+                    f"the worker sent {len(message.inline_data)} inline bytes for {what} of "
+                    f"shape {list(shape)} and dtype {name}, which needs {nbytes}")
             raw = torch.frombuffer(bytearray(message.inline_data), dtype=torch.uint8)
             return self._placed(raw.view(dtype).reshape(shape))
         arena = self.arena
@@ -211,10 +236,27 @@ class Decoder:
             expected.offset, expected.nbytes = where.offset, nbytes
             start = where.offset - arena.offset
             if where != expected or start < 0 or start + nbytes > arena.nbytes:
-                raise InvalidArgumentError("worker pointed an output outside the output arena")
+                raise MalformedReplyError(
+                    f"the worker pointed {what} outside the output arena (offset "
+                    f"{where.offset}, {where.nbytes} bytes; arena: offset {arena.offset}, "
+                    f"{arena.nbytes} bytes, {nbytes} bytes needed)")
+            self._take(start, start + nbytes, what)
             return self._placed(
                 self._arena_tensor()[start:start + nbytes].view(dtype).reshape(shape))
-        raise InvalidArgumentError(f"worker sent an output with location `{location}`")
+        raise MalformedReplyError(
+            f"the worker sent {what} with location `{location}`; expected inline bytes"
+            + (f" or `{arena.kind}` in the output arena" if arena is not None else
+               " (this call gave it no output arena)"))
+
+    def _take(self, start: int, end: int, what: str) -> None:
+        """Refuse outputs on the same arena bytes: writing one would change the other."""
+        at = bisect.bisect_left(self._taken, (start, end))
+        if ((at > 0 and self._taken[at - 1][1] > start)
+                or (at < len(self._taken) and self._taken[at][0] < end)):
+            raise MalformedReplyError(
+                f"the worker placed {what} on arena bytes [{start}, {end}) that another "
+                "output of the same reply also uses; outputs must not overlap")
+        self._taken.insert(at, (start, end))
 
     def _arena_tensor(self) -> torch.Tensor:
         if self._base is None and self.arena.kind == "cuda_ipc":
@@ -229,6 +271,11 @@ class Decoder:
             self.arena.release_when_collected(array)
             self._base = torch.from_numpy(array)
         return self._base
+
+    def abandon(self) -> None:
+        """The call failed: no output of it is returned, so the arena goes back now (a
+        tensor decoded before the failure keeps its bytes alive until it is collected)."""
+        self.finish()
 
     def finish(self) -> None:
         """Give the arena back now if no output landed in it."""
@@ -246,22 +293,32 @@ def _leaves_like(spec: _pytree.TreeSpec, tree: Any, out: list[Any]) -> None:
     elif kind != _pytree.NONE:
         if kind == _pytree.DICT:
             if not isinstance(tree, dict):
-                raise InvalidArgumentError("worker sent gradients of another structure")
+                raise MalformedReplyError("the worker sent gradients of another structure "
+                                          "than the inputs'")
             children = [tree.get(key) for key in spec.meta[0]]
         else:
+            if not isinstance(tree, (list, tuple)):
+                raise MalformedReplyError("the worker sent gradients of another structure "
+                                          "than the inputs'")
             children = list(tree)
         if len(children) != len(spec.children):
-            raise InvalidArgumentError("worker sent gradients of another structure")
+            raise MalformedReplyError("the worker sent gradients of another structure than "
+                                      "the inputs'")
         for child_spec, child in zip(spec.children, children, strict=True):
             _leaves_like(child_spec, child, out)
 
 
-def align_grads(layout: list[tuple[torch.dtype, torch.device]],
+def align_grads(layout: list[tuple[torch.dtype, torch.device, torch.Size]],
                 grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Gradients in the inputs' dtypes and devices: a worker with x64 off computes 64-bit
-    inputs in 32 bits, and autograd wants the input's dtype back."""
+    inputs in 32 bits, and autograd wants the input's dtype back. A gradient of another
+    shape than its input is a malformed reply."""
     out: list[torch.Tensor | None] = []
-    for (dtype, device), grad in zip(layout, grads, strict=True):
+    for i, ((dtype, device, shape), grad) in enumerate(zip(layout, grads, strict=True)):
+        if grad is not None and grad.shape != shape:
+            raise MalformedReplyError(
+                f"the worker sent a gradient of shape {list(grad.shape)} for input {i} of "
+                f"shape {list(shape)}")
         if grad is not None and (grad.dtype != dtype or grad.device != device):
             grad = grad.to(device=device, dtype=dtype)
         out.append(grad)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ import torch
 from .. import _wire
 from .._call import Call
 from .._errors import (
+    DeadlineExceededError,
     InvalidArgumentError,
     ProtocolVersionError,
     RemoteError,
@@ -34,7 +36,7 @@ from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryPool
+from ..transport import SharedMemoryPool, default_shm_dir
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
 from ._errors_map import to_remote_error
@@ -43,6 +45,19 @@ log = logging.getLogger("torch_jax_interop.client")
 
 INLINE_THRESHOLD = 64 << 10  # smaller tensors travel inline: one RPC, no pool bookkeeping
 _MESSAGE_OVERHEAD = 16 << 20
+DEFAULT_MAX_ARENA_BYTES = 1 << 30
+"""The most output-arena bytes a worker may ask this client for, per call, by default."""
+_RECONNECT_ATTEMPT_S = 1.0
+"""How long a call looks for a worker that went away when no reconnect window is set: long
+enough to find one that is already back (the backoff below retries within a second), short
+enough that a dead worker fails the call at once rather than after the whole timeout."""
+_CHANNEL_OPTIONS = [
+    # A restarted worker is found within a second: gRPC's default backoff (1 s growing to
+    # 120 s) would take 5-7 s or more after a few failed attempts.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass
@@ -76,6 +91,8 @@ class _Session:
     alive: threading.Event
     transport: str
     cuda: Any = None  # a CudaIpcChannel for transport "auto" / "cuda_ipc"
+    # Arena slices of calls that ran past their deadline: Note [Arena slices after a deadline]
+    quarantined: list[Any] = field(default_factory=list)
 
 
 class ResidualHandle:
@@ -91,7 +108,7 @@ class ResidualHandle:
         self.leases = leases
         self.out_spec = out_spec
         self.in_specs = in_specs
-        self.layout = [(t.dtype, t.device) for t in inputs]
+        self.layout = [(t.dtype, t.device, t.shape) for t in inputs]
         self.grad_bytes = arena_bytes(inputs, INLINE_THRESHOLD)
         self.done = False
 
@@ -106,15 +123,22 @@ class Worker:
 
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None, token_file: str | None = None,
-                 tls: TlsConfig | None = None) -> None:
+                 tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
+                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES) -> None:
         check_transport(transport)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
             raise ValueError(f"tls= is for TCP addresses (host:port), not `{address}`: a unix "
                              "socket is guarded by its file mode; drop tls= for it")
+        if reconnect_timeout < 0:
+            raise ValueError(f"reconnect_timeout={reconnect_timeout!r} must be >= 0 (seconds)")
+        if max_arena_bytes < 0:
+            raise ValueError(f"max_arena_bytes={max_arena_bytes!r} must be >= 0")
         self.address = address
         self.timeout = timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.max_arena_bytes = max_arena_bytes
         self.requested_transport = transport
         if token_file is not None:
             token = read_token_file(token_file)
@@ -127,6 +151,7 @@ class Worker:
         options = [
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
+            *_CHANNEL_OPTIONS,
         ]
         if tls is not None:
             self._channel = grpc.secure_channel(address, tls.channel_credentials(),
@@ -176,10 +201,29 @@ class Worker:
                 self.requested_transport, pb.TRANSPORT_SHARED_MEMORY),
             protocol_version=_wire.PROTOCOL_VERSION,
         ), metadata=self._metadata)
+        # The stream stays open for the session's life (no deadline on it), but its first
+        # event is awaited with one: a stopped or silent worker accepts the connection and
+        # never answers (Note [Session stream reader]).
+        events: queue.Queue[Any] = queue.Queue(maxsize=1)
+        alive = threading.Event()
+        alive.set()
+        threading.Thread(target=self._watch, args=(stream, events, alive), daemon=True,
+                         name="tji-session-watch").start()
         try:
-            first = next(stream)
-        except grpc.RpcError as error:
-            raise to_remote_error(error, "opening a session", self.address) from None
+            first = events.get(timeout=self.timeout)
+        except queue.Empty:
+            stream.cancel()
+            raise WorkerUnavailableError(
+                f"the worker at {self.address} accepted the connection but did not open a "
+                f"session within {self.timeout:g} s (stopped, overloaded or not a "
+                "torch-jax-interop worker); check it, or raise connect(timeout=...)"
+            ) from None
+        if isinstance(first, grpc.RpcError):
+            raise to_remote_error(first, "opening a session", self.address) from None
+        if first is None:
+            raise WorkerUnavailableError(
+                f"the worker at {self.address} ended the session before opening it"
+            )
         if first.protocol_version != _wire.PROTOCOL_VERSION:
             stream.cancel()
             older = "worker" if first.protocol_version < _wire.PROTOCOL_VERSION else "client"
@@ -189,13 +233,9 @@ class Worker:
                 f"v{_wire.PROTOCOL_VERSION}; upgrade the {older} so that both sides run the "
                 "same torch-jax-interop version"
             )
-        alive = threading.Event()
-        alive.set()
         session = _Session(first.session_id, stream, None, first.max_inline_bytes, alive,
                            "inline")
         self._session = session
-        threading.Thread(target=self._watch, args=(session,), daemon=True,
-                         name="tji-session-watch").start()
         session.pool, session.transport = self._choose_transport(session, first)
         if self.requested_transport in ("auto", "cuda_ipc"):
             # Decides per GPU at the first CUDA tensor: nothing touches CUDA before that.
@@ -210,13 +250,26 @@ class Worker:
                  first.worker_pid, session.transport)
         return session
 
-    def _watch(self, session: _Session) -> None:
+    @staticmethod
+    def _watch(stream: Any, events: queue.Queue[Any], alive: threading.Event) -> None:
+        """Note [Session stream reader]: one thread per session reads its stream. The
+        first event (or the error that ended the stream, or None) goes to ``events`` for
+        ``_open_session``, which waits with a deadline and cancels the stream on timeout,
+        ending this thread. Later events mean nothing; the stream's end clears ``alive``."""
+        first = True
         try:
-            for _ in session.stream:
-                pass
-        except grpc.RpcError:
-            pass
-        session.alive.clear()
+            for event in stream:
+                if first:
+                    events.put(event)
+                    first = False
+        except grpc.RpcError as error:
+            if first:
+                events.put(error)
+                first = False
+        finally:
+            if first:
+                events.put(None)
+            alive.clear()
 
     def _choose_transport(self, session: _Session, event: Any) -> tuple[Any, str]:
         if self.requested_transport == "inline":
@@ -225,7 +278,9 @@ class Worker:
         if not same_host:
             reason = "the worker runs on another host (different boot id)"
         else:
-            directory = os.environ.get("TORCH_JAX_INTEROP_SHM_DIR") or event.shm_directory
+            # Only this process's own setting decides where its tensors go: a worker naming
+            # a directory (on disk, or another user's) could otherwise make them persist.
+            directory = default_shm_dir()
             pool = SharedMemoryPool(
                 lambda region: self._register(session, region), directory=directory,
                 min_region_bytes=8 << 20,
@@ -275,17 +330,20 @@ class Worker:
                 if session is not None:
                     self._drop_session(session)
                     log.warning("session with %s ended; reconnecting", self.address)
+                wait = min(self.timeout, max(self.reconnect_timeout, _RECONNECT_ATTEMPT_S))
                 try:
-                    grpc.channel_ready_future(self._channel).result(timeout=self.timeout)
+                    grpc.channel_ready_future(self._channel).result(timeout=wait)
                 except grpc.FutureTimeoutError:
                     raise WorkerUnavailableError(
-                        f"worker at {self.address} is gone and did not come back within "
-                        f"{self.timeout:g} s"
+                        f"the worker at {self.address} is gone and did not come back within "
+                        f"{wait:g} s; restart it, or give connect(reconnect_timeout=SECONDS) "
+                        "to wait longer for a restart"
                     ) from None
                 session = self._open_session()
             return session
 
     def _drop_session(self, session: _Session) -> None:
+        self._release_quarantined(session)  # the session's calls end with it
         if session.cuda is not None:  # the worker unmaps before this process frees
             session.cuda.close(release_regions=session.alive.is_set())
         session.alive.clear()
@@ -356,6 +414,7 @@ class Worker:
                 i for i, t in enumerate(tensors) if not t.requires_grad
             )
         handle = None
+        decoder: Decoder | None = None
         try:
             num_args = args_spec.num_leaves
             encoder.tree(tensors[:num_args], args_spec, request.args)
@@ -364,16 +423,19 @@ class Worker:
                    tuple((t.dtype, t.shape) for t in tensors))
             decoder = self._with_arena(session, request, self._arena_sizes.get(key, 0),
                                        encoder)
-            response = self._rpc(self._stub.Call, request, f"calling `{name}`")
+            response = self._call_rpc(session, decoder, request, f"calling `{name}`")
             if response.required_output_bytes:
+                self._check_arena_ask(response.required_output_bytes, name)
                 decoder.finish()
                 self._arena_sizes[key] = response.required_output_bytes
+                decoder = None
                 decoder = self._with_arena(session, request, response.required_output_bytes,
                                            encoder)
-                response = self._rpc(self._stub.Call, request, f"calling `{name}`")
+                response = self._call_rpc(session, decoder, request, f"calling `{name}`")
             out_spec, outputs = decoder.leaves(response.outputs)
             aux = decoder.tree(response.aux) if call.has_aux else None
             decoder.finish()
+            decoder = None
             self.stats.add(encoder)
             if response.residual_id:
                 # The worker's residuals may view the input slices: keep them until release.
@@ -381,8 +443,41 @@ class Worker:
                                         out_spec, (args_spec, kwargs_spec), tensors)
                 encoder.leases = []
         finally:
+            if decoder is not None:  # failed: outputs decoded so far are dropped with it
+                decoder.abandon()
             encoder.release()
         return outputs, out_spec, aux, handle
+
+    def _check_arena_ask(self, nbytes: int, name: str) -> None:
+        if nbytes > self.max_arena_bytes:
+            raise TransportError(
+                f"the worker asked for a {nbytes}-byte output arena to call `{name}`, more "
+                f"than this client allows ({self.max_arena_bytes} bytes); if the outputs "
+                "are really that large, raise connect(max_arena_bytes=...)"
+            )
+
+    def _call_rpc(self, session: _Session, decoder: Decoder, request: Any, name: str,
+                  method: Callable[..., Any] | None = None) -> Any:
+        """``Call`` with the arena in ``decoder``. Note [Arena slices after a deadline]: a
+        call that ran past its deadline (or was cancelled) may still be running in the
+        worker, which could write its outputs into the arena later. Its slice goes back to
+        the pool only after the worker answered a later call of this session (the worker
+        writes nothing for a call whose client has gone: ``Call`` checks its context
+        before writing), so that a late write never lands in another call's outputs."""
+        try:
+            response = self._rpc(method or self._stub.Call, request, name)
+        except (DeadlineExceededError, WorkerUnavailableError):
+            if decoder.arena is not None:
+                session.quarantined.append(decoder.arena)
+                decoder.arena = None
+            raise
+        self._release_quarantined(session)
+        return response
+
+    @staticmethod
+    def _release_quarantined(session: _Session) -> None:
+        while session.quarantined:
+            session.quarantined.pop().release()
 
     def _with_arena(self, session: _Session, request: Any, nbytes: int,
                     encoder: Encoder | None = None) -> Decoder:
@@ -412,15 +507,20 @@ class Worker:
                           cuda=session.cuda)
         request = pb.BackwardRequest(session_id=session.id, residual_id=handle.residual_id,
                                      keep_residuals=retain)
+        decoder: Decoder | None = None
         try:
             encoder.tree(list(cotangents), handle.out_spec, request.cotangents)
             decoder = self._with_arena(session, request, handle.grad_bytes, encoder)
-            response = self._rpc(self._stub.Backward, request, "backward")
+            response = self._call_rpc(session, decoder, request, "backward",
+                                      self._stub.Backward)
             grads = [*decoder.gradients(response.grad_args, handle.in_specs[0]),
                      *decoder.gradients(response.grad_kwargs, handle.in_specs[1])]
             decoder.finish()
+            decoder = None
             self.stats.add(encoder)
         finally:
+            if decoder is not None:
+                decoder.abandon()
             encoder.release()
         if not retain:
             handle.done = True
@@ -502,6 +602,8 @@ def connect(
     token_file: str | None = None,
     tls: TlsConfig | None = None,
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
+    reconnect_timeout: float = 0.0,
+    max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -518,7 +620,15 @@ def connect(
     ``"cuda_ipc"`` is ``"auto"`` that raises instead of falling back for CUDA tensors;
     ``"shm"`` insists on shared memory; ``"inline"`` never uses it. Outputs of a call with
     CUDA inputs come back on the first CUDA input's device.
-    ``timeout`` bounds the connection and every call (deadline, seconds).
+    ``timeout`` bounds the connection, the session opening and every call (deadline,
+    seconds).
+
+    ``reconnect_timeout``: after the worker went away, how long (seconds) the next call
+    waits for it to come back before failing. The default ``0`` fails fast (a restarted
+    worker that is already listening is still found: the client retries within a second).
+    ``max_arena_bytes``: the most shared memory (bytes) a worker may ask this client to
+    set aside for one call's outputs (default 1 GiB); a bigger ask is refused with
+    ``TransportError``.
 
     ``token_file``: read the token from this file (e.g. ``/run/secrets/tji``) instead of
     ``token=``. ``tls``: reach a TCP worker over TLS, e.g.
@@ -543,8 +653,8 @@ def connect(
     if functions is not None:
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
     return Worker(address, timeout=timeout, transport=transport, token=token,
-                  token_file=token_file, tls=tls)
-
+                  token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
+                  max_arena_bytes=max_arena_bytes)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

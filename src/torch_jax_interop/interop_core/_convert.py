@@ -9,7 +9,14 @@ tensor reads the JAX array's buffer. Consequences, each pinned down by a test:
 * an in-place write on the torch side (``t.add_(1)``) is visible through the JAX array, even
   though JAX treats arrays as immutable. Write to a converted value only if you own both
   views, or convert with ``copy=True``;
-* the storage stays alive as long as either view does (the DLPack capsule holds a reference).
+* the storage stays alive as long as either view does (the DLPack capsule holds a reference,
+  also when ``t.set_(other)`` points the tensor at other memory, and ``a.delete()`` on a JAX
+  array after ``jax_to_torch(a)`` leaves the tensor valid);
+* changing the *storage itself* in place frees the memory the other view reads: after
+  ``torch_to_jax(t)``, never call ``t.resize_()``, ``t.untyped_storage().resize_()`` or
+  ``t.share_memory_()`` while the JAX array is alive (torch has no way to pin a storage's
+  size, so this cannot be guarded; the same holds for raw DLPack). Convert with
+  ``copy=True`` when the tensor will be resized.
 
 A copy is made only when it is forced, and ``copy=False`` turns each such case into a
 ``CopyRequiredError`` instead:
@@ -224,7 +231,8 @@ def _import_any(t: torch.Tensor, copy: bool | None) -> jax.Array:
 
 def _import_public(t: torch.Tensor) -> jax.Array:
     # The public path synchronises torch's current CUDA stream with JAX's (DLPack `stream=`).
-    return jax.dlpack.from_dlpack(t)
+    # An alias, not `t`: `t.set_()` must not free what the array reads (`to_dlpack_capsule`).
+    return jax.dlpack.from_dlpack(t.detach())
 
 
 def _place(array: jax.Array, device: Any, copy: bool | None) -> jax.Array:

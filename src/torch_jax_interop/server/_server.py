@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
 import signal
+import socket
+import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
@@ -168,8 +171,7 @@ def create_server(
                         f"unix socket path is {len(path.encode())} bytes; the limit is 107. "
                         "Use a shorter directory (e.g. /tmp/tji/worker.sock)"
                     )
-                if os.path.exists(path):
-                    os.unlink(path)  # a stale socket of an earlier worker
+                remove_stale_socket(path)
             if credentials is not None and is_tcp(address):
                 port = server.add_secure_port(address, credentials)
             else:
@@ -194,6 +196,37 @@ def create_server(
                  "over TLS, client certificates required" if tls.ca_file else "over TLS")
     log.info("serving %s on %s", ", ".join(sorted(compiled)), ", ".join(bound))
     return server, bound, servicer
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink ``path`` only if it is a stale unix socket (one that refuses connections: its
+    worker is gone). Anything else there is in use, or not ours to delete: a regular file,
+    a directory, or the socket of a live worker (taking it over would leave that worker
+    running, unreachable). Raises ``OSError(EADDRINUSE)`` naming what is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EADDRINUSE,
+                      f"address in use: `{path}` exists and is not a socket; remove it or "
+                      "listen on another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: an earlier worker died without removing it
+        return
+    except OSError as error:
+        raise OSError(errno.EADDRINUSE,
+                      f"address in use: cannot tell whether the socket `{path}` is stale "
+                      f"({error.strerror or error}); remove it if no worker uses it") from None
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE,
+                  f"address in use: a worker already listens on `{path}`; stop it first, or "
+                  "listen on another path")
 
 
 def shutdown(server: grpc.Server, servicer: JaxWorkerServicer, grace: float = 30.0) -> None:

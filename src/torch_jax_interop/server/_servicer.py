@@ -247,6 +247,10 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         out_leaves, out_spec = flatten_outputs(out)
         with _served(request.function):  # errors of an asynchronous run surface here
             jax.block_until_ready(out_leaves)
+        if not context.is_active():
+            # The client gave up (deadline, cancel): keep no residual for it and write
+            # nothing into its arena (Note [Arena slices after a deadline] in the client).
+            context.abort(grpc.StatusCode.CANCELLED, "the client gave up on this call")
         writer.write_tree(out_leaves, out_spec, response.outputs)
         if request.has_aux:
             aux_leaves, aux_spec = flatten_outputs(aux)
@@ -274,6 +278,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         for grads, out in ((grad_args, response.grad_args), (grad_kwargs, response.grad_kwargs)):
             leaves, spec = flatten_outputs(grads)  # inputs without gradient: None
             jax.block_until_ready(leaves)
+            if not context.is_active():  # the client gave up: write nothing into its arena
+                context.abort(grpc.StatusCode.CANCELLED, "the client gave up on this call")
             writer.write_tree(leaves, spec, out)
         return response
 

@@ -139,6 +139,17 @@ def _full_error(directory: str, size: int, err: OSError) -> SharedMemoryFullErro
     )
 
 
+def _file_size_limit_error(size: int, err: OSError) -> SharedMemoryFullError:
+    """EFBIG: the process's file-size limit (RLIMIT_FSIZE), not the filesystem, is too small."""
+    return SharedMemoryFullError(
+        errno.EFBIG,
+        f"cannot create a shared-memory region of {_format_bytes(size)}: it exceeds this "
+        f"process's file-size limit (RLIMIT_FSIZE; {err.strerror or err}). Fix: raise the "
+        "limit (`ulimit -f unlimited` in the shell that starts the process, or "
+        "`LimitFSIZE=infinity` for a systemd service).",
+    )
+
+
 def _prefault(mm: mmap.mmap, size: int) -> None:
     """Map every page now, so the first call pays no page faults."""
     if _MADV_POPULATE_WRITE is not None:
@@ -243,7 +254,9 @@ class SharedMemoryRegion:
                 try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError as err:
-                    if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    if err.errno == errno.EFBIG:
+                        raise _file_size_limit_error(size, err) from None
+                    if err.errno in (errno.ENOSPC, errno.EDQUOT):
                         raise _full_error(directory, size, err) from None
                     raise
                 mapping = mmap.mmap(
