@@ -25,7 +25,7 @@ from torch_jax_interop.client import WorkerUnavailableError, connect
 from torch_jax_interop.demo import build_model, synthetic_batch
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
-from torch_jax_interop.transport import SharedMemoryRegion
+from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 FAULTS: dict[str, int] = {}
 
@@ -197,7 +197,7 @@ def test_a_region_given_back_mid_call_is_never_written(fresh_worker: WorkerProce
     stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
                                                     client_pid=os.getpid()))
     session = next(stream).session_id
-    region = SharedMemoryRegion.create(1 << 20)
+    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session))
     try:
         view = np.frombuffer(region.buffer, np.uint8)
         view[:] = 0xAB

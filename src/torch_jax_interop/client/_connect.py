@@ -33,7 +33,7 @@ from .._targets import FunctionInfo as FunctionInfo
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryPool
+from ..transport import SharedMemoryPool, region_tag
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
 from ._errors_map import to_remote_error
@@ -208,7 +208,7 @@ class Worker:
             directory = os.environ.get("TORCH_JAX_INTEROP_SHM_DIR") or event.shm_directory
             pool = SharedMemoryPool(
                 lambda region: self._register(session, region), directory=directory,
-                min_region_bytes=8 << 20,
+                min_region_bytes=8 << 20, tag=region_tag(session.id),
             )
             try:
                 pool.allocate(64).release()  # creates and registers a first region: a probe

@@ -156,7 +156,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             shm = request.shared_memory
             region = SharedMemoryWorkerRegion.attach(shm.name, shm.size,
                                                      directory=self.config.shm_dir,
-                                                     max_tensor_bytes=max_tensor_bytes)
+                                                     max_tensor_bytes=max_tensor_bytes,
+                                                     session_tag=session.region_tag)
         else:
             raise InvalidArgumentError(
                 "RegisterRegionRequest names no region: set `shared_memory` (name, size) or "

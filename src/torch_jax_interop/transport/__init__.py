@@ -24,6 +24,7 @@ from ._shm import check_slice as check_slice
 from ._shm import cleanup_orphans as cleanup_orphans
 from ._shm import default_shm_dir as default_shm_dir
 from ._shm import numpy_view as numpy_view
+from ._shm import region_tag as region_tag
 from ._shm_pool import RegionSlice as RegionSlice
 from ._shm_pool import SharedMemoryPool as SharedMemoryPool
 from .cuda import CudaIpcMapping as CudaIpcMapping

@@ -48,6 +48,7 @@ drops the region's own references and the mapping is unmapped when the last view
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import operator
 import os
@@ -79,8 +80,30 @@ SHM_DIR_ENV = "TORCH_JAX_INTEROP_SHM_DIR"
 
 # pid: 1 to 10 digits, no leading zero (pid 0 must never reach os.kill: it means "my process
 # group"). Lower-case hex only, so there is exactly one spelling of each name.
-NAME_PATTERN = re.compile(r"tji-([1-9][0-9]{0,9})-([0-9a-f]{16})")
-"""Region names: ``tji-<owner pid>-<16 lower-case hex>``. Use ``NAME_PATTERN.fullmatch``."""
+NAME_PATTERN = re.compile(r"tji-([1-9][0-9]{0,9})-(?:([0-9a-f]{16})-)?([0-9a-f]{16})")
+"""Region names: ``tji-<owner pid>-[<16 hex session tag>-]<16 lower-case hex>``
+(group 1: the pid, group 2: the session tag, see :func:`region_tag`). Use
+``NAME_PATTERN.fullmatch``."""
+
+
+def region_tag(session_id: str) -> str:
+    """The tag a region registered in session ``session_id`` carries in its name.
+
+    Note [Regions belong to one session]
+    ====================================
+
+    Region names are visible to every local user (``ls /dev/shm``), and between creation and
+    unlink (Note [Shared memory ownership]) anybody who can reach the worker could ask it to
+    map a name they saw. The worker, which runs as the region's owner, would open it: another
+    session (a TCP peer with the token, another local process) would then read and write the
+    victim's tensors. So a region is bound to the session that created it: its name carries
+    this tag, a one-way hash of the session id, and the worker maps a name only in the
+    session whose tag it carries (``SharedMemoryWorkerRegion.attach``). The session id is a
+    128-bit random secret known only to the worker and the client that opened the session;
+    the tag, which anyone may read in ``/dev/shm``, does not reveal it.
+    """
+    digest = hashlib.sha256(b"torch-jax-interop region tag\0" + session_id.encode())
+    return digest.hexdigest()[:16]
 
 # Python 3.11's mmap module lacks the constant; the value is fixed by the Linux ABI (5.14+).
 # Older kernels answer EINVAL and we fall back to touching every page.
@@ -201,10 +224,13 @@ class SharedMemoryRegion:
     # -- construction --------------------------------------------------------------------
 
     @classmethod
-    def create(cls, size: int, *, directory: str | None = None) -> SharedMemoryRegion:
+    def create(cls, size: int, *, directory: str | None = None,
+               tag: str | None = None) -> SharedMemoryRegion:
         """Create, size, pre-fault and map a new region of ``size`` bytes; the caller owns it.
 
-        The file is ``<directory>/tji-<pid>-<16 hex>``, mode 0600, made with ``O_EXCL``.
+        The file is ``<directory>/tji-<pid>-<16 hex>``, mode 0600, made with ``O_EXCL``;
+        with ``tag`` (:func:`region_tag` of the session that will register it, Note [Regions
+        belong to one session]) it is ``tji-<pid>-<tag>-<16 hex>``.
         The memory is zero-filled and shared with every process that attaches it. Call
         :meth:`unlink` once the other side has attached (Note [Shared memory ownership]);
         otherwise the name is unlinked when this object is collected or at exit.
@@ -214,9 +240,12 @@ class SharedMemoryRegion:
         """
         size = _check_size(size, "size")
         directory = directory if directory is not None else default_shm_dir()
+        if tag is not None and re.fullmatch(r"[0-9a-f]{16}", tag) is None:
+            raise ValueError(f"`tag` must be 16 lower-case hex digits (region_tag()), got {tag!r}")
+        infix = f"{tag}-" if tag is not None else ""
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         for _attempt in range(8):
-            name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+            name = f"{SHM_PREFIX}{os.getpid()}-{infix}{secrets.token_hex(8)}"
             path = os.path.join(directory, name)
             try:
                 fd = os.open(path, flags, 0o600)
@@ -285,7 +314,7 @@ class SharedMemoryRegion:
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             raise RegionRejectedError(
                 f"refusing to attach shared-memory region {shown}: a region name must look "
-                f"like `{SHM_PREFIX}<pid>-<16 lower-case hex digits>` (a file name inside "
+                f"like `{SHM_PREFIX}<pid>-[<tag>-]<16 lower-case hex digits>` (a file name inside "
                 f"`{directory}`, no path). Pass the name SharedMemoryRegion.create() gave."
             )
         try:

@@ -1,0 +1,107 @@
+"""Hostile peers of the same host, with real workers, real gRPC and real shared memory.
+
+A session cannot register another session's region (Note [Regions belong to one session]);
+a peer that truncates its registered region does not crash the worker (Note [Sealed
+regions]); an abstract socket needs the token; the worker refuses a socket directory that
+other users can write.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from support.workers import WorkerProcess
+
+from torch_jax_interop._wire import PROTOCOL_VERSION
+from torch_jax_interop.proto.v1 import interop_pb2 as pb
+from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.transport import SharedMemoryRegion, region_tag
+
+
+class _Peer:
+    """A raw session on a worker: a stub, its metadata and the session id."""
+
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.JaxWorkerServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.stream = self.stub.OpenSession(pb.OpenSessionRequest(
+            protocol_version=PROTOCOL_VERSION, client_pid=os.getpid(),
+            transport=pb.TRANSPORT_SHARED_MEMORY), metadata=self.metadata)
+        self.session = next(self.stream).session_id
+
+    def register(self, name: str, size: int) -> int:
+        reply = self.stub.RegisterRegion(pb.RegisterRegionRequest(
+            session_id=self.session,
+            shared_memory=pb.SharedMemoryRegion(name=name, size=size)),
+            timeout=30, metadata=self.metadata)
+        return int(reply.region_id)
+
+    def call(self, function: str, tensor: pb.Tensor,
+             arena: pb.SharedMemorySlice | None = None) -> pb.CallResponse:
+        request = pb.CallRequest(session_id=self.session, function=function)
+        request.args.nodes.add(kind=pb.TreeNode.KIND_TUPLE, num_children=1)
+        request.args.nodes.add(kind=pb.TreeNode.KIND_LEAF)
+        request.args.leaves.append(tensor)
+        request.kwargs.nodes.add(kind=pb.TreeNode.KIND_DICT)
+        if arena is not None:
+            request.output_arena.shm.CopyFrom(arena)
+        return self.stub.Call(request, timeout=30, metadata=self.metadata)
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def victim(worker: WorkerProcess) -> Iterator[_Peer]:
+    peer = _Peer(worker.address)
+    yield peer
+    peer.close()
+
+
+def test_a_region_registers_only_in_the_session_that_created_it(
+        worker: WorkerProcess, victim: _Peer) -> None:
+    """Finding 3: another session (unix socket, or TCP with the token) sees the victim's
+    fresh region in /dev/shm before the victim unlinks it and registers it: refused."""
+    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(victim.session))
+    try:
+        data = np.arange(1024, dtype=np.float32)
+        np.frombuffer(region.buffer, np.float32)[: data.size] = data
+        assert worker.tcp_address is not None
+        for address, token in ((worker.address, None), (worker.tcp_address, worker.token)):
+            attacker = _Peer(address, token)
+            try:
+                with pytest.raises(grpc.RpcError, match="not created for this session") as caught:
+                    attacker.register(region.name, region.size)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                # An untagged name (the old form) is refused the same way.
+                untagged = region.name.replace(f"-{region_tag(victim.session)}-", "-")
+                with pytest.raises(grpc.RpcError, match="not created for this session"):
+                    attacker.register(untagged, region.size)
+                # Nothing got mapped: region 1 does not exist in the attacker's session.
+                stolen = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1024],
+                                   shm=pb.SharedMemorySlice(region_id=1, offset=0,
+                                                            nbytes=4096))
+                with pytest.raises(grpc.RpcError, match="not registered in this session"):
+                    attacker.call("identity", stolen)
+            finally:
+                attacker.close()
+        # The victim's own registration works and reads its data.
+        region_id = victim.register(region.name, region.size)
+        region.unlink()
+        tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1024], shm=pb.SharedMemorySlice(
+            region_id=region_id, offset=0, nbytes=4096))
+        reply = victim.call("add_one", tensor)
+        out = reply.outputs.leaves[0]
+        got = np.frombuffer(out.inline_data, np.float32) if out.inline_data else None
+        if got is None:
+            got = np.frombuffer(region.buffer, np.float32, count=1024, offset=out.shm.offset)
+        assert np.array_equal(got, data + 1)
+    finally:
+        region.unlink()
+        region.close()
