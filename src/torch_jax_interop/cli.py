@@ -64,6 +64,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
 
     from ._targets import load_function
+    from .errors import UntrustedSocketError
     from .server import WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
@@ -80,8 +81,12 @@ def _worker(args: argparse.Namespace) -> int:
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
     )
-    return serve(functions, args.listen, token=token, config=config,
-                 ready_file=args.ready_file, grace=args.grace)
+    try:
+        return serve(functions, args.listen, token=token, config=config,
+                     ready_file=args.ready_file, grace=args.grace)
+    except UntrustedSocketError as error:  # a socket others could swap: say so, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _health(args: argparse.Namespace) -> int:

@@ -9,14 +9,16 @@ other users can write.
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from support.workers import WorkerProcess
+from support.workers import WorkerProcess, start_worker
 
 from torch_jax_interop._wire import PROTOCOL_VERSION
+from torch_jax_interop.errors import UntrustedSocketError
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
 from torch_jax_interop.transport import SharedMemoryRegion, region_tag
@@ -105,3 +107,38 @@ def test_a_region_registers_only_in_the_session_that_created_it(
     finally:
         region.unlink()
         region.close()
+
+
+def test_an_abstract_socket_is_refused(short_tmp: str) -> None:
+    """Finding 4: `unix-abstract:` has no owner and no permissions, and grpc Python shows no
+    peer credentials: any local user could call functions without a token. Refused."""
+    name = f"unix-abstract:tji-test-{os.getpid()}"
+    with pytest.raises(RuntimeError, match="abstract unix socket has no owner"):
+        start_worker(short_tmp, extra=["--listen", name])
+    from torch_jax_interop.server import create_server
+
+    with pytest.raises(UntrustedSocketError, match="abstract unix socket"):
+        create_server({"f": "support.served:identity"}, [name], token="a-token")
+
+
+def _nobody() -> int:
+    return pwd.getpwnam("nobody").pw_uid
+
+
+@pytest.mark.parametrize("how", ["mode 0777", "owned by nobody"])
+def test_a_socket_directory_others_can_write_is_refused(short_tmp: str, how: str) -> None:
+    """Finding 5: a directory another user made first (or can write) lets that user swap
+    the socket. The worker refuses to listen there and creates nothing in it."""
+    directory = os.path.join(short_tmp, "d")
+    os.mkdir(directory, 0o700)
+    if how == "mode 0777":
+        os.chmod(directory, 0o777)
+        problem = "its mode is 0777: group or others can write it"
+    else:
+        if os.getuid() != 0:
+            pytest.skip("chown to another uid needs root")
+        os.chown(directory, _nobody(), -1)
+        problem = f"it belongs to uid {_nobody()}"
+    with pytest.raises(RuntimeError, match=f"is not private \\({problem}"):
+        start_worker(directory)
+    assert not os.path.exists(os.path.join(directory, "w.sock"))

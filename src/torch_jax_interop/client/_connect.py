@@ -33,7 +33,13 @@ from .._targets import FunctionInfo as FunctionInfo
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryPool, region_tag
+from ..transport import (
+    SharedMemoryPool,
+    check_socket_path,
+    refuse_abstract,
+    region_tag,
+    unix_socket_path,
+)
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
 from ._errors_map import to_remote_error
@@ -106,6 +112,7 @@ class Worker:
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None) -> None:
         check_transport(transport)
+        _check_unix_peer(address)
         self.address = address
         self.timeout = timeout
         self.requested_transport = transport
@@ -473,6 +480,15 @@ class RemoteFunction:
         return f"RemoteFunction({self.name!r} on {self.worker.address})"
 
 
+def _check_unix_peer(address: str) -> None:
+    """Before anything is sent: a unix socket must be one only this user (or root) could
+    have made (Note [Whom a unix socket reaches] in ``transport/_unix_socket.py``)."""
+    refuse_abstract(address)
+    socket_path = unix_socket_path(address)
+    if socket_path is not None:
+        check_socket_path(socket_path)
+
+
 def connect(
     address: str,
     *,
@@ -483,7 +499,9 @@ def connect(
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
-    ``address``: ``unix:///path/worker.sock``, ``host:port`` (needs the worker's ``token``,
+    ``address``: ``unix:///path/worker.sock`` (the socket and its directory must belong to
+    this user or root and be writable by nobody else: ``UntrustedSocketError`` otherwise;
+    ``unix-abstract:`` is refused), ``host:port`` (needs the worker's ``token``,
     or ``TORCH_JAX_INTEROP_TOKEN``), or ``"inproc"`` to run ``functions`` (name -> JAX
     callable or ``"package.module:attr"``) in this process through the zero-copy core —
     the same API, so switching modes is one string.
