@@ -33,6 +33,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
              "--max-inline-bytes", str(args.max_inline_bytes), "--grace", str(args.grace)]
     if args.shm_dir is not None:
         argv += ["--shm-dir", args.shm_dir]
+    if args.allow_unsealed_regions:
+        argv.append("--allow-unsealed-regions")
     return argv
 
 
@@ -80,6 +82,7 @@ def _worker(args: argparse.Namespace) -> int:
         max_tensor_bytes=args.max_tensor_bytes,
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
+        allow_unsealed_regions=args.allow_unsealed_regions,
     )
     try:
         return serve(functions, args.listen, token=token, config=config,
@@ -151,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--shm-dir", default=None,
                         help="shared-memory directory (default $TORCH_JAX_INTEROP_SHM_DIR "
                              "or /dev/shm)")
+    worker.add_argument("--allow-unsealed-regions", action="store_true",
+                        help="also map shared-memory files that are not sealed memfds (clients "
+                             "in another PID namespace); a local peer of this user could then "
+                             "shrink one and kill the worker with SIGBUS")
     worker.add_argument("--max-sessions", type=int, default=64)
     worker.add_argument("--max-residuals", type=int, default=1024,
                         help="vjp residuals kept per session before the oldest are dropped")

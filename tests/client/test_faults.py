@@ -185,7 +185,7 @@ def test_slices_outside_a_registered_region_are_refused(raw) -> None:  # noqa: A
     from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
     stub, session = raw
-    region = SharedMemoryRegion.create(4096, tag=region_tag(session))
+    region = SharedMemoryRegion.create(4096, tag=region_tag(session), sealed=True)
     try:
         reply = stub.RegisterRegion(pb.RegisterRegionRequest(
             session_id=session,

@@ -160,7 +160,9 @@ def _remove_lures(directory: str, lures: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def fz() -> Iterator[Fuzz]:
     with tempfile.TemporaryDirectory(prefix="tji", dir="/tmp") as tmp:
-        worker = start_worker(tmp, extra=["--max-tensor-bytes", str(MAX_TENSOR)])
+        # File regions (and file lures) need --allow-unsealed-regions (Note [Sealed regions]).
+        worker = start_worker(tmp, extra=["--max-tensor-bytes", str(MAX_TENSOR),
+                                          "--allow-unsealed-regions"])
         channel = grpc.insecure_channel(worker.address, options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)])

@@ -70,7 +70,7 @@ def test_a_region_registers_only_in_the_session_that_created_it(
         worker: WorkerProcess, victim: _Peer) -> None:
     """Finding 3: another session (unix socket, or TCP with the token) sees the victim's
     fresh region in /dev/shm before the victim unlinks it and registers it: refused."""
-    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(victim.session))
+    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(victim.session), sealed=True)
     try:
         data = np.arange(1024, dtype=np.float32)
         np.frombuffer(region.buffer, np.float32)[: data.size] = data

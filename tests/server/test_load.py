@@ -115,7 +115,7 @@ def _region_churn(cycles):
     session = next(stream).session_id
     try:
         for cycle in range(cycles):
-            region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session))
+            region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session), sealed=True)
             view = got = None
             try:
                 reply = stub.RegisterRegion(pb.RegisterRegionRequest(

@@ -197,7 +197,7 @@ def test_a_region_given_back_mid_call_is_never_written(fresh_worker: WorkerProce
     stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
                                                     client_pid=os.getpid()))
     session = next(stream).session_id
-    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session))
+    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session), sealed=True)
     try:
         view = np.frombuffer(region.buffer, np.uint8)
         view[:] = 0xAB

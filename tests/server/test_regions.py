@@ -29,7 +29,7 @@ MAX_TENSOR_BYTES = 1 << 20
 
 @pytest.fixture
 def client_region() -> Iterator[SharedMemoryRegion]:
-    region = SharedMemoryRegion.create(64 << 10, tag=region_tag("s"))
+    region = SharedMemoryRegion.create(64 << 10, tag=region_tag("s"), sealed=True)
     yield region
     region.unlink()
     region.close()

@@ -38,6 +38,7 @@ from ..transport import (
     check_socket_path,
     refuse_abstract,
     region_tag,
+    sealing_supported,
     unix_socket_path,
 )
 from ..transport.cuda import CudaIpcChannel
@@ -213,18 +214,24 @@ class Worker:
             reason = "the worker runs on another host (different boot id)"
         else:
             directory = os.environ.get("TORCH_JAX_INTEROP_SHM_DIR") or event.shm_directory
-            pool = SharedMemoryPool(
-                lambda region: self._register(session, region), directory=directory,
-                min_region_bytes=8 << 20, tag=region_tag(session.id),
-            )
-            try:
-                pool.allocate(64).release()  # creates and registers a first region: a probe
-                return pool, "shared memory"
-            except (RemoteError, TransportError, OSError) as error:
-                pool.close()
-                if isinstance(error, SharedMemoryFullError):
-                    reason = f"this process cannot create shared memory ({error})"
-                else:
+            # Sealed regions first (Note [Sealed regions] in transport/_shm.py); a worker in
+            # another PID namespace cannot see them and may accept file regions instead.
+            for sealed in (True, False) if sealing_supported() else (False,):
+                pool = SharedMemoryPool(
+                    lambda region: self._register(session, region), directory=directory,
+                    min_region_bytes=8 << 20, tag=region_tag(session.id), sealed=sealed,
+                )
+                try:
+                    pool.allocate(64).release()  # creates and registers a first region: a probe
+                    if not sealed:
+                        log.warning("the worker cannot map sealed regions (%s); it accepts "
+                                    "unsealed ones (--allow-unsealed-regions)", reason)
+                    return pool, "shared memory"
+                except (RemoteError, TransportError, OSError) as error:
+                    pool.close()
+                    if isinstance(error, SharedMemoryFullError):
+                        reason = f"this process cannot create shared memory ({error})"
+                        break
                     reason = f"the worker cannot map this process's shared memory ({error})"
         if self.requested_transport == "shm":
             raise TransportError(f"transport='shm' is not possible: {reason}")

@@ -69,6 +69,7 @@ class WorkerConfig:
         max_inline_bytes: int = 64 << 20,
         inline_threshold: int = 64 << 10,
         shm_dir: str | None = None,
+        allow_unsealed_regions: bool = False,
     ) -> None:
         self.max_sessions = max_sessions
         self.max_residuals = max_residuals
@@ -76,6 +77,8 @@ class WorkerConfig:
         self.limits = Limits(max_tensor_bytes, max_inline_bytes)
         self.inline_threshold = inline_threshold
         self.shm_dir = shm_dir or default_shm_dir()
+        # Note [Sealed regions] (transport/_shm.py): off, a peer cannot SIGBUS the worker.
+        self.allow_unsealed_regions = allow_unsealed_regions
 
 
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
@@ -157,7 +160,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             region = SharedMemoryWorkerRegion.attach(shm.name, shm.size,
                                                      directory=self.config.shm_dir,
                                                      max_tensor_bytes=max_tensor_bytes,
-                                                     session_tag=session.region_tag)
+                                                     session_tag=session.region_tag,
+                                                     allow_unsealed=self.config.allow_unsealed_regions)
         else:
             raise InvalidArgumentError(
                 "RegisterRegionRequest names no region: set `shared_memory` (name, size) or "

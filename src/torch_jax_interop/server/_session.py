@@ -187,10 +187,12 @@ class SharedMemoryWorkerRegion(WorkerRegion):
 
     @classmethod
     def attach(cls, name: str, size: int, *, directory: str, max_tensor_bytes: int,
-               session_tag: str) -> SharedMemoryWorkerRegion:
+               session_tag: str, allow_unsealed: bool = False) -> SharedMemoryWorkerRegion:
         """RegisterRegion for shared memory: size check, the name carries ``session_tag``
         (Note [Regions belong to one session] in ``transport/_shm.py``), then
-        ``SharedMemoryRegion.attach``. INVALID_ARGUMENT for another session's region."""
+        ``SharedMemoryRegion.attach`` (a sealed region, or with ``allow_unsealed`` a file the
+        peer could shrink: Note [Sealed regions]). INVALID_ARGUMENT for another session's
+        region or a refused one."""
         _check_region_size(size, max_tensor_bytes)
         match = NAME_PATTERN.fullmatch(name) if isinstance(name, str) else None
         if match is not None and match.group(2) != session_tag:
@@ -201,7 +203,8 @@ class SharedMemoryWorkerRegion(WorkerRegion):
                 f"`tji-<pid>-{session_tag}-<16 hex>`). A session can only register regions "
                 "it created; create them with SharedMemoryRegion.create(size, tag=...)"
             )
-        return cls(SharedMemoryRegion.attach(name, size, directory=directory))
+        return cls(SharedMemoryRegion.attach(name, size, directory=directory,
+                                             allow_unsealed=allow_unsealed))
 
     def _check(self, where: Any) -> None:
         check_slice(self.size, where.offset, where.nbytes)

@@ -25,6 +25,7 @@ from ._shm import cleanup_orphans as cleanup_orphans
 from ._shm import default_shm_dir as default_shm_dir
 from ._shm import numpy_view as numpy_view
 from ._shm import region_tag as region_tag
+from ._shm import sealing_supported as sealing_supported
 from ._shm_pool import RegionSlice as RegionSlice
 from ._unix_socket import check_socket_directory as check_socket_directory
 from ._unix_socket import check_socket_path as check_socket_path
