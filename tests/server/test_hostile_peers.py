@@ -142,3 +142,80 @@ def test_a_socket_directory_others_can_write_is_refused(short_tmp: str, how: str
     with pytest.raises(RuntimeError, match=f"is not private \\({problem}"):
         start_worker(directory)
     assert not os.path.exists(os.path.join(directory, "w.sock"))
+
+
+def _open_own_memfd(name: str) -> int:
+    """What a hostile peer of the same uid does: reopen the region through /proc."""
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{entry}") == f"/memfd:{name} (deleted)":
+                return os.open(f"/proc/self/fd/{entry}", os.O_RDWR)
+        except OSError:
+            continue
+    raise AssertionError(f"no memfd {name}")
+
+
+def test_a_peer_cannot_shrink_a_region_under_the_worker(
+        worker: WorkerProcess, victim: _Peer) -> None:
+    """Finding 1: a peer that shrinks its registered region must not kill the worker with
+    SIGBUS (input read and output-arena write). Regions are sealed memfds: the shrink is
+    refused by the kernel; an unsealed region (a file, or a memfd without F_SEAL_SHRINK) is
+    refused by the worker; both paths keep working and other sessions keep being served."""
+    peer = _Peer(worker.address)
+    tag = region_tag(peer.session)
+    region = SharedMemoryRegion.create(1 << 20, tag=tag, sealed=True)
+    try:
+        data = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: the output goes to the arena
+        np.frombuffer(region.buffer, np.float32)[: data.size] = data
+        region_id = peer.register(region.name, region.size)
+        fd = _open_own_memfd(region.name)
+        try:
+            for size in (0, 4096):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+            assert os.fstat(fd).st_size == 1 << 20
+        finally:
+            os.close(fd)
+        region.unlink()
+        # Input read from the region, output written to an arena in the same region.
+        shm_input = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[data.size],
+                              shm=pb.SharedMemorySlice(region_id=region_id, offset=0,
+                                                       nbytes=data.nbytes))
+        arena = pb.SharedMemorySlice(region_id=region_id, offset=data.nbytes,
+                                     nbytes=(1 << 20) - data.nbytes)
+        reply = peer.call("add_one", shm_input, arena)
+        out = reply.outputs.leaves[0].shm
+        assert out.region_id == region_id
+        got = np.frombuffer(region.buffer, np.float32, count=data.size, offset=out.offset)
+        assert np.array_equal(got, data + 1)
+        # A small inline input whose large output goes to the arena.
+        inline = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[data.size],
+                           inline_data=data.tobytes())
+        assert peer.call("identity", inline, arena).outputs.leaves[0].shm.nbytes == data.nbytes
+
+        # Regions a peer could shrink are refused before they are mapped.
+        memfd = os.memfd_create(f"tji-{os.getpid()}-{tag}-{os.urandom(8).hex()}",
+                                os.MFD_ALLOW_SEALING)
+        plain = f"tji-{os.getpid()}-{tag}-{os.urandom(8).hex()}"
+        plain_fd = os.open(f"/dev/shm/{plain}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(memfd, 1 << 20)
+            os.ftruncate(plain_fd, 1 << 20)
+            memfd_name = os.readlink(f"/proc/self/fd/{memfd}")[len("/memfd:"):-len(" (deleted)")]
+            with pytest.raises(grpc.RpcError, match="not sealed against shrinking") as caught:
+                peer.register(memfd_name, 1 << 20)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError, match="not a sealed memfd.*--allow-unsealed"):
+                peer.register(plain, 1 << 20)
+        finally:
+            os.close(memfd)
+            os.close(plain_fd)
+            os.unlink(f"/dev/shm/{plain}")
+        # The worker is up and serves the other session.
+        assert worker.process.poll() is None
+        one = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1], inline_data=b"\0\0\x80?")
+        assert victim.call("identity", one).outputs.leaves[0].inline_data == b"\0\0\x80?"
+    finally:
+        region.unlink()
+        region.close()
+        peer.close()

@@ -268,7 +268,7 @@ def _worker_segments(pid: int) -> dict[str, os.stat_result]:
     found: dict[str, os.stat_result] = {}
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
-            match = re.search(r"/dev/shm/(\S+)", line)
+            match = re.search(r"(?:/dev/shm/|/memfd:)(tji-\S+)", line)  # files, sealed memfds
             if match:
                 address = line.split()[0]
                 found[match.group(1)] = os.stat(f"/proc/{pid}/map_files/{address}")

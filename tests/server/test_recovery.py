@@ -52,7 +52,9 @@ def _segments_of(pid: int) -> list[str]:
 def _mapped_segments(worker_pid: int, owner_pid: int) -> list[str]:
     """Lines of the worker's memory map that map a segment created by ``owner_pid``."""
     with open(f"/proc/{worker_pid}/maps") as f:
-        return [line for line in f if f"/dev/shm/tji-{owner_pid}-" in line]
+        # File regions, and sealed memfd regions (Note [Sealed regions] in transport/_shm.py).
+        return [line for line in f if f"/dev/shm/tji-{owner_pid}-" in line
+                or f"/memfd:tji-{owner_pid}-" in line]
 
 
 def test_sigkill_before_a_call_gives_a_clear_error_within_the_deadline(

@@ -47,9 +47,10 @@ def create_server(
     ``functions`` maps names to JAX callables or ``"package.module:attr"`` strings.
     ``addresses``: ``unix:///path`` (created mode 0600, in a directory of this user that
     group and others cannot write: UntrustedSocketError otherwise; ``unix-abstract:`` is
-    refused) and/or ``host:port`` (port 0 picks one; the bound address is returned). A TCP listener needs ``token`` (or the
-    ``TORCH_JAX_INTEROP_TOKEN`` environment variable): without one it refuses to start, since
-    anybody who can reach the port could otherwise read and write the session's tensors.
+    refused) and/or ``host:port`` (port 0 picks one; the bound address is returned). A TCP
+    listener needs ``token`` (or the ``TORCH_JAX_INTEROP_TOKEN`` environment variable):
+    without one it refuses to start, since anybody who can reach the port could otherwise
+    read and write the session's tensors.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = config or WorkerConfig()

@@ -426,8 +426,8 @@ class SharedMemoryRegion:
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             raise RegionRejectedError(
                 f"refusing to attach shared-memory region {shown}: a region name must look "
-                f"like `{SHM_PREFIX}<pid>-[<tag>-]<16 lower-case hex digits>` (a file name inside "
-                f"`{directory}`, no path). Pass the name SharedMemoryRegion.create() gave."
+                f"like `{SHM_PREFIX}<pid>-[<tag>-]<16 lower-case hex digits>` (a file name "
+                f"inside `{directory}`, no path). Pass the name SharedMemoryRegion.create() gave."
             )
         try:
             size = operator.index(size)
@@ -447,8 +447,8 @@ class SharedMemoryRegion:
         if not allow_unsealed:
             raise RegionRejectedError(
                 f"refusing to attach shared-memory region {shown}: it is not a sealed memfd "
-                "of its creator's (process "
-                f"{creator} has no such descriptor that this worker can see), and this worker maps no unsealed region: its creator could "
+                f"of its creator's (process {creator} has no such descriptor that this "
+                "worker can see), and this worker maps no unsealed region: its creator could "
                 "shrink it and kill the worker with SIGBUS (Note [Sealed regions] in "
                 "transport/_shm.py). Fix: run the client and the worker in one PID namespace "
                 "(docker compose: `pid: service:<worker>`) so that sealed regions work, or "
