@@ -138,8 +138,10 @@ _MAX_SIZE = 2**63 - 1  # off_t
 #   uid's and carries ``F_SEAL_SHRINK``, and only then maps it. Binding to the session (Note
 #   [Regions belong to one session]) works as for file regions: the name carries the tag.
 # * Who frees: nothing lives in ``/dev/shm``. The client closes its descriptor after
-#   registration (``unlink``); the memory goes when the last mapping does, so a crash of
-#   either side leaves nothing behind, and no janitor is needed.
+#   registration (``unlink``; Python's ``mmap`` keeps a duplicate of it while the mapping
+#   lives, so the region stays findable, by its own session only, until unmapped); the
+#   memory goes when the last mapping does, so a crash of either side leaves nothing
+#   behind, and no janitor is needed.
 #
 # Where the worker cannot see the client's descriptors (another PID namespace: containers
 # that share only the IPC namespace; give the trainer ``pid: service:<worker>``) it would
@@ -514,7 +516,10 @@ class SharedMemoryRegion:
         try:
             st = os.fstat(fd)
             problem = None
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0  # EINVAL: a file that cannot carry seals at all
             if not stat.S_ISREG(st.st_mode):
                 problem = "it is not a regular file"
             elif st.st_uid != os.getuid():
