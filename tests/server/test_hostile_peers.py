@@ -219,3 +219,25 @@ def test_a_peer_cannot_shrink_a_region_under_the_worker(
         region.unlink()
         region.close()
         peer.close()
+
+
+def test_a_client_without_sealed_regions_gets_inline_bytes_not_an_unsafe_mapping(
+        worker: WorkerProcess, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where the worker cannot take a sealed region (here: a client that cannot make one),
+    it refuses the file region a peer could shrink; `auto` falls back to inline bytes and
+    says why, `shm` raises."""
+    import torch
+
+    from torch_jax_interop.client import _connect, connect
+    from torch_jax_interop.errors import TransportError
+
+    monkeypatch.setattr(_connect, "sealing_supported", lambda: False)
+    with pytest.raises(TransportError, match="not a sealed memfd.*--allow-unsealed-regions"):
+        connect(worker.address, transport="shm", timeout=30)
+    with caplog.at_level("WARNING"), connect(worker.address, timeout=30) as w:
+        assert w.transport == "inline"
+        x = torch.randn(1 << 16)
+        assert torch.equal(w.function("identity")(x), x)
+    assert "not a sealed memfd" in caplog.text
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"tji-{os.getpid()}-")]

@@ -150,7 +150,9 @@ _MAX_SIZE = 2**63 - 1  # off_t
 # The client tries a sealed region first and falls back to a file region, then to inline
 # bytes, logging why.
 
-_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# Linux only (3.17+); elsewhere sealing_supported() is False and nothing reads these.
+_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0)
+_SEALS: int = _SEAL_SHRINK | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
 
 
 def sealing_supported() -> bool:
@@ -525,7 +527,7 @@ class SharedMemoryRegion:
             elif st.st_uid != os.getuid():
                 problem = (f"it belongs to uid {st.st_uid}, not to this process's uid "
                            f"{os.getuid()}; run the client and the worker as the same user")
-            elif not seals & fcntl.F_SEAL_SHRINK:
+            elif not seals & _SEAL_SHRINK:
                 problem = ("it is not sealed against shrinking (F_SEAL_SHRINK); create it "
                            "with SharedMemoryRegion.create(..., sealed=True)")
             elif st.st_size < size:
