@@ -224,8 +224,10 @@ class Worker:
                 try:
                     pool.allocate(64).release()  # creates and registers a first region: a probe
                     if not sealed:
-                        log.warning("the worker cannot map sealed regions (%s); it accepts "
-                                    "unsealed ones (--allow-unsealed-regions)", reason)
+                        log.warning("using unsealed shared-memory regions (the worker runs "
+                                    "with --allow-unsealed-regions): %s",
+                                    reason if sealing_supported()
+                                    else "this platform cannot seal regions")
                     return pool, "shared memory"
                 except (RemoteError, TransportError, OSError) as error:
                     pool.close()
