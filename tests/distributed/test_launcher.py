@@ -201,11 +201,15 @@ def test_every_worker_option_reaches_the_workers() -> None:
     values = {"function": ["a=m:f", "b=m:g"], "token_env": "MY_TOKEN", "shm_dir": "/dev/shm/x",
               "max_sessions": 3, "max_residuals": 7, "max_tensor_bytes": 1234,
               "max_inline_bytes": 567, "grace": 2.5}
+    values["allow_unsealed_regions"] = True  # a switch: given without a value
     options = {a.dest for a in worker_parser._actions if a.option_strings} - per_worker
     assert options == set(values), "a worker option is not covered: add it to _worker_argv"
     argv = ["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"]
     for dest, value in values.items():
         flag = "--" + dest.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+            continue
         for item in value if isinstance(value, list) else [value]:
             argv += [flag, str(item)]
     forwarded = _worker_argv(parser.parse_args(argv))
