@@ -81,7 +81,8 @@ SHM_PREFIX = "tji-"
 """Prefix of every region name this project creates."""
 
 SHM_DIR_ENV = "TORCH_JAX_INTEROP_SHM_DIR"
-"""Environment variable naming the directory regions live in (default ``/dev/shm``)."""
+"""Environment variable naming the directory file regions live in (default ``/dev/shm``);
+sealed regions are memfds and live in no directory (Note [Sealed regions])."""
 
 # pid: 1 to 10 digits, no leading zero (pid 0 must never reach os.kill: it means "my process
 # group"). Lower-case hex only, so there is exactly one spelling of each name.
