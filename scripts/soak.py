@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "end": end,
         "worker_rss_growth_mib": round(end["worker_rss_mib"] - start["worker_rss_mib"], 1),
         "client_rss_growth_mib": round(end["client_rss_mib"] - start["client_rss_mib"], 1),
-        "worker_residual_cap_evictions": log.count("residual cap"),
+        "worker_residual_cap_evictions": log.count("residual budget reached"),
         "worker_exit_code": exit_code,
         "segments_left": left,
         "reports": reports,

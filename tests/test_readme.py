@@ -8,6 +8,9 @@ To leave a block out (say it needs a GPU, Docker or a running worker), put the H
     ...
     ```
 
+The README of torch-jax-interop 0.0.8 (``docs/seed-0.0.8-readme.md``, the API contract of
+library mode) runs the same way, its ``>>>`` blocks as doctests (see ``SEED_RUNNER``).
+
 The blocks run in a subprocess so that whatever they configure (jax x64 mode, torch
 defaults, environment variables) cannot leak into the rest of the test suite, with warnings
 as errors, as in pytest's own configuration. A failure names the README line of the block
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+SEED_README = README.parent / "docs" / "seed-0.0.8-readme.md"
 SKIP_MARKER = "<!-- no-test -->"
 _FENCE = re.compile(r"^(?P<indent>[ ]{0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
 
@@ -108,3 +112,80 @@ def test_readme_python_blocks_run(run_python) -> None:  # noqa: ANN001
     result = run_python(code, timeout=300)
     assert result.returncode == 0, f"{result.stderr}\n--- stdout ---\n{result.stdout}"
     assert f"ran {len(blocks)} blocks" in result.stdout
+
+
+# The seed README's `>>>` blocks print values of randomly initialised models (an unseeded
+# `torch.nn.Linear`, a PRNG whose stream changed across JAX versions): the printed output
+# must match in everything but its numbers (types, nesting, shapes, dtypes). Its models are
+# on "cuda": without a GPU they run on "cpu" (the only change made to the code).
+SEED_RUNNER = """
+import doctest, json, re, sys, warnings
+import torch
+warnings.simplefilter("error")
+warnings.filterwarnings("ignore", message="Explicitly requested dtype", category=UserWarning)
+NUMBER = re.compile(r"[-+]?(?:[0-9]+[.]?[0-9]*|[.][0-9]+)(?:e[-+]?[0-9]+)?")
+
+def structure(text):
+    return NUMBER.sub("#", re.sub(r"\\s+", "", text))
+
+class SameStructure(doctest.OutputChecker):
+    def check_output(self, want, got, optionflags):
+        return structure(want) == structure(got)
+
+blocks = json.loads(BLOCKS)
+namespace = {"__name__": "__main__"}
+runner = doctest.DocTestRunner(checker=SameStructure(), verbose=False)
+examples = 0
+for line, code in blocks:
+    if not torch.cuda.is_available():
+        code = code.replace('"cuda"', '"cpu"')
+    if ">>> " in code:
+        test = doctest.DocTestParser().get_doctest(code, namespace, f"block at line {line}",
+                                                   "seed README", line - 1)
+        examples += len(test.examples)
+        result = runner.run(test, clear_globs=False)
+        namespace.update(test.globs)  # DocTest works on a copy of the namespace
+        if result.failed:
+            print(f"the doctest block at line {line} failed", file=sys.stderr)
+            sys.exit(1)
+    else:
+        try:
+            exec(compile("\\n" * (line - 1) + code, "seed-0.0.8-readme.md", "exec"), namespace)
+        except BaseException:
+            import traceback
+            print(f"the python block starting at line {line} failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.exit(1)
+print(f"ran {len(blocks)} blocks, {examples} doctest examples")
+"""
+
+
+def test_the_structure_check_compares_everything_but_numbers(run_python) -> None:  # noqa: ANN001
+    """The doctest checker of ``SEED_RUNNER`` ignores numbers only: a tuple is not a dict, a
+    (2, 3) array is not a (3,) one, float32 is not float64."""
+    code = SEED_RUNNER.split("blocks = json.loads")[0]
+    checks = """
+c = SameStructure()
+want = "(Array([[-0.46, 0.15],\\n [1e-3, 2.]], dtype=float32), Array(0.39, dtype=float32))"
+assert c.check_output(want, "(Array([[1.5, -2.0],\\n  [3., 4.]], dtype=float32), "
+                            "Array(-7.25, dtype=float32))", 0)
+assert not c.check_output(want, "(Array([[1.5, -2.0, 3.]], dtype=float32), "
+                                "Array(-7.25, dtype=float32))", 0)
+assert not c.check_output(want, "{'a': Array([[1.5, -2.0],[3., 4.]], dtype=float32), "
+                                "'b': Array(-7.25, dtype=float32)}", 0)
+assert not c.check_output("Array(0.39, dtype=float32)", "Array(0.39, dtype=int32)", 0)
+print("ok")
+"""
+    result = run_python(code + checks)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_seed_readme_python_blocks_run(run_python) -> None:  # noqa: ANN001
+    blocks = python_blocks(SEED_README.read_text())
+    assert len(blocks) >= 7, "the seed README's python blocks are missing"
+    code = f"BLOCKS = {json.dumps([list(b) for b in blocks])!r}\n{SEED_RUNNER}"
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, f"{result.stderr}\n--- stdout ---\n{result.stdout}"
+    assert f"ran {len(blocks)} blocks" in result.stdout
+    assert ", 0 doctest examples" not in result.stdout

@@ -32,6 +32,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from ._wrapped import WrappedJaxFunction as WrappedJaxFunction
+    from ._wrapped import WrappedJaxScalarFunction as WrappedJaxScalarFunction
     from .interop_core import jax_to_torch as jax_to_torch
     from .interop_core import torch_module_to_jax as torch_module_to_jax
     from .interop_core import torch_to_jax as torch_to_jax
@@ -40,6 +41,7 @@ _LAZY = {
     "torch_to_jax": "torch_jax_interop.interop_core",
     "jax_to_torch": "torch_jax_interop.interop_core",
     "WrappedJaxFunction": "torch_jax_interop._wrapped",  # torch only: usable without jax
+    "WrappedJaxScalarFunction": "torch_jax_interop._wrapped",
     "torch_module_to_jax": "torch_jax_interop.interop_core",
 }
 
@@ -50,6 +52,7 @@ __all__ = [
     "InteropError",
     "UnsupportedTensorError",
     "WrappedJaxFunction",
+    "WrappedJaxScalarFunction",
     "__version__",
     "jax_to_torch",
     "torch_module_to_jax",

@@ -78,6 +78,11 @@ def _is_inexact(leaf: Any) -> bool:
     return dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
+def _dtype_of(leaf: Any) -> np.dtype:
+    dtype = getattr(leaf, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(leaf).dtype
+
+
 def split_aux(result: Any) -> tuple[Any, Any]:
     """``(output, aux)`` of a ``has_aux`` function's result; TypeError if it is no pair."""
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
@@ -106,6 +111,7 @@ class Program:
         "fused",
         "has_aux",
         "num_inputs",
+        "out_dtypes",
         "out_float",
         "out_shapes",
         "out_treedef",
@@ -129,6 +135,7 @@ class Program:
         self.out_treedef: Any = None
         self.out_float: tuple[bool, ...] = ()
         self.out_shapes: tuple[tuple[int, ...], ...] = ()
+        self.out_dtypes: tuple[np.dtype, ...] = ()
         self.fused = False
         self.res_treedef: Any = None
         # per residual leaf: -1 (returned by the forward pass) or the input's index
@@ -147,6 +154,7 @@ class Program:
         out_leaves, self.out_treedef = _tree_flatten(out)
         self.out_float = tuple(_is_inexact(leaf) for leaf in out_leaves)
         self.out_shapes = tuple(np.shape(leaf) for leaf in out_leaves)
+        self.out_dtypes = tuple(_dtype_of(leaf) for leaf in out_leaves)
         return out_leaves  # type: ignore[no-any-return]
 
 
@@ -162,6 +170,14 @@ class Residuals:
                  grads: list[Any] | None) -> None:
         self.program, self.kept, self.inputs, self.grads = program, kept, inputs, grads
         self.live = True
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every array kept (residuals, inputs kept by reference, gradients): what
+        a residual budget counts."""
+        return sum(int(getattr(leaf, "nbytes", 0))
+                   for leaves in (self.kept, self.inputs, self.grads) if leaves
+                   for leaf in leaves if leaf is not None)
 
     @property
     def saved_inputs(self) -> tuple[int, ...]:
@@ -192,6 +208,18 @@ class Engine:
         self.vjp_calls = 0
         self.fused_calls = 0
         self.live_residuals = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (``copy.deepcopy`` of a ``WrappedJaxFunction``) starts with no programs:
+        the lock and the compiled functions cannot be copied, and are rebuilt on use."""
+        state = self.__dict__.copy()
+        state.update(programs=OrderedDict(), _lock=None, vjp_calls=0, fused_calls=0,
+                     live_residuals=0)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def program(self, key: Hashable, build: Callable[[Sequence[Any]], tuple[tuple, dict]],
                 num_inputs: int, diff: tuple[int, ...], has_aux: bool) -> Program:
@@ -256,7 +284,8 @@ class Engine:
                 arrays = list(const_arrays)
                 for index, value in zip(diff, diff_values, strict=True):
                     arrays[index] = value
-                return program._run(fn, arrays)
+                result = program._run(fn, arrays)
+                return split_aux(result) if has_aux else result  # the same error as `call`
 
             if has_aux:
                 out, vjp, aux = jax.vjp(of_diff, diff_arrays, has_aux=True)

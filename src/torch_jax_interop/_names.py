@@ -18,3 +18,13 @@ def check_transport(transport: str) -> str:
             f"{transport!r}"
         )
     return transport
+
+
+# Worker limits whose defaults both ``WorkerConfig`` and the CLI use (the README's "Limits"
+# says what memory each bounds).
+DEFAULT_MAX_LEAVES = 4096
+"""Tensors per request (``--max-leaves``)."""
+DEFAULT_MAX_COMPILED_SIGNATURES = 256
+"""Compiled input signatures kept per served function (``--max-compiled-signatures``)."""
+DEFAULT_MAX_RESIDUAL_BYTES = 4 << 30
+"""Bytes of vjp residuals kept per session (``--max-residual-bytes``)."""

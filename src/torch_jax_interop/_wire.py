@@ -140,51 +140,55 @@ def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
         )
     if not nodes:
         raise InvalidArgumentError("empty structure description: expected at least one node")
-    position = 0
-
-    def build(depth: int) -> _pytree.TreeSpec:
-        nonlocal position
-        if depth > MAX_TREE_DEPTH:
-            raise InvalidArgumentError(f"structure is nested deeper than {MAX_TREE_DEPTH}")
-        if position >= len(nodes):
-            raise InvalidArgumentError("structure description ends in the middle of a node")
-        node = nodes[position]
-        position += 1
-        kind = node.kind
-        if kind == _LEAF:
-            return _pytree.LEAF_SPEC
-        if kind == _NONE:
-            return _pytree.NONE_SPEC
-        if kind == _DICT:
-            keys = tuple(node.keys)
-            if len(set(keys)) != len(keys):
-                raise InvalidArgumentError("dict node has duplicate keys")
-            count = len(keys)
-        elif kind in (_TUPLE, _LIST):
-            if node.keys:
-                raise InvalidArgumentError("tuple/list node carries keys")
-            count = node.num_children
-        else:
-            raise InvalidArgumentError(f"unknown structure node kind {kind}")
-        if count > len(nodes) - position:
-            raise InvalidArgumentError(
-                f"node claims {count} children but only {len(nodes) - position} nodes follow"
-            )
-        children = tuple(build(depth + 1) for _ in range(count))
-        leaves = sum(c.num_leaves for c in children)
-        if kind == _DICT:
-            return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None, None), leaves)
-        return _pytree.TreeSpec(
-            _pytree.TUPLE if kind == _TUPLE else _pytree.LIST, children, None, leaves
-        )
-
-    spec = build(0)
-    if position != len(nodes):
+    # A module-level recursion, not a nested function: a nested recursive function refers to
+    # itself through its closure, a reference cycle that kept `nodes` (hence the whole
+    # request message and its inline bytes) alive until the garbage collector ran (seen:
+    # +16 MiB of worker RSS per 16 MiB call).
+    position = [0]
+    spec = _build_node(nodes, position, 0)
+    if position[0] != len(nodes):
         raise InvalidArgumentError(
-            f"structure description has {len(nodes) - position} trailing nodes"
+            f"structure description has {len(nodes) - position[0]} trailing nodes"
         )
     if spec.num_leaves != num_leaves:
         raise InvalidArgumentError(
             f"structure has {spec.num_leaves} leaves but {num_leaves} tensors were sent"
         )
     return spec
+
+
+def _build_node(nodes: Any, position: list[int], depth: int) -> _pytree.TreeSpec:
+    """The node at ``position[0]`` and its children (``position`` advances past them)."""
+    if depth > MAX_TREE_DEPTH:
+        raise InvalidArgumentError(f"structure is nested deeper than {MAX_TREE_DEPTH}")
+    if position[0] >= len(nodes):
+        raise InvalidArgumentError("structure description ends in the middle of a node")
+    node = nodes[position[0]]
+    position[0] += 1
+    kind = node.kind
+    if kind == _LEAF:
+        return _pytree.LEAF_SPEC
+    if kind == _NONE:
+        return _pytree.NONE_SPEC
+    if kind == _DICT:
+        keys = tuple(node.keys)
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError("dict node has duplicate keys")
+        count = len(keys)
+    elif kind in (_TUPLE, _LIST):
+        if node.keys:
+            raise InvalidArgumentError("tuple/list node carries keys")
+        count = node.num_children
+    else:
+        raise InvalidArgumentError(f"unknown structure node kind {kind}")
+    if count > len(nodes) - position[0]:
+        raise InvalidArgumentError(
+            f"node claims {count} children but only {len(nodes) - position[0]} nodes follow"
+        )
+    children = tuple(_build_node(nodes, position, depth + 1) for _ in range(count))
+    leaves = sum(c.num_leaves for c in children)
+    if kind == _DICT:
+        return _pytree.TreeSpec(_pytree.DICT, children, (keys, dict, None, None), leaves)
+    return _pytree.TreeSpec(
+        _pytree.TUPLE if kind == _TUPLE else _pytree.LIST, children, None, leaves
+    )

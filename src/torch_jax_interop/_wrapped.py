@@ -18,6 +18,21 @@ under a handle. The handle lives in a ``_Residuals`` object stored on the autogr
   finalizer calls ``backend.release(handle)`` (cheap: a remote backend only queues the id);
 * under ``torch.no_grad()``, or when no parameter or input requires grad, the backend runs
   the plain function and keeps nothing.
+
+# Note [state_dict keys of torch-jax-interop 0.0.8]
+
+0.0.8 kept the parameters in a ``torch.nn.ParameterList`` of ``jax.tree.flatten(jax_params)``,
+so its ``state_dict`` keys are ``params.0``, ``params.1``, ... in JAX's leaf order; ours are
+the pytree paths (``params.Dense_0.kernel``), also in JAX's leaf order (``_pytree``'s
+``flatten`` follows ``jax.tree_util``, leaves that are not arrays included). A load
+pre-hook (``_load_seed_state_dict``) therefore renames ``params.<i>`` to the path of leaf
+``i``, when every ``params.`` key of the incoming dict is an integer and at least one of
+them is not a key of ours (a single array or a flat list of arrays has the same keys in
+both layouts, which need no renaming). It checks first that the number of leaves and each
+shape agree, and raises otherwise: a leaf index of a different tree names a different leaf,
+and loading by it would silently put values in the wrong places. 0.0.8 registered only
+tensors (a ``ParameterList`` keeps other leaves as plain attributes), so an index that
+names a leaf that is not an array here is an error too.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from ._compat._torch import keep_graph, run_outside_dynamo
 from ._errors import DoubleBackwardError
 from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 
-__all__ = ["VjpBackend", "WrappedJaxFunction"]
+__all__ = ["VjpBackend", "WrappedJaxFunction", "WrappedJaxScalarFunction"]
 
 _Tensor = torch.Tensor
 _NO_CONTEXT = contextlib.nullcontext()
@@ -198,7 +213,10 @@ class WrappedJaxFunction(torch.nn.Module):
     ``struct.dataclass`` or an Equinox module) becomes torch ``Parameter`` s under
     ``self.params`` with keys from the pytree paths: ``state_dict()`` gives ``params.0`` for
     a single array and readable nested keys (``params.dense.kernel``) for dicts, in JAX's
-    leaf order (sorted dict keys; see Note [One pytree policy] in ``_pytree.py``). Integer
+    leaf order (sorted dict keys; see Note [One pytree policy] in ``_pytree.py``), except
+    that torch lists a node's own arrays before its sub-trees. A ``state_dict`` saved by
+    torch-jax-interop 0.0.8 (``params.0``, ``params.1``, ... by leaf index) loads too, with
+    its leaf count and shapes checked (Note [state_dict keys of torch-jax-interop 0.0.8]). Integer
     leaves become buffers; leaves that are not arrays (an Equinox module's activation
     function) stay constants of the tree.
 
@@ -240,8 +258,12 @@ class WrappedJaxFunction(torch.nn.Module):
         paths = _leaf_paths(spec) if spec.kind != LEAF else [("0",)]
         self.params = ParameterTree()
         slots: list[tuple[dict[str, Any], str]] = []
+        # per leaf of `jax_params` (JAX's order): its state_dict key below `params.` and
+        # its slot, or None for a leaf that is not an array (Note [state_dict keys of 0.0.8])
+        leaf_keys: list[tuple[str, int] | None] = [None] * len(paths)
         for position, leaf in zip(template.slots, leaves, strict=True):
             path = paths[position]
+            leaf_keys[position] = (".".join(path), len(slots))
             tensor = _as_tensor(leaf, clone_params)
             owner = self.params
             for name in path[:-1]:
@@ -262,6 +284,8 @@ class WrappedJaxFunction(torch.nn.Module):
         self._slots = slots
         self._params = template
         self._tensor_args: dict[int, TreeTemplate] = {}
+        self._leaf_keys = tuple(leaf_keys)
+        self.register_load_state_dict_pre_hook(_load_seed_state_dict)
 
     def parameter_tree(self) -> Any:
         """The current parameters, as a pytree shaped like ``jax_params`` (torch tensors;
@@ -300,6 +324,112 @@ class WrappedJaxFunction(torch.nn.Module):
     def extra_repr(self) -> str:
         name = getattr(self.jax_function, "__qualname__", None) or repr(self.jax_function)
         return f"jax_function={name}, has_aux={self.has_aux}"
+
+
+_SEED_INDEX = re.compile(r"[0-9]+")
+
+
+def _load_seed_state_dict(module: WrappedJaxFunction, state_dict: dict[str, Any], prefix: str,
+                          *_: Any) -> None:
+    """Load pre-hook: rename 0.0.8's ``params.<i>`` keys to ours, after checking that they
+    fit. See Note [state_dict keys of torch-jax-interop 0.0.8]."""
+    head = prefix + "params."
+    found = {key[len(head):]: key for key in state_dict if key.startswith(head)}
+    leaf_keys = module._leaf_keys
+    ours = {entry[0] for entry in leaf_keys if entry is not None}
+    if (not found or not all(_SEED_INDEX.fullmatch(index) for index in found)
+            or found.keys() <= ours):
+        return
+    layout = f"torch-jax-interop 0.0.8's layout (`{head}0`, `{head}1`, ... in JAX's leaf order)"
+    if len(found) != len(ours):
+        raise RuntimeError(
+            f"the state_dict has {len(found)} parameter(s) in {layout}, but this "
+            f"WrappedJaxFunction's parameters have {len(ours)} array leaves "
+            f"(`{head}{next(iter(sorted(ours)), '')}`, ...): it was saved for other "
+            "parameters. Build the module with `jax_params` of the same structure as when "
+            "it was saved (compare `jax.tree_util.tree_structure`)."
+        )
+    renamed = {}
+    for index, key in sorted(found.items(), key=lambda item: int(item[0])):
+        position = int(index)
+        entry = leaf_keys[position] if position < len(leaf_keys) else None
+        if entry is None:
+            what = ("is not an array" if position < len(leaf_keys)
+                    else f"does not exist (there are {len(leaf_keys)} leaves)")
+            raise RuntimeError(
+                f"`{key}` in {layout} names leaf {position}, which {what} in this "
+                "WrappedJaxFunction's parameters: the state_dict was saved for other "
+                "parameters. Build the module with `jax_params` of the same structure."
+            )
+        target, slot = entry
+        parameters, name = module._slots[slot]
+        expected, value = tuple(parameters[name].shape), state_dict[key]
+        if tuple(value.shape) != expected:
+            raise RuntimeError(
+                f"`{key}` in {layout} is leaf {position}, which is `{head}{target}` here: "
+                f"shape {tuple(value.shape)} in the state_dict, {expected} in this module. "
+                "The state_dict was saved for other parameters: build the module with "
+                "`jax_params` of the same structure and shapes."
+            )
+        renamed[key] = head + target
+    for old, new in renamed.items():
+        state_dict[new] = state_dict.pop(old)
+
+
+class WrappedJaxScalarFunction(WrappedJaxFunction):
+    """A JAX function that returns one real scalar (a loss), as a ``torch.nn.Module``.
+
+    The class of torch-jax-interop 0.0.8 with the same constructor, and its default
+    ``has_aux=True``: the function returns ``(loss, aux)`` and so does ``forward``; with
+    ``has_aux=False`` it returns the loss alone and so does ``forward``. The gradients are
+    computed in the forward pass, as ``jax.value_and_grad`` would, in the same XLA
+    computation, and ``backward()`` only scales them by the incoming gradient (so
+    ``(2 * loss).backward()`` is right too). ``WrappedJaxFunction`` does the same for every
+    function whose output is one real scalar; this class adds the check that it is:
+    ``TypeError`` for any other output, in this process and with a worker's function.
+
+    Memory and parameters: as ``WrappedJaxFunction`` (parameters **share memory** with
+    ``jax_params`` unless ``clone_params=True``).
+
+    Raises:
+        TypeError: (on a call) the output is not a 0-d floating-point tensor, or with
+            ``has_aux=True`` the function does not return a pair.
+    """
+
+    def __init__(
+        self,
+        jax_function: Callable[..., Any],
+        jax_params: Any,
+        has_aux: bool = True,
+        clone_params: bool = False,
+    ) -> None:
+        super().__init__(jax_function, jax_params, has_aux=has_aux, clone_params=clone_params)
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
+        try:
+            result = super()._run(args, kwargs)
+        except TypeError as error:
+            # the engine's `split_aux` names has_aux=True when the result is not a pair
+            if self.has_aux and "has_aux=True" in str(error):
+                raise TypeError(
+                    f"{error} WrappedJaxScalarFunction defaults to has_aux=True, as in "
+                    "torch-jax-interop 0.0.8: pass has_aux=False for a function that returns "
+                    "the loss alone."
+                ) from None
+            raise
+        loss = result[0] if self.has_aux else result
+        if not (isinstance(loss, _Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+            got = (f"a {tuple(loss.shape)} {loss.dtype} tensor" if isinstance(loss, _Tensor)
+                   else f"a `{type(loss).__name__}`")
+            name = getattr(self.jax_function, "__qualname__", None) or repr(self.jax_function)
+            returns = "`(loss, aux)`" if self.has_aux else "the loss alone (has_aux=False)"
+            raise TypeError(
+                "WrappedJaxScalarFunction needs a function whose output is one real "
+                f"floating-point scalar (shape `()`), returning {returns}; `{name}` gave "
+                f"{got}. Reduce it in JAX (`jnp.mean`, `jnp.sum`), or use "
+                "WrappedJaxFunction, which takes any output."
+            )
+        return result
 
 
 def _run_outside_dynamo(module: WrappedJaxFunction, args: tuple, kwargs: dict) -> Any:

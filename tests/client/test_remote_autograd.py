@@ -150,3 +150,35 @@ def test_backward_after_the_worker_restarted_says_to_rerun_forward(short_tmp: st
             assert torch.allclose(module.params[0].grad, torch.tensor(3.0))
         finally:
             assert stop_worker(second) == 0
+
+
+def test_scalar_function_through_a_worker(worker: WorkerProcess) -> None:
+    """0.0.8's WrappedJaxScalarFunction with a worker's function: the loss and its aux
+    (the default has_aux=True), gradients equal in-process ones, and any other output
+    refused on the torch side."""
+    from torch_jax_interop import WrappedJaxScalarFunction
+
+    g = torch.Generator().manual_seed(4)
+    x, labels = torch.randn(16, 784, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+    def grads(w) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # noqa: ANN001
+        module = WrappedJaxScalarFunction(w.function("mlp_loss"), _params(5), has_aux=False)
+        loss = module(x, labels.int())
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters()}
+
+    with connect("inproc", functions=FUNCTIONS) as local:
+        expected = grads(local)
+    with connect(worker.address) as remote:
+        got = grads(remote)
+        module = WrappedJaxScalarFunction(remote.function("with_aux"), torch.tensor(2.0))
+        loss, aux = module(torch.tensor(3.0))
+        assert loss.shape == () and not aux["norm"].requires_grad
+        loss.backward()
+        assert torch.allclose(module.params[0].grad, torch.tensor(3.0))
+        with pytest.raises(TypeError, match=r"one real floating-point scalar .* \(2,\)"):
+            module(torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-7)
+    for name in got[1]:
+        assert got[1][name].abs().sum() > 0
+        torch.testing.assert_close(got[1][name], expected[1][name], rtol=1e-5, atol=1e-7)

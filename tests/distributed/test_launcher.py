@@ -202,12 +202,16 @@ def test_every_worker_option_reaches_the_workers() -> None:
               "max_sessions": 3, "max_residuals": 7, "max_tensor_bytes": 1234,
               "max_inline_bytes": 567, "grace": 2.5}
     values["allow_unsealed_regions"] = True  # a switch: given without a value
+    values.update(token_file="/run/secrets/t", tls_cert="c.pem", tls_key="k.pem",
+                  tls_client_ca="ca.pem", insecure=True, max_connections=9,
+                  handshake_timeout=1.5, idle_timeout=60.0, max_streams_per_connection=5)
+    values.update({"max_residual_bytes": 8901, "max_leaves": 12, "max_compiled_signatures": 34})
     options = {a.dest for a in worker_parser._actions if a.option_strings} - per_worker
     assert options == set(values), "a worker option is not covered: add it to _worker_argv"
     argv = ["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"]
     for dest, value in values.items():
         flag = "--" + dest.replace("_", "-")
-        if value is True:
+        if value is True:  # a switch
             argv.append(flag)
             continue
         for item in value if isinstance(value, list) else [value]:

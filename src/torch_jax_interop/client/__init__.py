@@ -2,6 +2,7 @@
 (except ``connect("inproc", ...)``, which runs the functions in this process)."""
 
 from .._ranks import rank_address as rank_address
+from .._tls import TlsConfig as TlsConfig
 from ..errors import (
     AuthenticationError as AuthenticationError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "AuthenticationError",
     "DeadlineExceededError",
     "FunctionInfo",
+    "TlsConfig",
     "FunctionNotFoundError",
     "InvalidArgumentError",
     "ProtocolVersionError",

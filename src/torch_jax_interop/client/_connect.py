@@ -30,6 +30,7 @@ from .._errors import (
 from .._names import TOKEN_ENV, check_transport
 from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
+from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
@@ -111,19 +112,35 @@ class Worker:
     """A connection to one JAX worker. Use as a context manager; see ``connect``."""
 
     def __init__(self, address: str, *, timeout: float, transport: str,
-                 token: str | None) -> None:
+                 token: str | None, token_file: str | None = None,
+                 tls: TlsConfig | None = None) -> None:
         check_transport(transport)
         _check_unix_peer(address)
+        if token is not None and token_file is not None:
+            raise ValueError("give token= or token_file=, not both")
+        if tls is not None and not is_tcp(address):
+            raise ValueError(f"tls= is for TCP addresses (host:port), not `{address}`: a unix "
+                             "socket is guarded by its file mode; drop tls= for it")
         self.address = address
         self.timeout = timeout
         self.requested_transport = transport
+        if token_file is not None:
+            token = read_token_file(token_file)
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if token and tls is None and is_tcp(address) and not is_loopback(address):
+            log.warning("sending the token to %s without TLS: anyone on the path can read it "
+                        "and every tensor; pass tls=TlsConfig(...) to connect()", address)
         limit = 256 << 20
-        self._channel = grpc.insecure_channel(address, options=[
+        options = [
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
-        ])
+        ]
+        if tls is not None:
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(),
+                                                options=[*options, *tls.channel_options()])
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.JaxWorkerServiceStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
@@ -135,10 +152,13 @@ class Worker:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
             self._channel.close()
+            tls_hint = (" (over TLS: check that the worker serves TLS and that tls= names "
+                        "the CA that signed its certificate, and the client certificate "
+                        "if the worker requires one)" if tls is not None else "")
             raise WorkerUnavailableError(
-                f"no worker answered at {address} within {timeout:g} s. Start one with "
-                "`torch-jax-interop worker --listen ADDRESS --function NAME=module:attr`, "
-                "or check the address"
+                f"no worker answered at {address} within {timeout:g} s{tls_hint}. Start one "
+                "with `torch-jax-interop worker --listen ADDRESS --function "
+                "NAME=module:attr`, or check the address"
             ) from None
         try:
             self._open_session()
@@ -504,6 +524,8 @@ def connect(
     timeout: float = 60.0,
     transport: str = "auto",
     token: str | None = None,
+    token_file: str | None = None,
+    tls: TlsConfig | None = None,
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
@@ -525,6 +547,13 @@ def connect(
     CUDA inputs come back on the first CUDA input's device.
     ``timeout`` bounds the connection and every call (deadline, seconds).
 
+    ``token_file``: read the token from this file (e.g. ``/run/secrets/tji``) instead of
+    ``token=``. ``tls``: reach a TCP worker over TLS, e.g.
+    ``connect("host:5005", tls=TlsConfig(ca_file="ca.pem"), token_file=...)``; add
+    ``cert_file``/``key_file`` when the worker requires client certificates (mTLS), and
+    ``server_name`` when its certificate names another host than ``address``. A worker on a
+    non-loopback address serves TCP only over TLS unless started with ``--insecure``.
+
     ``address`` may be a template with ``{local_rank}`` (or ``{rank}``, ``{world_size}``,
     ``{local_world_size}``), filled from the variables ``torchrun`` sets in each rank, so one
     training script reaches one worker per rank:
@@ -540,7 +569,9 @@ def connect(
         return InprocWorker(functions)
     if functions is not None:
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
-    return Worker(address, timeout=timeout, transport=transport, token=token)
+    return Worker(address, timeout=timeout, transport=transport, token=token,
+                  token_file=token_file, tls=tls)
 
 
-__all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "Worker", "connect"]
+__all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
+           "connect"]

@@ -394,7 +394,8 @@ def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) ->
       (``cpu`` -> JAX's CPU device, ``cuda:N`` -> the JAX GPU with local hardware id N);
       ``ValueError`` when JAX has no such device.
     * A function is taken to be a JAX function: the result takes torch tensors, calls it
-      with JAX arrays and returns torch tensors (``@torch_to_jax`` as a decorator).
+      with JAX arrays and returns torch tensors (``@torch_to_jax`` as a decorator). A
+      ``torch.nn.Module`` raises ``TypeError``: use ``torch_module_to_jax``.
 
     Tensors that require grad are converted detached: gradients do not flow through this
     call. To differentiate through a JAX function from torch, use ``WrappedJaxFunction``.
@@ -409,6 +410,12 @@ def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) ->
         return _tensor_to_jax(value, copy, device)
     if isinstance(value, torch.device):
         return resolve_jax_device(value)
+    if isinstance(value, torch.nn.Module):
+        raise TypeError(
+            f"torch_to_jax converts tensors, not a `{type(value).__name__}` module: use "
+            "`apply, params = torch_module_to_jax(module)` (torch-jax-interop 0.0.8 did that "
+            "here; see docs/migration.md)."
+        )
     if _is_function(value):
         return _wrap_jax_function(value, copy, device)
     return tree_map(lambda leaf: _leaf_to_jax(leaf, copy, device), value)

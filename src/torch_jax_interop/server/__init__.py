@@ -1,6 +1,8 @@
 """The JAX worker: serves named JAX functions over gRPC. Imports JAX, never torch."""
 
+from .._tls import TlsConfig as TlsConfig
 from ._compiled import CompiledFunction as CompiledFunction
+from ._server import ConnectionLimits as ConnectionLimits
 from ._server import create_server as create_server
 from ._server import load_function as load_function
 from ._server import serve as serve
@@ -8,5 +10,6 @@ from ._server import shutdown as shutdown
 from ._servicer import WorkerConfig as WorkerConfig
 
 __all__ = [
-    "CompiledFunction", "WorkerConfig", "create_server", "load_function", "serve", "shutdown",
+    "CompiledFunction", "ConnectionLimits", "TlsConfig", "WorkerConfig", "create_server",
+    "load_function", "serve", "shutdown",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import _pytree, _wire
@@ -17,6 +18,7 @@ from .._compat._jax import import_numpy as import_numpy
 from .._dtypes import BY_NAME, NARROW
 from .._dtypes_jax import NAME_TO_NUMPY, NUMPY_TO_NAME, x64_enabled
 from .._errors import InvalidArgumentError, ResourceExhaustedError
+from .._names import DEFAULT_MAX_LEAVES
 from ..proto.v1 import interop_pb2 as pb
 from ._session import CUDA_IPC, SHM, Session, WorkerRegion
 
@@ -28,12 +30,47 @@ REGION_KINDS = (SHM, CUDA_IPC)
 
 
 class Limits:
-    def __init__(self, max_tensor_bytes: int, max_inline_bytes: int) -> None:
+    """Per-request bounds of the worker (``WorkerConfig``; the CLI flags are named in the
+    errors)."""
+
+    def __init__(self, max_tensor_bytes: int, max_inline_bytes: int,
+                 max_leaves: int = DEFAULT_MAX_LEAVES) -> None:
         self.max_tensor_bytes = max_tensor_bytes
         self.max_inline_bytes = max_inline_bytes
+        self.max_leaves = max_leaves
+
+    def check_leaves(self, count: int, what: str) -> None:
+        """RESOURCE_EXHAUSTED when a request carries more than ``max_leaves`` tensors:
+        checked before anything is decoded or compiled (each leaf costs tracing time and
+        compiled-program memory)."""
+        if count > self.max_leaves:
+            raise ResourceExhaustedError(
+                f"{what} carries {count} tensors, more than the worker's limit of "
+                f"{self.max_leaves} per request (--max-leaves); pack small tensors into "
+                "larger ones, or raise --max-leaves"
+            )
 
 
-def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array | np.ndarray:
+class InlineBudget:
+    """Inline bytes of one request, counted as its tensors are decoded: RESOURCE_EXHAUSTED
+    past ``--max-inline-bytes`` (the sum over the request, not per tensor)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, nbytes: int) -> None:
+        self.used += nbytes
+        if self.used > self.limit:
+            raise ResourceExhaustedError(
+                f"the request carries more than {self.limit} bytes of inline tensors "
+                "(--max-inline-bytes, counted over the whole request); use the "
+                "shared-memory transport (same host) for large tensors, or raise the limit"
+            )
+
+
+def decode_tensor(message: Any, session: Session, limits: Limits,
+                  budget: InlineBudget | None = None) -> jax.Array | np.ndarray:
     name = _wire.dtype_name(message.dtype)
     shape = tuple(message.shape)
     nbytes = _wire.tensor_nbytes(name, shape, limit=limits.max_tensor_bytes)
@@ -43,12 +80,16 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
         narrow = None  # x64 on: 64-bit values stay 64-bit
     if location == "inline_data":
         data = message.inline_data
+        if budget is not None:
+            budget.take(len(data))
         if len(data) != nbytes:
             raise InvalidArgumentError(
                 f"inline tensor of shape {list(shape)} and dtype {name} needs {nbytes} bytes, "
                 f"got {len(data)}"
             )
         array = np.frombuffer(data, dtype=_NUMPY[name]).reshape(shape)
+        if name == "bool":
+            return _normalised_bool(array)
         # jit takes the (read-only) numpy array as it is, faster than jnp.array.
         return array if narrow is None else _narrowed(array, name, narrow)
     if location not in REGION_KINDS:
@@ -65,8 +106,31 @@ def decode_tensor(message: Any, session: Session, limits: Limits) -> jax.Array |
     if narrow is not None:
         # Policy path (64-bit values, x64 off): a range-checked copy on the host.
         return _narrowed(region.host(where.offset, _NUMPY[name], shape), name, narrow)
+    if name == "bool" and location == CUDA_IPC:
+        # Note [Bool bytes]: on the device, normalising costs one elementwise op.
+        return jnp.not_equal(region.view(where.offset, np.dtype(np.uint8), shape), 0)
     view = region.view(where.offset, _NUMPY[name], shape)
+    if name == "bool":
+        view = _normalised_bool(view)
     return import_numpy(view) if isinstance(view, np.ndarray) else view
+
+
+def _normalised_bool(array: np.ndarray) -> np.ndarray:
+    """Note [Bool bytes]
+    ====================
+
+    A bool tensor is one byte per element, and nothing stops a peer from sending bytes other
+    than 0 and 1 (torch and numpy store whatever bytes they are given). XLA assumes 0 or 1:
+    ``True + 1`` would compute 3, ``x == True`` would be false for a byte of 2. The worker
+    therefore reads every bool input as ``byte != 0``, on every path: inline and shared
+    memory (one pass over the bytes to check, ~0.3 ms per 16 MiB; a copy only when some byte
+    is neither 0 nor 1, so a well-formed zero-copy input stays zero-copy) and CUDA IPC (one
+    elementwise op on the device). Library mode does not check (zero-copy DLPack; see the
+    README's sharing rules)."""
+    raw = array.view(np.uint8)
+    if raw.size and int(raw.max()) > 1:
+        return np.not_equal(raw, 0)
+    return array
 
 
 def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
@@ -83,11 +147,15 @@ def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
     return array.astype(_NUMPY[narrow])
 
 
-def decode_leaves(tree: Any, session: Session,
-                  limits: Limits) -> tuple[_pytree.TreeSpec, list[Any]]:
-    """A ``Tree`` message as its validated structure and its arrays, in leaf order."""
+def decode_leaves(tree: Any, session: Session, limits: Limits,
+                  budget: InlineBudget | None = None) -> tuple[_pytree.TreeSpec, list[Any]]:
+    """A ``Tree`` message as its validated structure and its arrays, in leaf order.
+    ``budget`` counts inline bytes across the trees of one request (a fresh one if None)."""
+    limits.check_leaves(len(tree.leaves), "the request")
     spec = _wire.decode_spec(tree.nodes, len(tree.leaves))
-    return spec, [decode_tensor(leaf, session, limits) for leaf in tree.leaves]
+    if budget is None:
+        budget = InlineBudget(limits.max_inline_bytes)
+    return spec, [decode_tensor(leaf, session, limits, budget) for leaf in tree.leaves]
 
 
 def _is_array(value: Any) -> bool:
@@ -196,4 +264,5 @@ def signature_key(request_args: Any, request_kwargs: Any, extra: Any) -> Any:
     )
 
 
-__all__ = ["Limits", "OutputWriter", "decode_leaves", "flatten_outputs", "pb", "required_bytes"]
+__all__ = ["InlineBudget", "Limits", "OutputWriter", "decode_leaves", "flatten_outputs", "pb",
+           "required_bytes"]

@@ -38,6 +38,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .. import _pytree
 from .._engine import Engine, Program, Residuals, is_float0
 from .._errors import InvalidArgumentError
@@ -157,16 +159,35 @@ class CompiledFunction:
         return (program.out_treedef.unflatten(out_leaves), aux,
                 VjpResiduals(residuals, build.args_spec, build.kwargs_spec))
 
+    def check_cotangents(self, vjp: VjpResiduals, cotangents: Sequence[Any]) -> None:
+        """INVALID_ARGUMENT unless there is one cotangent per output leaf with the output's
+        shape (and dtype, for floating-point outputs): nothing is broadcast, so a cotangent
+        cannot make backward allocate more than the forward's outputs."""
+        program = vjp.residuals.program
+        num_outputs = len(program.out_float)
+        if len(cotangents) != num_outputs:
+            raise InvalidArgumentError(
+                f"backward of `{self.name}` got {len(cotangents)} cotangents for "
+                f"{num_outputs} outputs; send one per output leaf"
+            )
+        for i, (ct, shape, dtype, is_float) in enumerate(zip(
+                cotangents, program.out_shapes, program.out_dtypes, program.out_float,
+                strict=True)):
+            got_shape = tuple(np.shape(ct))
+            got_dtype = np.dtype(ct.dtype)
+            if got_shape != tuple(shape) or (is_float and got_dtype != dtype):
+                raise InvalidArgumentError(
+                    f"backward of `{self.name}`: the cotangent of output {i} must have the "
+                    f"output's shape {list(shape)} and dtype {dtype}, got shape "
+                    f"{list(got_shape)} and dtype {got_dtype}"
+                )
+
     def backward(self, vjp: VjpResiduals, cotangents: Sequence[Any], *,
                  retain: bool) -> tuple[Any, Any]:
         """Cotangents (one per output leaf, in the order the outputs were sent) ->
         ``(grad_args, grad_kwargs)`` shaped like the call's arguments, ``None`` where an
         input has no gradient."""
-        num_outputs = len(vjp.residuals.program.out_float)
-        if len(cotangents) != num_outputs:
-            raise InvalidArgumentError(
-                f"backward got {len(cotangents)} cotangents for {num_outputs} outputs"
-            )
+        self.check_cotangents(vjp, cotangents)
         grads = self.engine.backward(vjp.residuals, cotangents, retain=retain)
         num_args = vjp.args_spec.num_leaves
         return vjp.args_spec.unflatten(grads[:num_args]), vjp.kwargs_spec.unflatten(

@@ -86,8 +86,11 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     through the socket file's mode (0600: the worker's user only).
 
     The token is compared in constant time. A call whose metadata carries the token goes
-    through unwrapped; any other call is checked against its peer's address before the
-    servicer sees it.
+    through unwrapped. Any other call gets a handler that checks its peer's address *before
+    reading the request*: the metadata arrives first, and gRPC hands a handler only the
+    peer, not the metadata's transport, so the refusal reads the request as a stream and
+    aborts before asking for its first message (Note [Unauthenticated peers cost little] in
+    ``_server.py``).
     """
 
     def __init__(self, token: str) -> None:
@@ -111,21 +114,59 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             handler = continuation(handler_call_details)
             if handler is None:
                 return None
-            checked = self._checked.setdefault(method, _rewrap(handler, _unix_peers_only))
+            checked = self._checked.setdefault(method, _peer_checked_before_reading(handler))
         return checked
 
 
-def _unix_peers_only(behavior: Behavior, streams: bool) -> Behavior:
-    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-        if not context.peer().startswith("unix"):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or wrong token: pass token=... to connect() or set "
-                f"{TOKEN_ENV} to the worker's token",
-            )
-        return behavior(request, context)
+def _trusted_without_token(context: grpc.ServicerContext) -> bool:
+    """Peers that need no token: those on the unix socket (its mode admits only our user)."""
+    return context.peer().startswith("unix")
 
-    return guarded
+
+def _refuse_untrusted(context: grpc.ServicerContext) -> None:
+    if not _trusted_without_token(context):
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or wrong token: pass token=... (or token_file=...) to connect() or set "
+            f"{TOKEN_ENV} to the worker's token",
+        )
+
+
+def _only_request(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    request = next(requests, None)
+    if request is None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      "the call sent no request message; every method takes one")
+    return request
+
+
+def _peer_checked_before_reading(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` (unary request) served as a request-streaming handler that refuses an
+    untrusted peer before it reads the request; a trusted peer's one request message is
+    then read, decoded with the handler's own deserializer, and passed on unchanged. The
+    HTTP/2 framing of a unary and a streaming request is the same, so clients see no
+    difference."""
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        unary = handler.unary_unary
+
+        def unary_checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            _refuse_untrusted(context)
+            return unary(_only_request(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            unary_checked, request_deserializer=deserialize, response_serializer=serialize)
+    if handler.unary_stream is not None:
+        streaming = handler.unary_stream
+
+        def stream_checked(requests: Iterator[Any],
+                           context: grpc.ServicerContext) -> Iterator[Any]:
+            _refuse_untrusted(context)
+            yield from streaming(_only_request(requests, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_checked, request_deserializer=deserialize, response_serializer=serialize)
+    raise TypeError("JaxWorkerService has no client-streaming method to intercept")
 
 
 class UndecodableRequest:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from .._names import TOKEN_ENV
 from .._targets import load_function as load_function
+from .._tls import TlsConfig, check_listen_security, is_tcp
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import (
     check_socket_directory,
@@ -29,10 +32,64 @@ from ._servicer import JaxWorkerServicer, WorkerConfig
 log = logging.getLogger("torch_jax_interop.server")
 
 _GRPC_MESSAGE_OVERHEAD = 16 << 20
+_FILES_KEPT_FREE = 256  # descriptors beyond the connection caps: mappings, logs, JAX
 
 
-def _is_tcp(address: str) -> bool:
-    return not address.startswith(("unix:", "unix-abstract:"))
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What a peer that has not (yet) authenticated may hold in the worker (the CLI flags
+    ``--max-connections``, ``--handshake-timeout``, ``--idle-timeout``,
+    ``--max-streams-per-connection``).
+
+    Note [Unauthenticated peers cost little]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    * A call without the token is refused by ``TokenAuthInterceptor`` before its request
+      body is read: the refusal reads the request as a stream and aborts before asking for
+      the first message, so gRPC holds at most one HTTP/2 flow-control window of it (not the
+      75 MiB a peer sent), and nothing is deserialized.
+    * Each listener (every TCP port, the unix socket) accepts at most ``max_connections``
+      connections; gRPC closes the ones above at once, so a flood of idle TCP connections
+      cannot use up the process's descriptors and the unix socket keeps serving. At start
+      the worker raises its open-file limit to the hard limit.
+    * A connection must finish its handshake (TLS and HTTP/2 preface) within
+      ``handshake_timeout`` seconds and is closed after ``idle_timeout`` seconds without a
+      call (a connected client always has its session's stream open, so it is never idle).
+    * One connection carries at most ``max_streams_per_connection`` calls at once (a client
+      needs one for its session plus one per concurrent call).
+    * No maximum connection age: a session lives on its connection's stream, so closing an
+      old connection would end a healthy session (and drop its residuals).
+    * Out of reach of these caps: a peer that can reach the TCP port can keep taking its
+      ``max_connections``, so TCP clients may be shut out during a flood; the unix socket
+      has its own cap and keeps serving.
+    """
+
+    max_connections: int = 256
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_streams_per_connection: int = 128
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.idle_timeout * 1000)),
+        ]
+
+
+def _raise_open_file_limit(needed: int) -> None:
+    """Raise the soft open-file limit to the hard one; warn when even that is below
+    ``needed`` (the connection caps would then not protect the unix socket)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open-file limit is %d but the connection caps allow %d descriptors; "
+                    "lower --max-connections or raise the limit (ulimit -n)", soft, needed)
 
 
 def create_server(
@@ -41,6 +98,9 @@ def create_server(
     *,
     token: str | None = None,
     config: WorkerConfig | None = None,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
+    connection_limits: ConnectionLimits | None = None,
 ) -> tuple[grpc.Server, list[str], JaxWorkerServicer]:
     """Build a started JAX worker. Returns ``(server, bound_addresses, servicer)``.
 
@@ -51,6 +111,10 @@ def create_server(
     listener needs ``token`` (or the ``TORCH_JAX_INTEROP_TOKEN`` environment variable):
     without one it refuses to start, since anybody who can reach the port could otherwise
     read and write the session's tensors.
+    ``tls`` serves the TCP ports over TLS (``TlsConfig(cert_file, key_file, ca_file=client
+    CA for mTLS)``); a non-loopback TCP address without it is refused unless ``insecure``
+    (Note [Who may reach a TCP worker] in ``_tls.py``). ``connection_limits``: Note
+    [Unauthenticated peers cost little].
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = config or WorkerConfig()
@@ -64,7 +128,10 @@ def create_server(
         if socket_path is not None:
             check_socket_directory(socket_path)
     token = token or os.environ.get(TOKEN_ENV) or None
-    if any(_is_tcp(a) for a in addresses) and not token:
+    limits = connection_limits or ConnectionLimits()
+    check_listen_security(addresses, tls=tls is not None, insecure=insecure)
+    credentials = tls.server_credentials() if tls is not None else None  # fails early
+    if any(is_tcp(a) for a in addresses) and not token:
         raise ValueError(
             "a TCP listener needs a token: pass --token-env VAR (or set "
             f"{TOKEN_ENV}); use a unix:// socket for a local worker without a token"
@@ -74,7 +141,8 @@ def create_server(
         target = ""
         if isinstance(fn, str):
             _, fn, target = load_function(f"{name}={fn}")
-        compiled[name] = CompiledFunction(name, fn, target)
+        compiled[name] = CompiledFunction(name, fn, target,
+                                          max_programs=config.max_compiled_signatures)
     # min_age: pids in names mean nothing across PID namespaces (containers sharing only
     # /dev/shm); a live client unlinks its names within a second of creating them.
     removed = cleanup_orphans(config.shm_dir, min_age=60.0)
@@ -94,12 +162,14 @@ def create_server(
             ("grpc.max_receive_message_length", message_limit),
             ("grpc.max_send_message_length", message_limit),
             ("grpc.so_reuseport", 0),
+            *limits.grpc_options(),
         ],
         maximum_concurrent_rpcs=None,
         interceptors=interceptors,
     )
     pb_grpc.add_JaxWorkerServiceServicer_to_server(servicer, server)
     health = add_health_service(server)
+    _raise_open_file_limit(limits.max_connections * len(addresses) + _FILES_KEPT_FREE)
     bound: list[str] = []
     old_umask = os.umask(0o177)  # the unix socket file is created 0600
     try:
@@ -113,10 +183,13 @@ def create_server(
                     )
                 if os.path.exists(path):
                     os.unlink(path)  # a stale socket of an earlier worker
-            port = server.add_insecure_port(address)
+            if credentials is not None and is_tcp(address):
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
             if port == 0:
                 raise OSError(f"could not listen on {address}")
-            if _is_tcp(address):
+            if is_tcp(address):
                 host = address.rsplit(":", 1)[0]
                 bound.append(f"{host}:{port}")
             else:
@@ -129,6 +202,9 @@ def create_server(
             os.chmod(address[len("unix://"):], 0o600)
     health.serving()
     servicer.health = health  # type: ignore[attr-defined]
+    if any(is_tcp(a) for a in bound):
+        log.info("TCP %s", "without TLS (--insecure or loopback)" if tls is None else
+                 "over TLS, client certificates required" if tls.ca_file else "over TLS")
     log.info("serving %s on %s", ", ".join(sorted(compiled)), ", ".join(bound))
     return server, bound, servicer
 
@@ -152,9 +228,15 @@ def serve(
     config: WorkerConfig | None = None,
     ready_file: str | None = None,
     grace: float = 30.0,
+    tls: TlsConfig | None = None,
+    insecure: bool = False,
+    connection_limits: ConnectionLimits | None = None,
 ) -> int:
-    """Run a worker until SIGTERM / SIGINT; then drain in-flight calls and return 0."""
-    server, bound, servicer = create_server(functions, addresses, token=token, config=config)
+    """Run a worker until SIGTERM / SIGINT; then drain in-flight calls and return 0.
+    The keywords are ``create_server``'s."""
+    server, bound, servicer = create_server(functions, addresses, token=token, config=config,
+                                            tls=tls, insecure=insecure,
+                                            connection_limits=connection_limits)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -28,11 +28,17 @@ from .._errors import (
     RemoteExecutionError,
     ResourceExhaustedError,
 )
+from .._names import (
+    DEFAULT_MAX_COMPILED_SIGNATURES,
+    DEFAULT_MAX_LEAVES,
+    DEFAULT_MAX_RESIDUAL_BYTES,
+)
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
 from ..transport import default_shm_dir
 from ._codec import (
+    InlineBudget,
     Limits,
     OutputWriter,
     decode_leaves,
@@ -51,30 +57,38 @@ from ._session import (
 
 log = logging.getLogger("torch_jax_interop.server")
 
+_MAX_NAME_SHOWN = 200  # characters of an unknown function's name quoted back
+
 _TRANSPORT_NAMES = {pb.TRANSPORT_INLINE: "inline bytes",
                     pb.TRANSPORT_SHARED_MEMORY: "shared memory",
                     pb.TRANSPORT_CUDA_IPC: "CUDA IPC", pb.TRANSPORT_UNSPECIFIED: "unspecified"}
 
 
 class WorkerConfig:
-    """Limits and paths of one worker (the CLI flags)."""
+    """Limits and paths of one worker (the CLI flags; the README's "Memory and request
+    bounds" lists them with their defaults and the memory each bounds)."""
 
     def __init__(
         self,
         *,
         max_sessions: int = 64,
         max_residuals: int = 1024,
+        max_residual_bytes: int = DEFAULT_MAX_RESIDUAL_BYTES,
         max_regions: int = 256,
         max_tensor_bytes: int = 4 << 30,
         max_inline_bytes: int = 64 << 20,
+        max_leaves: int = DEFAULT_MAX_LEAVES,
+        max_compiled_signatures: int = DEFAULT_MAX_COMPILED_SIGNATURES,
         inline_threshold: int = 64 << 10,
         shm_dir: str | None = None,
         allow_unsealed_regions: bool = False,
     ) -> None:
         self.max_sessions = max_sessions
         self.max_residuals = max_residuals
+        self.max_residual_bytes = max_residual_bytes  # per session
         self.max_regions = max_regions
-        self.limits = Limits(max_tensor_bytes, max_inline_bytes)
+        self.max_compiled_signatures = max_compiled_signatures  # per served function
+        self.limits = Limits(max_tensor_bytes, max_inline_bytes, max_leaves)
         self.inline_threshold = inline_threshold
         self.shm_dir = shm_dir or default_shm_dir()
         # Note [Sealed regions] (transport/_shm.py): off, a peer cannot SIGBUS the worker.
@@ -108,6 +122,7 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             session = Session(
                 uuid.uuid4().hex, client, max_residuals=self.config.max_residuals,
                 max_regions=self.config.max_regions,
+                max_residual_bytes=self.config.max_residual_bytes,
             )
             self.sessions[session.id] = session
         ended = threading.Event()
@@ -193,9 +208,11 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         function = self.functions.get(name)
         if function is None:
             available = ", ".join(sorted(self.functions)) or "none"
+            shown = name if len(name) <= _MAX_NAME_SHOWN else (
+                f"{name[:_MAX_NAME_SHOWN]}... ({len(name)} characters)")
             raise FunctionNotFoundError(
-                f"unknown function `{name}`; this worker serves: {available}. Start the "
-                f"worker with --function {name}=package.module:attr to serve it"
+                f"unknown function `{shown}`; this worker serves: {available}. Start the "
+                f"worker with --function NAME=package.module:attr to serve it"
             )
         return function
 
@@ -203,10 +220,13 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         session = self._session(request.session_id)
         function = self._function(request.function)
         limits = self.config.limits
-        args_spec, arrays = decode_leaves(request.args, session, limits)
+        # Bounds first: nothing is decoded or compiled for a request over them.
+        limits.check_leaves(len(request.args.leaves) + len(request.kwargs.leaves), "the call")
+        budget = InlineBudget(limits.max_inline_bytes)
+        args_spec, arrays = decode_leaves(request.args, session, limits, budget)
         kwargs_spec = None
         if request.kwargs.nodes:
-            kwargs_spec, kwargs_arrays = decode_leaves(request.kwargs, session, limits)
+            kwargs_spec, kwargs_arrays = decode_leaves(request.kwargs, session, limits, budget)
             arrays.extend(kwargs_arrays)
         response = pb.CallResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
@@ -237,14 +257,19 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             aux_leaves, aux_spec = flatten_outputs(aux)
             writer.write_tree(aux_leaves, aux_spec, response.aux)
         if request.keep_residuals:
-            response.residual_id = session.residuals.put(Residual(function, vjp_fn))
+            response.residual_id = session.residuals.put(
+                Residual(function, vjp_fn, vjp_fn.residuals.nbytes))
         return response
 
     def Backward(self, request: Any, context: grpc.ServicerContext) -> Any:
         session = self._session(request.session_id)
-        # Decode first: a malformed request is refused without consuming the residuals.
+        # Decode and check first: a refused request leaves the residuals in place (a retry
+        # with the right cotangents succeeds).
         _, cotangents = decode_leaves(request.cotangents, session, self.config.limits)
-        residual = session.residuals.get(request.residual_id, pop=not request.keep_residuals)
+        residual = session.residuals.get(
+            request.residual_id, pop=not request.keep_residuals,
+            check=lambda r: r.function.check_cotangents(r.vjp_fn, cotangents),
+        )
         grad_args, grad_kwargs = residual.function.backward(
             residual.vjp_fn, cotangents, retain=request.keep_residuals
         )

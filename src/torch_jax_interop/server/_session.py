@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,49 +39,79 @@ log = logging.getLogger("torch_jax_interop.server")
 class Residual:
     function: Any  # CompiledFunction
     vjp_fn: Any  # its VjpResiduals: no request message (their inline bytes) kept alive
+    nbytes: int = 0  # what the residual budget counts (``Residuals.nbytes``)
 
 
 class ResidualStore:
-    """vjp residuals under ids; the oldest are dropped past ``cap`` (with a log line)."""
+    """vjp residuals under ids, budgeted by count (``cap``, --max-residuals) and by bytes
+    (``max_bytes``, --max-residual-bytes): past either, the oldest are dropped (with a log
+    line); a single residual larger than ``max_bytes`` is refused (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, max_bytes: int | None = None) -> None:
         self.cap = cap
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._items: OrderedDict[int, Residual] = OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.evicted = 0
 
     def put(self, residual: Residual) -> int:
+        if self.max_bytes is not None and residual.nbytes > self.max_bytes:
+            raise ResourceExhaustedError(
+                f"this call's vjp residuals need {residual.nbytes} bytes, more than the "
+                f"worker's residual budget of {self.max_bytes} bytes per session "
+                "(--max-residual-bytes); raise it, or run the call without gradients "
+                "(torch.no_grad()) or on smaller inputs"
+            )
         with self._lock:
             residual_id = next(self._ids)
             self._items[residual_id] = residual
-            while len(self._items) > self.cap:
-                old_id, _ = self._items.popitem(last=False)
+            self.nbytes += residual.nbytes
+            while len(self._items) > self.cap or (
+                    self.max_bytes is not None and self.nbytes > self.max_bytes):
+                old_id, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
                 self.evicted += 1
                 log.warning(
-                    "residual cap %d reached: dropped residual %d (backward on it will fail; "
-                    "raise --max-residuals or release graphs sooner)", self.cap, old_id
+                    "residual budget reached (%d residuals, --max-residuals; %s bytes, "
+                    "--max-residual-bytes): dropped residual %d (backward on it will fail; "
+                    "raise the budget or release graphs sooner)", self.cap, self.max_bytes,
+                    old_id,
                 )
             return residual_id
 
-    def get(self, residual_id: int, *, pop: bool) -> Residual:
+    def get(self, residual_id: int, *, pop: bool,
+            check: Callable[[Residual], None] | None = None) -> Residual:
+        """The residual under ``residual_id``; ``check`` (which raises to refuse the
+        request) runs first, so a refused request leaves the residual in place."""
         with self._lock:
-            residual = self._items.pop(residual_id, None) if pop else self._items.get(residual_id)
+            residual = self._items.get(residual_id)
+            if residual is not None:
+                if check is not None:
+                    check(residual)
+                if pop:
+                    del self._items[residual_id]
+                    self.nbytes -= residual.nbytes
         if residual is None:
             raise InvalidArgumentError(
                 f"no residuals under id {residual_id} in this session: backward ran already "
                 "(use retain_graph=True to run it twice), the graph was released, or the "
-                f"residual cap ({self.cap}) dropped it"
+                f"residual budget (--max-residuals {self.cap}, --max-residual-bytes "
+                f"{self.max_bytes}) dropped it"
             )
         return residual
 
     def release(self, ids: list[int]) -> int:
         with self._lock:
-            return sum(self._items.pop(i, None) is not None for i in ids)
+            released = [r for r in (self._items.pop(i, None) for i in ids) if r is not None]
+            self.nbytes -= sum(r.nbytes for r in released)
+            return len(released)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -268,11 +298,12 @@ class CudaIpcWorkerRegion(WorkerRegion):
 class Session:
     """State the worker keeps for one connected client."""
 
-    def __init__(self, session_id: str, client: str, *, max_residuals: int, max_regions: int):
+    def __init__(self, session_id: str, client: str, *, max_residuals: int, max_regions: int,
+                 max_residual_bytes: int | None = None):
         self.id = session_id
         self.region_tag = region_tag(session_id)
         self.client = client
-        self.residuals = ResidualStore(max_residuals)
+        self.residuals = ResidualStore(max_residuals, max_residual_bytes)
         self.max_regions = max_regions
         # Regions of both kinds (Note [Worker regions]), one id space.
         self._regions: dict[int, WorkerRegion] = {}
