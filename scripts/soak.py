@@ -34,6 +34,7 @@ from torch_jax_interop._wrapped import WrappedJaxFunction
 from torch_jax_interop.client import connect
 from torch_jax_interop.client._connect import ResidualHandle
 from torch_jax_interop.demo import HIDDEN, IN, MID, OUT, init_params_torch, synthetic_batch
+from torch_jax_interop.transport import NAME_PATTERN
 
 
 def rss_mib(pid: int) -> float:
@@ -53,7 +54,9 @@ def rss_mib(pid: int) -> float:
 def mapped_segments(pid: int) -> int:
     """Shared-memory segments of the project that ``pid`` maps (distinct files)."""
     with open(f"/proc/{pid}/maps") as f:
-        return len({match.group(0) for match in re.finditer(r"/tji-\d+-[0-9a-f]{16}", f.read())})
+        # File regions (/dev/shm/tji-...) and sealed memfd regions (/memfd:tji-...).
+        names = re.finditer(r"(?:/|/memfd:)(" + NAME_PATTERN.pattern + ")", f.read())
+        return len({match.group(1) for match in names})
 
 
 def start_worker(directory: str) -> tuple[subprocess.Popen[bytes], str, str]:

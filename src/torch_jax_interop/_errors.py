@@ -44,6 +44,11 @@ class RegionRejectedError(TransportError, ValueError):
     """
 
 
+class UntrustedSocketError(TransportError, PermissionError):
+    """A unix socket, or its directory, could be replaced by another user (or is an abstract
+    socket, which has no owner): neither side sends anything through it."""
+
+
 class SliceOutOfBoundsError(TransportError, ValueError):
     """A slice descriptor is negative, misaligned, or does not lie inside its region."""
 

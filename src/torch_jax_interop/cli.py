@@ -51,6 +51,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
              "--max-inline-bytes", str(args.max_inline_bytes), "--grace", str(args.grace)]
     if args.shm_dir is not None:
         argv += ["--shm-dir", args.shm_dir]
+    if args.allow_unsealed_regions:
+        argv.append("--allow-unsealed-regions")
     argv += ["--max-connections", str(args.max_connections),
              "--handshake-timeout", str(args.handshake_timeout),
              "--idle-timeout", str(args.idle_timeout),
@@ -112,6 +114,7 @@ def _worker(args: argparse.Namespace) -> int:
         return 2
 
     from ._targets import load_function
+    from .errors import UntrustedSocketError
     from .server import ConnectionLimits, WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
@@ -133,6 +136,7 @@ def _worker(args: argparse.Namespace) -> int:
         max_tensor_bytes=args.max_tensor_bytes,
         max_inline_bytes=args.max_inline_bytes,
         shm_dir=args.shm_dir,
+        allow_unsealed_regions=args.allow_unsealed_regions,
     )
     limits = ConnectionLimits(max_connections=args.max_connections,
                               handshake_timeout=args.handshake_timeout,
@@ -142,6 +146,9 @@ def _worker(args: argparse.Namespace) -> int:
         return serve(functions, args.listen, token=token, config=config,
                      ready_file=args.ready_file, grace=args.grace, tls=tls,
                      insecure=args.insecure, connection_limits=limits)
+    except UntrustedSocketError as error:  # a socket others could swap: say so, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         if error.errno != errno.EADDRINUSE:
             raise
@@ -241,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--shm-dir", default=None,
                         help="shared-memory directory (default $TORCH_JAX_INTEROP_SHM_DIR "
                              "or /dev/shm)")
+    worker.add_argument("--allow-unsealed-regions", action="store_true",
+                        help="also map shared-memory files that are not sealed memfds (clients "
+                             "in another PID namespace); a local peer of this user could then "
+                             "shrink one and kill the worker with SIGBUS")
     worker.add_argument("--max-sessions", type=int, default=64)
     worker.add_argument("--max-residuals", type=int, default=1024,
                         help="vjp residuals kept per session before the oldest are dropped")

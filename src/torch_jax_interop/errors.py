@@ -18,7 +18,9 @@ type), the project's class derives from both, so ``except OverflowError`` and
     │   ├── RegionRejectedError (ValueError) a region failed the attach checks
     │   ├── SliceOutOfBoundsError (ValueError)
     │   │                                    a slice lies outside its region or is misaligned
-    │   └── PoolExhaustedError               the pool's ``max_total_bytes`` is reached
+    │   ├── PoolExhaustedError               the pool's ``max_total_bytes`` is reached
+    │   └── UntrustedSocketError (PermissionError)
+    │                                        a unix socket others could swap, or abstract
     └── RemoteError                          a call to a JAX worker failed
         ├── FunctionNotFoundError (LookupError)   unknown function name
         ├── InvalidArgumentError (ValueError)     bad input, descriptor or arity
@@ -58,6 +60,7 @@ from ._errors import SharedMemoryFullError as SharedMemoryFullError
 from ._errors import SliceOutOfBoundsError as SliceOutOfBoundsError
 from ._errors import TransportError as TransportError
 from ._errors import UnsupportedTensorError as UnsupportedTensorError
+from ._errors import UntrustedSocketError as UntrustedSocketError
 from ._errors import WorkerUnavailableError as WorkerUnavailableError
 
 __all__ = [
@@ -81,5 +84,6 @@ __all__ = [
     "SliceOutOfBoundsError",
     "TransportError",
     "UnsupportedTensorError",
+    "UntrustedSocketError",
     "WorkerUnavailableError",
 ]

@@ -182,10 +182,10 @@ def test_malformed_tensors_are_invalid_argument(raw, tensor: pb.Tensor, message:
 
 
 def test_slices_outside_a_registered_region_are_refused(raw) -> None:  # noqa: ANN001
-    from torch_jax_interop.transport import SharedMemoryRegion
+    from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
     stub, session = raw
-    region = SharedMemoryRegion.create(4096)
+    region = SharedMemoryRegion.create(4096, tag=region_tag(session), sealed=True)
     try:
         reply = stub.RegisterRegion(pb.RegisterRegionRequest(
             session_id=session,

@@ -201,6 +201,7 @@ def test_every_worker_option_reaches_the_workers() -> None:
     values = {"function": ["a=m:f", "b=m:g"], "token_env": "MY_TOKEN", "shm_dir": "/dev/shm/x",
               "max_sessions": 3, "max_residuals": 7, "max_tensor_bytes": 1234,
               "max_inline_bytes": 567, "grace": 2.5}
+    values["allow_unsealed_regions"] = True  # a switch: given without a value
     values.update(token_file="/run/secrets/t", tls_cert="c.pem", tls_key="k.pem",
                   tls_client_ca="ca.pem", insecure=True, max_connections=9,
                   handshake_timeout=1.5, idle_timeout=60.0, max_streams_per_connection=5)

@@ -303,7 +303,10 @@ def test_gpu_profile_reserves_gpus_and_shares_pid(compose: dict[str, Any]) -> No
     for name in ("jax-worker", "torch-trainer"):
         service = _service(compose, name)
         assert service["build"]["args"]["VARIANT"] == "cpu"
-        assert "deploy" not in service and "pid" not in service
+        assert "deploy" not in service
+    # The workers map sealed regions only, found through /proc/<trainer pid>/fd.
+    assert "pid" not in _service(compose, "jax-worker")
+    assert _service(compose, "torch-trainer")["pid"] == "service:jax-worker"
 
 
 @pytest.mark.parametrize(("service", "extra", "forbidden"),

@@ -48,7 +48,7 @@ from torch_jax_interop._wire import (
 from torch_jax_interop.client import connect
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
-from torch_jax_interop.transport import SharedMemoryRegion
+from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 MAX_TENSOR = 16 << 20  # the worker's --max-tensor-bytes
 REGION = 1 << 20  # session A's guarded region
@@ -108,17 +108,18 @@ def _register(stub: pb_grpc.JaxWorkerServiceStub, session: str,
     return int(reply.region_id)
 
 
-def _guarded(size: int, seed: int) -> SharedMemoryRegion:
-    region = SharedMemoryRegion.create(size)
+def _guarded(size: int, seed: int, session: str) -> SharedMemoryRegion:
+    region = SharedMemoryRegion.create(size, tag=region_tag(session))
     rng = np.random.default_rng(seed)
     np.frombuffer(region.buffer, np.uint8)[:] = rng.integers(0, 256, size, dtype=np.uint8)
     return region
 
 
-def _make_lures(directory: str) -> dict[str, str]:
-    """Files under the project's prefix that the worker must refuse (and one it may map)."""
+def _make_lures(directory: str, tag: str) -> dict[str, str]:
+    """Files under the project's prefix that the worker must refuse (and one it may map),
+    named for the session whose ``tag`` they carry."""
     def name() -> str:
-        return f"tji-{os.getpid()}-{os.urandom(8).hex()}"
+        return f"tji-{os.getpid()}-{tag}-{os.urandom(8).hex()}"
 
     lures: dict[str, str] = {}
     wide = name()
@@ -159,7 +160,9 @@ def _remove_lures(directory: str, lures: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def fz() -> Iterator[Fuzz]:
     with tempfile.TemporaryDirectory(prefix="tji", dir="/tmp") as tmp:
-        worker = start_worker(tmp, extra=["--max-tensor-bytes", str(MAX_TENSOR)])
+        # File regions (and file lures) need --allow-unsealed-regions (Note [Sealed regions]).
+        worker = start_worker(tmp, extra=["--max-tensor-bytes", str(MAX_TENSOR),
+                                          "--allow-unsealed-regions"])
         channel = grpc.insecure_channel(worker.address, options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)])
@@ -172,11 +175,11 @@ def fz() -> Iterator[Fuzz]:
             stream_b, b = _open_session(stub)
             stream_c, c = _open_session(stub)
             streams += [stream_a, stream_b, stream_c]
-            main = _guarded(REGION, 1)
+            main = _guarded(REGION, 1, a)
             regions.append(main)
             assert _register(stub, a, main) == 1
             main.unlink()  # as the client's pool does: nobody can map it by name any more
-            released = _guarded(64 << 10, 2)
+            released = _guarded(64 << 10, 2, a)
             regions.append(released)
             stale = [_register(stub, a, released)]
             stub.ReleaseRegion(pb.ReleaseRegionRequest(session_id=a, region_id=stale[0]),
@@ -189,12 +192,12 @@ def fz() -> Iterator[Fuzz]:
             snapshots = {"A-released": (released, bytes(released.buffer))}
             b_ids = []
             for index in range(3):
-                region = _guarded(64 << 10, 10 + index)
+                region = _guarded(64 << 10, 10 + index, b)
                 regions.append(region)
                 b_ids.append(_register(stub, b, region))
                 region.unlink()
                 snapshots[f"B-{index}"] = (region, bytes(region.buffer))
-            lures = _make_lures("/dev/shm")
+            lures = _make_lures("/dev/shm", region_tag(c))
             yield Fuzz(
                 worker=worker, stub=stub, channel=channel, a=a, b=b, c=c, region=main,
                 current={1: REGION}, stale=stale, b_ids=b_ids, snapshots=snapshots,

@@ -72,8 +72,11 @@ def tiny_shm(request: pytest.FixtureRequest) -> Iterator[str]:
 
 SMALL_SHM_CLIENT = """
 import json, sys, torch
-from torch_jax_interop.client import connect
+from torch_jax_interop.client import _connect, connect
 from torch_jax_interop._errors import InteropError
+# File regions, as on a kernel without memfd sealing: sealed regions are memfds, which live
+# in no directory (Note [Sealed regions] in transport/_shm.py).
+_connect.sealing_supported = lambda: False
 result = {}
 try:
     with connect(sys.argv[1], transport=sys.argv[2], timeout=60) as w:
@@ -95,7 +98,7 @@ print(json.dumps(result), flush=True)
 
 def _small_shm_run(short_tmp: str, directory: str, transport: str) -> dict[str, object]:
     env = {"TORCH_JAX_INTEROP_SHM_DIR": directory}
-    worker = start_worker(short_tmp, env=env)
+    worker = start_worker(short_tmp, env=env, extra=["--allow-unsealed-regions"])
     try:
         done = subprocess.run([sys.executable, "-c", SMALL_SHM_CLIENT, worker.address,
                                transport], capture_output=True, text=True, timeout=300,
@@ -268,7 +271,7 @@ def _worker_segments(pid: int) -> dict[str, os.stat_result]:
     found: dict[str, os.stat_result] = {}
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
-            match = re.search(r"/dev/shm/(\S+)", line)
+            match = re.search(r"(?:/dev/shm/|/memfd:)(tji-\S+)", line)  # files, sealed memfds
             if match:
                 address = line.split()[0]
                 found[match.group(1)] = os.stat(f"/proc/{pid}/map_files/{address}")

@@ -34,7 +34,7 @@ from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import connect
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
-from torch_jax_interop.transport import SharedMemoryRegion
+from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 address, seed, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
@@ -115,7 +115,7 @@ def _region_churn(cycles):
     session = next(stream).session_id
     try:
         for cycle in range(cycles):
-            region = SharedMemoryRegion.create(1 << 20)
+            region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session), sealed=True)
             view = got = None
             try:
                 reply = stub.RegisterRegion(pb.RegisterRegionRequest(

@@ -25,7 +25,7 @@ from torch_jax_interop.client import WorkerUnavailableError, connect
 from torch_jax_interop.demo import build_model, synthetic_batch
 from torch_jax_interop.proto.v1 import interop_pb2 as pb
 from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
-from torch_jax_interop.transport import SharedMemoryRegion
+from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 FAULTS: dict[str, int] = {}
 
@@ -52,7 +52,9 @@ def _segments_of(pid: int) -> list[str]:
 def _mapped_segments(worker_pid: int, owner_pid: int) -> list[str]:
     """Lines of the worker's memory map that map a segment created by ``owner_pid``."""
     with open(f"/proc/{worker_pid}/maps") as f:
-        return [line for line in f if f"/dev/shm/tji-{owner_pid}-" in line]
+        # File regions, and sealed memfd regions (Note [Sealed regions] in transport/_shm.py).
+        return [line for line in f if f"/dev/shm/tji-{owner_pid}-" in line
+                or f"/memfd:tji-{owner_pid}-" in line]
 
 
 def test_sigkill_before_a_call_gives_a_clear_error_within_the_deadline(
@@ -197,7 +199,7 @@ def test_a_region_given_back_mid_call_is_never_written(fresh_worker: WorkerProce
     stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
                                                     client_pid=os.getpid()))
     session = next(stream).session_id
-    region = SharedMemoryRegion.create(1 << 20)
+    region = SharedMemoryRegion.create(1 << 20, tag=region_tag(session), sealed=True)
     try:
         view = np.frombuffer(region.buffer, np.uint8)
         view[:] = 0xAB

@@ -22,14 +22,14 @@ from torch_jax_interop.server._session import (
     SharedMemoryWorkerRegion,
     max_region_bytes,
 )
-from torch_jax_interop.transport import SharedMemoryRegion
+from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 MAX_TENSOR_BYTES = 1 << 20
 
 
 @pytest.fixture
 def client_region() -> Iterator[SharedMemoryRegion]:
-    region = SharedMemoryRegion.create(64 << 10)
+    region = SharedMemoryRegion.create(64 << 10, tag=region_tag("s"), sealed=True)
     yield region
     region.unlink()
     region.close()
@@ -45,7 +45,8 @@ def session() -> Iterator[Session]:
 def _attach(region: SharedMemoryRegion) -> SharedMemoryWorkerRegion:
     return SharedMemoryWorkerRegion.attach(region.name, region.size,
                                            directory=region.directory,
-                                           max_tensor_bytes=MAX_TENSOR_BYTES)
+                                           max_tensor_bytes=MAX_TENSOR_BYTES,
+                                           session_tag=region_tag("s"))
 
 
 def test_the_size_is_checked_once_before_anything_is_mapped(
@@ -57,7 +58,8 @@ def test_the_size_is_checked_once_before_anything_is_mapped(
         with pytest.raises(ResourceExhaustedError, match=rf"outside 1\.\.{largest} bytes"):
             SharedMemoryWorkerRegion.attach(client_region.name, size,
                                             directory=client_region.directory,
-                                            max_tensor_bytes=MAX_TENSOR_BYTES)
+                                            max_tensor_bytes=MAX_TENSOR_BYTES,
+                                            session_tag=region_tag("s"))
 
 
 def test_a_registered_region_views_checks_and_writes_slices(

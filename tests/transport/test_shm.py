@@ -705,3 +705,50 @@ def test_cleanup_orphans_after_sigkill_inside_the_register_window(private_dir: s
 
 def test_cleanup_orphans_of_a_missing_directory(private_dir: str) -> None:
     assert cleanup_orphans(os.path.join(private_dir, "missing")) == []
+
+
+# -- sealed regions (Note [Sealed regions]) --------------------------------------------------
+
+
+def test_a_sealed_region_cannot_change_size_and_leaves_no_name() -> None:
+    before = set(os.listdir(SHM))
+    region = SharedMemoryRegion.create(1 << 20, tag="0123456789abcdef", sealed=True)
+    try:
+        assert region.sealed and NAME_PATTERN.fullmatch(region.name)
+        assert set(os.listdir(SHM)) == before  # a memfd: nothing in /dev/shm
+        attached = SharedMemoryRegion.attach(region.name, region.size, allow_unsealed=False)
+        assert attached.sealed
+        np.frombuffer(region.buffer, np.uint8)[:4] = [1, 2, 3, 4]
+        assert bytes(attached.buffer[:4]) == b"\x01\x02\x03\x04"  # the same memory
+        fd = next(os.open(f"/proc/self/fd/{e}", os.O_RDWR) for e in os.listdir("/proc/self/fd")
+                  if _readlink(f"/proc/self/fd/{e}") == f"/memfd:{region.name} (deleted)")
+        try:
+            for size in (0, 4096, 2 << 20):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        attached.close()
+        region.unlink()  # closes the descriptor; Python's mmap holds a duplicate until unmapped
+        region.close()
+        with pytest.raises(RegionRejectedError, match="not a sealed memfd"):
+            SharedMemoryRegion.attach(region.name, region.size, allow_unsealed=False)
+    finally:
+        region.unlink()
+        region.close()
+
+
+def test_an_unsealed_file_is_refused_unless_allowed() -> None:
+    with SharedMemoryRegion.create(4096) as region:
+        with pytest.raises(RegionRejectedError, match="--allow-unsealed-regions"):
+            SharedMemoryRegion.attach(region.name, 4096, allow_unsealed=False)
+        attached = SharedMemoryRegion.attach(region.name, 4096, allow_unsealed=True)
+        assert not attached.sealed
+        attached.close()
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""

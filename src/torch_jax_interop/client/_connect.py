@@ -36,7 +36,15 @@ from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import SharedMemoryPool, default_shm_dir
+from ..transport import (
+    SharedMemoryPool,
+    check_socket_path,
+    default_shm_dir,
+    refuse_abstract,
+    region_tag,
+    sealing_supported,
+    unix_socket_path,
+)
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
 from ._errors_map import to_remote_error
@@ -47,16 +55,18 @@ INLINE_THRESHOLD = 64 << 10  # smaller tensors travel inline: one RPC, no pool b
 _MESSAGE_OVERHEAD = 16 << 20
 DEFAULT_MAX_ARENA_BYTES = 1 << 30
 """The most output-arena bytes a worker may ask this client for, per call, by default."""
-_RECONNECT_ATTEMPT_S = 1.0
+_RECONNECT_ATTEMPT_S = 1.5
 """How long a call looks for a worker that went away when no reconnect window is set: long
-enough to find one that is already back (the backoff below retries within a second), short
-enough that a dead worker fails the call at once rather than after the whole timeout."""
+enough to find one that is already back (the backoff below retries every half second, and a
+loaded machine needs some room for the connection itself), short enough that a dead worker
+fails the call at once rather than after the whole timeout."""
 _CHANNEL_OPTIONS = [
     # A restarted worker is found within a second: gRPC's default backoff (1 s growing to
-    # 120 s) would take 5-7 s or more after a few failed attempts.
+    # 120 s) would take 5-7 s or more after a few failed attempts. An attempt every half
+    # second costs a dead worker's address nothing worth counting.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 1000),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 
@@ -126,6 +136,7 @@ class Worker:
                  tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
                  max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES) -> None:
         check_transport(transport)
+        _check_unix_peer(address)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
@@ -281,18 +292,26 @@ class Worker:
             # Only this process's own setting decides where its tensors go: a worker naming
             # a directory (on disk, or another user's) could otherwise make them persist.
             directory = default_shm_dir()
-            pool = SharedMemoryPool(
-                lambda region: self._register(session, region), directory=directory,
-                min_region_bytes=8 << 20,
-            )
-            try:
-                pool.allocate(64).release()  # creates and registers a first region: a probe
-                return pool, "shared memory"
-            except (RemoteError, TransportError, OSError) as error:
-                pool.close()
-                if isinstance(error, SharedMemoryFullError):
-                    reason = f"this process cannot create shared memory ({error})"
-                else:
+            # Sealed regions first (Note [Sealed regions] in transport/_shm.py); a worker in
+            # another PID namespace cannot see them and may accept file regions instead.
+            for sealed in (True, False) if sealing_supported() else (False,):
+                pool = SharedMemoryPool(
+                    lambda region: self._register(session, region), directory=directory,
+                    min_region_bytes=8 << 20, tag=region_tag(session.id), sealed=sealed,
+                )
+                try:
+                    pool.allocate(64).release()  # creates and registers a first region: a probe
+                    if not sealed:
+                        log.warning("using unsealed shared-memory regions (the worker runs "
+                                    "with --allow-unsealed-regions): %s",
+                                    reason if sealing_supported()
+                                    else "this platform cannot seal regions")
+                    return pool, "shared memory"
+                except (RemoteError, TransportError, OSError) as error:
+                    pool.close()
+                    if isinstance(error, SharedMemoryFullError):
+                        reason = f"this process cannot create shared memory ({error})"
+                        break
                     reason = f"the worker cannot map this process's shared memory ({error})"
         if self.requested_transport == "shm":
             raise TransportError(f"transport='shm' is not possible: {reason}")
@@ -593,6 +612,15 @@ class RemoteFunction:
         return f"RemoteFunction({self.name!r} on {self.worker.address})"
 
 
+def _check_unix_peer(address: str) -> None:
+    """Before anything is sent: a unix socket must be one only this user (or root) could
+    have made (Note [Whom a unix socket reaches] in ``transport/_unix_socket.py``)."""
+    refuse_abstract(address)
+    socket_path = unix_socket_path(address)
+    if socket_path is not None:
+        check_socket_path(socket_path)
+
+
 def connect(
     address: str,
     *,
@@ -607,7 +635,9 @@ def connect(
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
-    ``address``: ``unix:///path/worker.sock``, ``host:port`` (needs the worker's ``token``,
+    ``address``: ``unix:///path/worker.sock`` (the socket and its directory must belong to
+    this user or root and be writable by nobody else: ``UntrustedSocketError`` otherwise;
+    ``unix-abstract:`` is refused), ``host:port`` (needs the worker's ``token``,
     or ``TORCH_JAX_INTEROP_TOKEN``), or ``"inproc"`` to run ``functions`` (name -> JAX
     callable or ``"package.module:attr"``) in this process through the zero-copy core —
     the same API, so switching modes is one string.

@@ -21,7 +21,12 @@ from .._names import TOKEN_ENV
 from .._targets import load_function as load_function
 from .._tls import TlsConfig, check_listen_security, is_tcp
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import cleanup_orphans
+from ..transport import (
+    check_socket_directory,
+    cleanup_orphans,
+    refuse_abstract,
+    unix_socket_path,
+)
 from ._compiled import CompiledFunction
 from ._health import add_health_service
 from ._interceptors import StatusInterceptor, TokenAuthInterceptor
@@ -103,10 +108,12 @@ def create_server(
     """Build a started JAX worker. Returns ``(server, bound_addresses, servicer)``.
 
     ``functions`` maps names to JAX callables or ``"package.module:attr"`` strings.
-    ``addresses``: ``unix:///path`` (created mode 0600) and/or ``host:port`` (port 0 picks
-    one; the bound address is returned). A TCP listener needs ``token`` (or the
-    ``TORCH_JAX_INTEROP_TOKEN`` environment variable): without one it refuses to start, since
-    anybody who can reach the port could otherwise read and write the session's tensors.
+    ``addresses``: ``unix:///path`` (created mode 0600, in a directory of this user that
+    group and others cannot write: UntrustedSocketError otherwise; ``unix-abstract:`` is
+    refused) and/or ``host:port`` (port 0 picks one; the bound address is returned). A TCP
+    listener needs ``token`` (or the ``TORCH_JAX_INTEROP_TOKEN`` environment variable):
+    without one it refuses to start, since anybody who can reach the port could otherwise
+    read and write the session's tensors.
     ``tls`` serves the TCP ports over TLS (``TlsConfig(cert_file, key_file, ca_file=client
     CA for mTLS)``); a non-loopback TCP address without it is refused unless ``insecure``
     (Note [Who may reach a TCP worker] in ``_tls.py``). ``connection_limits``: Note
@@ -117,6 +124,12 @@ def create_server(
     if isinstance(addresses, str):
         addresses = [addresses]
     addresses = list(addresses)
+    for address in addresses:
+        # Note [Whom a unix socket reaches] (transport/_unix_socket.py).
+        refuse_abstract(address)
+        socket_path = unix_socket_path(address)
+        if socket_path is not None:
+            check_socket_directory(socket_path)
     token = token or os.environ.get(TOKEN_ENV) or None
     limits = connection_limits or ConnectionLimits()
     check_listen_security(addresses, tls=tls is not None, insecure=insecure)

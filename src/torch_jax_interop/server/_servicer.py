@@ -81,6 +81,7 @@ class WorkerConfig:
         max_compiled_signatures: int = DEFAULT_MAX_COMPILED_SIGNATURES,
         inline_threshold: int = 64 << 10,
         shm_dir: str | None = None,
+        allow_unsealed_regions: bool = False,
     ) -> None:
         self.max_sessions = max_sessions
         self.max_residuals = max_residuals
@@ -90,6 +91,8 @@ class WorkerConfig:
         self.limits = Limits(max_tensor_bytes, max_inline_bytes, max_leaves)
         self.inline_threshold = inline_threshold
         self.shm_dir = shm_dir or default_shm_dir()
+        # Note [Sealed regions] (transport/_shm.py): off, a peer cannot SIGBUS the worker.
+        self.allow_unsealed_regions = allow_unsealed_regions
 
 
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
@@ -171,7 +174,9 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             shm = request.shared_memory
             region = SharedMemoryWorkerRegion.attach(shm.name, shm.size,
                                                      directory=self.config.shm_dir,
-                                                     max_tensor_bytes=max_tensor_bytes)
+                                                     max_tensor_bytes=max_tensor_bytes,
+                                                     session_tag=session.region_tag,
+                                                     allow_unsealed=self.config.allow_unsealed_regions)
         else:
             raise InvalidArgumentError(
                 "RegisterRegionRequest names no region: set `shared_memory` (name, size) or "

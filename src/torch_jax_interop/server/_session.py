@@ -22,8 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InvalidArgumentError, ResourceExhaustedError
-from ..transport import SharedMemoryRegion, check_slice, cuda, numpy_view
+from .._errors import InvalidArgumentError, RegionRejectedError, ResourceExhaustedError
+from ..transport import (
+    NAME_PATTERN,
+    SharedMemoryRegion,
+    check_slice,
+    cuda,
+    numpy_view,
+    region_tag,
+)
 
 log = logging.getLogger("torch_jax_interop.server")
 
@@ -209,11 +216,25 @@ class SharedMemoryWorkerRegion(WorkerRegion):
         self.region = region
 
     @classmethod
-    def attach(cls, name: str, size: int, *, directory: str,
-               max_tensor_bytes: int) -> SharedMemoryWorkerRegion:
-        """RegisterRegion for shared memory: size check, then ``SharedMemoryRegion.attach``."""
+    def attach(cls, name: str, size: int, *, directory: str, max_tensor_bytes: int,
+               session_tag: str, allow_unsealed: bool = False) -> SharedMemoryWorkerRegion:
+        """RegisterRegion for shared memory: size check, the name carries ``session_tag``
+        (Note [Regions belong to one session] in ``transport/_shm.py``), then
+        ``SharedMemoryRegion.attach`` (a sealed region, or with ``allow_unsealed`` a file the
+        peer could shrink: Note [Sealed regions]). INVALID_ARGUMENT for another session's
+        region or a refused one."""
         _check_region_size(size, max_tensor_bytes)
-        return cls(SharedMemoryRegion.attach(name, size, directory=directory))
+        match = NAME_PATTERN.fullmatch(name) if isinstance(name, str) else None
+        if match is not None and match.group(2) != session_tag:
+            raise RegionRejectedError(
+                f"refusing to attach shared-memory region {name!r}: it was not created for "
+                "this session (its name must carry this session's tag, "
+                "`transport.region_tag(session_id)`: "
+                f"`tji-<pid>-{session_tag}-<16 hex>`). A session can only register regions "
+                "it created; create them with SharedMemoryRegion.create(size, tag=...)"
+            )
+        return cls(SharedMemoryRegion.attach(name, size, directory=directory,
+                                             allow_unsealed=allow_unsealed))
 
     def _check(self, where: Any) -> None:
         check_slice(self.size, where.offset, where.nbytes)
@@ -280,6 +301,7 @@ class Session:
     def __init__(self, session_id: str, client: str, *, max_residuals: int, max_regions: int,
                  max_residual_bytes: int | None = None):
         self.id = session_id
+        self.region_tag = region_tag(session_id)
         self.client = client
         self.residuals = ResidualStore(max_residuals, max_residual_bytes)
         self.max_regions = max_regions

@@ -24,8 +24,14 @@ from ._shm import check_slice as check_slice
 from ._shm import cleanup_orphans as cleanup_orphans
 from ._shm import default_shm_dir as default_shm_dir
 from ._shm import numpy_view as numpy_view
+from ._shm import region_tag as region_tag
+from ._shm import sealing_supported as sealing_supported
 from ._shm_pool import RegionSlice as RegionSlice
 from ._shm_pool import SharedMemoryPool as SharedMemoryPool
+from ._unix_socket import check_socket_directory as check_socket_directory
+from ._unix_socket import check_socket_path as check_socket_path
+from ._unix_socket import refuse_abstract as refuse_abstract
+from ._unix_socket import unix_socket_path as unix_socket_path
 from .cuda import CudaIpcMapping as CudaIpcMapping
 from .cuda import CudaIpcPool as CudaIpcPool
 from .cuda import DeviceSlice as DeviceSlice

@@ -39,6 +39,10 @@ create and unlink can leak a name; three things cover it:
 * after a SIGKILL inside the window, :func:`cleanup_orphans` (the janitor) removes entries
   whose embedded owner pid is no longer alive.
 
+Sealed regions (the default where the kernel has memfds, see Note [Sealed regions]) have no
+name in any directory at all: the client's open descriptor stands in for the name until
+registration, and "unlink" closes it.
+
 Who unmaps: each side unmaps its own mapping (:meth:`SharedMemoryRegion.close`), the worker
 when the client releases the region or its session ends. Unmapping while numpy views of the
 mapping still exist would leave those views dangling, so ``close`` never does that: it
@@ -48,6 +52,8 @@ drops the region's own references and the mapping is unmapped when the last view
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import mmap
 import operator
 import os
@@ -75,12 +81,35 @@ SHM_PREFIX = "tji-"
 """Prefix of every region name this project creates."""
 
 SHM_DIR_ENV = "TORCH_JAX_INTEROP_SHM_DIR"
-"""Environment variable naming the directory regions live in (default ``/dev/shm``)."""
+"""Environment variable naming the directory file regions live in (default ``/dev/shm``);
+sealed regions are memfds and live in no directory (Note [Sealed regions])."""
 
 # pid: 1 to 10 digits, no leading zero (pid 0 must never reach os.kill: it means "my process
 # group"). Lower-case hex only, so there is exactly one spelling of each name.
-NAME_PATTERN = re.compile(r"tji-([1-9][0-9]{0,9})-([0-9a-f]{16})")
-"""Region names: ``tji-<owner pid>-<16 lower-case hex>``. Use ``NAME_PATTERN.fullmatch``."""
+NAME_PATTERN = re.compile(r"tji-([1-9][0-9]{0,9})-(?:([0-9a-f]{16})-)?([0-9a-f]{16})")
+"""Region names: ``tji-<owner pid>-[<16 hex session tag>-]<16 lower-case hex>``
+(group 1: the pid, group 2: the session tag, see :func:`region_tag`). Use
+``NAME_PATTERN.fullmatch``."""
+
+
+def region_tag(session_id: str) -> str:
+    """The tag a region registered in session ``session_id`` carries in its name.
+
+    Note [Regions belong to one session]
+    ====================================
+
+    Region names are visible to every local user (``ls /dev/shm``), and between creation and
+    unlink (Note [Shared memory ownership]) anybody who can reach the worker could ask it to
+    map a name they saw. The worker, which runs as the region's owner, would open it: another
+    session (a TCP peer with the token, another local process) would then read and write the
+    victim's tensors. So a region is bound to the session that created it: its name carries
+    this tag, a one-way hash of the session id, and the worker maps a name only in the
+    session whose tag it carries (``SharedMemoryWorkerRegion.attach``). The session id is a
+    128-bit random secret known only to the worker and the client that opened the session;
+    the tag, which anyone may read in ``/dev/shm``, does not reveal it.
+    """
+    digest = hashlib.sha256(b"torch-jax-interop region tag\0" + session_id.encode())
+    return digest.hexdigest()[:16]
 
 # Python 3.11's mmap module lacks the constant; the value is fixed by the Linux ABI (5.14+).
 # Older kernels answer EINVAL and we fall back to touching every page.
@@ -89,6 +118,69 @@ _MADV_POPULATE_WRITE: int | None = getattr(
 )
 
 _MAX_SIZE = 2**63 - 1  # off_t
+
+# Note [Sealed regions]
+# =====================
+#
+# A process that maps a file takes SIGBUS when it touches a page past the file's end. A
+# region is a file both sides map, so a peer of the worker's uid that shrinks its registered
+# region (``ftruncate``) would kill the worker, and every other session with it, on the next
+# read of an input or write of an output there. The worker therefore never depends on a size
+# the peer can change after registration:
+#
+# * Who creates: the client makes each region a memfd (``memfd_create`` with
+#   ``MFD_ALLOW_SEALING``), named ``tji-<pid>-<tag>-<hex>`` like a file region, sizes it,
+#   and seals it with ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: from then on nobody,
+#   the client included, can change its size, and the seals cannot be removed. It keeps the
+#   descriptor open until the worker has registered the region.
+# * Who maps: the worker finds the memfd by its name among the client's open descriptors
+#   (``/proc/<pid>/fd``: same uid and same PID namespace; the pid is in the name), opens it
+#   through ``/proc``, checks on the descriptor it got that the memfd has that name, is this
+#   uid's and carries ``F_SEAL_SHRINK``, and only then maps it. Binding to the session (Note
+#   [Regions belong to one session]) works as for file regions: the name carries the tag.
+# * Who frees: nothing lives in ``/dev/shm``. The client closes its descriptor after
+#   registration (``unlink``; Python's ``mmap`` keeps a duplicate of it while the mapping
+#   lives, so the region stays findable, by its own session only, until unmapped); the
+#   memory goes when the last mapping does, so a crash of either side leaves nothing
+#   behind, and no janitor is needed.
+#
+# Where the worker cannot see the client's descriptors (another PID namespace: containers
+# that share only the IPC namespace; give the trainer ``pid: service:<worker>``) it would
+# have to map an unsealed file from ``/dev/shm``: it refuses, unless its operator opts in with
+# ``--allow-unsealed-regions`` (every local peer of its uid is then trusted not to truncate).
+# The client tries a sealed region first and falls back to a file region, then to inline
+# bytes, logging why.
+
+# Linux only (3.17+); elsewhere sealing_supported() is False and nothing reads these.
+_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0)
+_SEALS: int = _SEAL_SHRINK | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
+
+
+def sealing_supported() -> bool:
+    """True where this process can make sealed memfd regions (Linux 3.17+)."""
+    return hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+
+
+def _find_memfd(pid: int, name: str) -> int | None:
+    """Open (O_RDWR) the memfd called ``name`` among process ``pid``'s descriptors, or None."""
+    target = f"/memfd:{name} (deleted)"
+    base = f"/proc/{pid}/fd"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return None  # no such process here (another PID namespace), or not ours
+    for entry in entries:
+        try:
+            if os.readlink(f"{base}/{entry}") != target:
+                continue
+            fd = os.open(f"{base}/{entry}", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue  # closed meanwhile
+        # What we opened, not what the entry meant a moment ago.
+        if os.readlink(f"/proc/self/fd/{fd}") == target:
+            return fd
+        os.close(fd)
+    return None
 
 
 def default_shm_dir() -> str:
@@ -188,7 +280,7 @@ class SharedMemoryRegion:
     """
 
     __slots__ = ("_name", "_size", "_directory", "_mmap", "_view", "_owner", "_unlinker",
-                 "__weakref__")
+                 "_sealed", "__weakref__")
 
     def __init__(
         self,
@@ -208,14 +300,21 @@ class SharedMemoryRegion:
         self._view: memoryview | None = memoryview(mapping)
         self._owner = owner
         self._unlinker = unlinker
+        self._sealed = False
 
     # -- construction --------------------------------------------------------------------
 
     @classmethod
-    def create(cls, size: int, *, directory: str | None = None) -> SharedMemoryRegion:
+    def create(cls, size: int, *, directory: str | None = None,
+               tag: str | None = None, sealed: bool = False) -> SharedMemoryRegion:
         """Create, size, pre-fault and map a new region of ``size`` bytes; the caller owns it.
 
-        The file is ``<directory>/tji-<pid>-<16 hex>``, mode 0600, made with ``O_EXCL``.
+        The file is ``<directory>/tji-<pid>-<16 hex>``, mode 0600, made with ``O_EXCL``;
+        with ``tag`` (:func:`region_tag` of the session that will register it, Note [Regions
+        belong to one session]) it is ``tji-<pid>-<tag>-<16 hex>``. With ``sealed`` it is
+        a memfd of that name instead, sealed against any size change (Note [Sealed regions]),
+        with no entry in any directory; ``directory`` then only names where the worker would
+        look for a file region.
         The memory is zero-filled and shared with every process that attaches it. Call
         :meth:`unlink` once the other side has attached (Note [Shared memory ownership]);
         otherwise the name is unlinked when this object is collected or at exit.
@@ -225,9 +324,15 @@ class SharedMemoryRegion:
         """
         size = _check_size(size, "size")
         directory = directory if directory is not None else default_shm_dir()
+        if tag is not None and re.fullmatch(r"[0-9a-f]{16}", tag) is None:
+            raise ValueError(f"`tag` must be 16 lower-case hex digits (region_tag()), got {tag!r}")
+        infix = f"{tag}-" if tag is not None else ""
+        if sealed:
+            return cls._create_sealed(size, f"{SHM_PREFIX}{os.getpid()}-{infix}"
+                                      f"{secrets.token_hex(8)}", directory)
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         for _attempt in range(8):
-            name = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+            name = f"{SHM_PREFIX}{os.getpid()}-{infix}{secrets.token_hex(8)}"
             path = os.path.join(directory, name)
             try:
                 fd = os.open(path, flags, 0o600)
@@ -284,7 +389,43 @@ class SharedMemoryRegion:
         return region
 
     @classmethod
-    def attach(cls, name: str, size: int, *, directory: str | None = None) -> SharedMemoryRegion:
+    def _create_sealed(cls, size: int, name: str, directory: str) -> SharedMemoryRegion:
+        if not sealing_supported():
+            raise TransportError("this platform has no sealed memfds (Linux 3.17+ needed); "
+                                 "create the region with sealed=False")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.fchmod(fd, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as err:
+                if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.ENOMEM):
+                    raise _full_error(directory, size, err) from None
+                raise
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            mapping = mmap.mmap(
+                fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+            try:
+                _prefault(mapping, size)
+            except BaseException:
+                mapping.close()
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        region = cls(
+            name=name, size=size, directory=directory, mapping=mapping, owner=True,
+            unlinker=None,
+        )
+        region._sealed = True
+        # The descriptor is the region's "name" until registration (Note [Sealed regions]).
+        region._unlinker = weakref.finalize(region, os.close, fd)
+        return region
+
+    @classmethod
+    def attach(cls, name: str, size: int, *, directory: str | None = None,
+               allow_unsealed: bool = True) -> SharedMemoryRegion:
         """Map an existing region the other process created; never takes ownership.
 
         Checks, before mapping: ``name`` matches :data:`NAME_PATTERN` (so it cannot leave
@@ -292,14 +433,19 @@ class SharedMemoryRegion:
         file owned by this uid with no group/other permission bits, and holds at least
         ``size`` (> 0) bytes. Only the first ``size`` bytes are mapped. The mapping SHARES
         memory with the creator. Raises :class:`RegionRejectedError` when a check fails.
+
+        A sealed region (a memfd of that name among the creator's descriptors, Note [Sealed
+        regions]) is preferred; it must carry ``F_SEAL_SHRINK``. Otherwise the file in
+        ``directory`` is mapped only with ``allow_unsealed`` (the worker passes its
+        ``--allow-unsealed-regions``): its creator could shrink it under the mapping.
         """
         directory = directory if directory is not None else default_shm_dir()
         shown = _show_name(name)
         if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             raise RegionRejectedError(
                 f"refusing to attach shared-memory region {shown}: a region name must look "
-                f"like `{SHM_PREFIX}<pid>-<16 lower-case hex digits>` (a file name inside "
-                f"`{directory}`, no path). Pass the name SharedMemoryRegion.create() gave."
+                f"like `{SHM_PREFIX}<pid>-[<tag>-]<16 lower-case hex digits>` (a file name "
+                f"inside `{directory}`, no path). Pass the name SharedMemoryRegion.create() gave."
             )
         try:
             size = operator.index(size)
@@ -311,6 +457,21 @@ class SharedMemoryRegion:
             raise RegionRejectedError(
                 f"refusing to attach {shown}: `size` must be between 1 and 2**63 - 1 bytes, "
                 f"got {size}. Register the size the region was created with."
+            )
+        creator = name.split("-")[1]  # NAME_PATTERN matched: "tji-<pid>-..."
+        memfd = _find_memfd(int(creator), name)
+        if memfd is not None:
+            return cls._attach_sealed(memfd, name, size, directory, shown)
+        if not allow_unsealed:
+            raise RegionRejectedError(
+                f"refusing to attach shared-memory region {shown}: it is not a sealed memfd "
+                f"of its creator's (process {creator} has no such descriptor that this "
+                "worker can see), and this worker maps no unsealed region: its creator could "
+                "shrink it and kill the worker with SIGBUS (Note [Sealed regions] in "
+                "transport/_shm.py). Fix: run the client and the worker in one PID namespace "
+                "(docker compose: `pid: service:<worker>`) so that sealed regions work, or "
+                "start the worker with --allow-unsealed-regions if every local process of its "
+                "user is trusted"
             )
         path = os.path.join(directory, name)
         try:
@@ -365,7 +526,49 @@ class SharedMemoryRegion:
             unlinker=None,
         )
 
+    @classmethod
+    def _attach_sealed(cls, fd: int, name: str, size: int, directory: str,
+                       shown: str) -> SharedMemoryRegion:
+        try:
+            st = os.fstat(fd)
+            problem = None
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0  # EINVAL: a file that cannot carry seals at all
+            if not stat.S_ISREG(st.st_mode):
+                problem = "it is not a regular file"
+            elif st.st_uid != os.getuid():
+                problem = (f"it belongs to uid {st.st_uid}, not to this process's uid "
+                           f"{os.getuid()}; run the client and the worker as the same user")
+            elif not seals & _SEAL_SHRINK:
+                problem = ("it is not sealed against shrinking (F_SEAL_SHRINK); create it "
+                           "with SharedMemoryRegion.create(..., sealed=True)")
+            elif st.st_size < size:
+                problem = (f"it holds {st.st_size} bytes but {size} were registered; register "
+                           "the size the region was created with")
+            if problem is not None:
+                raise RegionRejectedError(
+                    f"refusing to attach sealed shared-memory region {shown}: {problem}."
+                )
+            mapping = mmap.mmap(
+                fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        finally:
+            os.close(fd)
+        region = cls(
+            name=name, size=size, directory=directory, mapping=mapping, owner=False,
+            unlinker=None,
+        )
+        region._sealed = True
+        return region
+
     # -- properties ----------------------------------------------------------------------
+
+    @property
+    def sealed(self) -> bool:
+        """True for a sealed memfd region (Note [Sealed regions]): its size cannot change."""
+        return self._sealed
 
     @property
     def name(self) -> str:

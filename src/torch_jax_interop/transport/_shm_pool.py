@@ -23,15 +23,19 @@ class _SharedMemoryKind(BufferKind[SharedMemoryRegion]):
     name = "shm"
     label = "shared-memory"
 
-    def __init__(self, directory: str | None, unlink_after_register: bool) -> None:
+    def __init__(self, directory: str | None, unlink_after_register: bool,
+                 tag: str | None, sealed: bool) -> None:
         self.directory = directory
         self.unlink_after_register = unlink_after_register
+        self.tag = tag
+        self.sealed = sealed
 
     def preferred_size(self, block: int) -> int:
         return 1 << (block - 1).bit_length()  # the next power of two
 
     def create(self, size: int) -> SharedMemoryRegion:
-        return SharedMemoryRegion.create(size, directory=self.directory)
+        return SharedMemoryRegion.create(size, directory=self.directory, tag=self.tag,
+                                         sealed=self.sealed)
 
     def registered(self, buffer: SharedMemoryRegion) -> None:
         if self.unlink_after_register:
@@ -144,7 +148,11 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
 
     New regions hold ``max(min_region_bytes, next power of two >= request)`` bytes; the
     pool never grows past ``max_total_bytes`` (None: no limit). :meth:`allocate` raises
-    :class:`SharedMemoryFullError` when ``/dev/shm`` is full.
+    :class:`SharedMemoryFullError` when ``/dev/shm`` is full. ``tag``: the
+    :func:`~torch_jax_interop.transport.region_tag` of the session ``register`` registers
+    in; the worker maps only regions named with its session's tag (Note [Regions belong to
+    one session] in ``_shm.py``). ``sealed``: make sealed memfd regions, whose size nobody
+    can change after creation (Note [Sealed regions] in ``_shm.py``).
     """
 
     slice_type = RegionSlice
@@ -157,8 +165,10 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
         min_region_bytes: int = 8 << 20,
         max_total_bytes: int | None = None,
         unlink_after_register: bool = True,
+        tag: str | None = None,
+        sealed: bool = False,
     ) -> None:
         super().__init__(
-            _SharedMemoryKind(directory, unlink_after_register), register,
+            _SharedMemoryKind(directory, unlink_after_register, tag, sealed), register,
             min_region_bytes=min_region_bytes, max_total_bytes=max_total_bytes,
         )
