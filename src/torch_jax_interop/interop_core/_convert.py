@@ -91,6 +91,7 @@ def _tensor_to_jax(t: torch.Tensor, copy: bool | None = None, device: Any = None
         and t.layout is _STRIDED  # first: sparse tensors raise on is_contiguous()
         and t.is_cpu
         and t.dtype in _FAST_TORCH_DTYPES
+        and (t.dtype is not torch.bool or not _odd_bool_bytes(t))  # Note [Bool bytes]
         and not t.requires_grad
         and t.is_contiguous()
         and not (t.data_ptr() & _ALIGN_MASK)
@@ -126,6 +127,20 @@ def _tensor_to_jax_checked(t: torch.Tensor, copy: bool | None, device: Any) -> j
         t = t.to(narrow, memory_format=torch.contiguous_format)
         copied = True
 
+    if t.dtype is torch.bool and _odd_bool_bytes(t):
+        # Note [Bool bytes]: torch reads any non-zero byte as True, JAX's kernels compute with
+        # the byte itself (`True + 1` is 3, `sum` counts 2 twice), so the two frameworks would
+        # disagree on the same memory. Bytes other than 0/1 (made with `t.view(torch.uint8)`
+        # or by foreign code) are normalised on a copy; the check is one pass over the bytes.
+        if copy is False:
+            raise CopyRequiredError(
+                "the bool tensor holds bytes other than 0 and 1, which JAX would not read as "
+                "True, so it must be normalised on a copy, but copy=False. Pass copy=None, or "
+                "normalise it first: `t = t.view(torch.uint8) != 0`."
+            )
+        t = t.view(torch.uint8) != 0
+        copied = True
+
     if t.is_conj() or t.is_neg():
         if copy is False:
             raise CopyRequiredError(
@@ -152,6 +167,11 @@ def _tensor_to_jax_checked(t: torch.Tensor, copy: bool | None, device: Any) -> j
 
     array = _import_any(t, copy)
     return _place(array, device, copy)
+
+
+def _odd_bool_bytes(t: torch.Tensor) -> bool:
+    """Whether a bool tensor holds a byte other than 0 and 1 (one pass: a max reduction)."""
+    return bool(t.numel()) and int(t.view(torch.uint8).max()) > 1
 
 
 def _check_tensor_supported(t: torch.Tensor) -> None:
