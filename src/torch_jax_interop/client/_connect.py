@@ -12,7 +12,6 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -46,12 +45,14 @@ from ..transport import (
     unix_socket_path,
 )
 from ..transport.cuda import CudaIpcChannel
-from ._codec import Decoder, Encoder, align_grads, arena_bytes, wire_specs
+from ._codec import Decoder, Encoder, align_grads, wire_specs
 from ._errors_map import to_remote_error
+from ._remote import RemoteBackend as RemoteBackend
+from ._remote import RemoteFunction as RemoteFunction
+from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, _Session
 
 log = logging.getLogger("torch_jax_interop.client")
 
-INLINE_THRESHOLD = 64 << 10  # smaller tensors travel inline: one RPC, no pool bookkeeping
 _MESSAGE_OVERHEAD = 16 << 20
 DEFAULT_MAX_ARENA_BYTES = 1 << 30
 """The most output-arena bytes a worker may ask this client for, per call, by default."""
@@ -68,64 +69,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
-
-
-@dataclass
-class TransferStats:
-    """Bytes this connection sent to the worker, by how they travelled."""
-
-    calls: int = 0
-    shared_memory_bytes: int = 0
-    inline_bytes: int = 0
-    cuda_ipc_bytes: int = 0
-
-    def add(self, encoder: Encoder) -> None:
-        self.calls += 1
-        self.shared_memory_bytes += encoder.shm_bytes
-        self.inline_bytes += encoder.inline_bytes
-        self.cuda_ipc_bytes += encoder.cuda_ipc_bytes
-
-    def __str__(self) -> str:
-        cuda = (f", {self.cuda_ipc_bytes / 1e6:.1f} MB through CUDA IPC"
-                if self.cuda_ipc_bytes else "")
-        return (f"{self.calls} calls, {self.shared_memory_bytes / 1e6:.1f} MB through shared "
-                f"memory, {self.inline_bytes / 1e6:.1f} MB inline{cuda}")
-
-
-@dataclass
-class _Session:
-    id: str
-    stream: Any
-    pool: SharedMemoryPool | None
-    max_inline_bytes: int
-    alive: threading.Event
-    transport: str
-    cuda: Any = None  # a CudaIpcChannel for transport "auto" / "cuda_ipc"
-    # Arena slices of calls that ran past their deadline: Note [Arena slices after a deadline]
-    quarantined: list[Any] = field(default_factory=list)
-
-
-class ResidualHandle:
-    """Residuals the worker keeps for one forward; owns the input slices they may alias.
-
-    Keeps what backward needs to shape the gradients (the structures sent, each input's
-    dtype and device), never the input tensors themselves."""
-
-    def __init__(self, session: _Session, residual_id: int, leases: list[Any],
-                 out_spec: Any, in_specs: tuple[Any, Any], inputs: list[torch.Tensor]) -> None:
-        self.session = session
-        self.residual_id = residual_id
-        self.leases = leases
-        self.out_spec = out_spec
-        self.in_specs = in_specs
-        self.layout = [(t.dtype, t.device, t.shape) for t in inputs]
-        self.grad_bytes = arena_bytes(inputs, INLINE_THRESHOLD)
-        self.done = False
-
-    def drop_leases(self) -> None:
-        for lease in self.leases:
-            lease.release()
-        self.leases = []
 
 
 class Worker:
@@ -553,63 +496,6 @@ class Worker:
         handle.done = True
         self._pending_release.append((handle.session, handle.residual_id))
         handle.drop_leases()
-
-
-class RemoteBackend:
-    """``VjpBackend`` of ``WrappedJaxFunction`` for a function served by a worker: the call
-    plan and the flat tensors go to the worker as they are (parameters whose structure the
-    wire cannot describe as a flat list: Note [Registered pytree nodes in service mode] in
-    ``server/_compiled.py``)."""
-
-    def __init__(self, worker: Worker, name: str) -> None:
-        self.worker = worker
-        self.name = name
-
-    def flat_call(self, call: Call, tensors: list[torch.Tensor]) -> tuple[list, Any, Any]:
-        outputs, out_spec, aux, _ = self.worker.call(self.name, call, tensors,
-                                                     keep_residuals=False)
-        return outputs, out_spec, aux
-
-    def flat_forward(self, call: Call, tensors: list[torch.Tensor]
-                     ) -> tuple[list, Any, Any, Any]:
-        return self.worker.call(self.name, call, tensors, keep_residuals=True)
-
-    def flat_backward(self, handle: Any, cotangents: Any, *, retain: bool) -> list[Any]:
-        return self.worker.backward(handle, cotangents, retain=retain)
-
-    def release(self, handle: Any) -> None:
-        self.worker.release(handle)
-
-
-class RemoteFunction:
-    """A JAX function served by a worker, called with pytrees of torch tensors.
-
-    Calling it returns new tensors (outputs in shared memory are *shared* with the pool
-    until they are garbage-collected; they are never overwritten while alive). Gradients do
-    not flow through a plain call: wrap it, ``WrappedJaxFunction(worker.function(name),
-    params)``, to train through it (forward and backward then run in the worker).
-    """
-
-    def __init__(self, worker: Worker, name: str) -> None:
-        self.worker = worker
-        self.name = name
-        self.__name__ = name
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        backend = self.__torch_jax_interop_backend__()
-        call, tensors = Call.of(backend, False, args, kwargs)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            from .._wrapped import apply_backend
-
-            return apply_backend(backend, args, kwargs)
-        outputs, out_spec, _ = backend.flat_call(call, tensors)
-        return out_spec.unflatten(outputs)
-
-    def __torch_jax_interop_backend__(self) -> RemoteBackend:
-        return RemoteBackend(self.worker, self.name)
-
-    def __repr__(self) -> str:
-        return f"RemoteFunction({self.name!r} on {self.worker.address})"
 
 
 def _check_unix_peer(address: str) -> None:

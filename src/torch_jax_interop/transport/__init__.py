@@ -12,22 +12,22 @@ session's channel); see Note [CUDA IPC ownership] there. Imports neither torch n
 (nor cupy, which the CUDA IPC parts import on first use).
 """
 
+from .._layout import ALIGNMENT as ALIGNMENT
 from . import cuda as cuda
+from ._janitor import cleanup_orphans as cleanup_orphans
+from ._memfd import sealing_supported as sealing_supported
 from ._pool import Pool as Pool
 from ._pool import PoolSlice as PoolSlice
-from ._shm import ALIGNMENT as ALIGNMENT
 from ._shm import NAME_PATTERN as NAME_PATTERN
 from ._shm import SHM_DIR_ENV as SHM_DIR_ENV
 from ._shm import SHM_PREFIX as SHM_PREFIX
 from ._shm import SharedMemoryRegion as SharedMemoryRegion
-from ._shm import check_slice as check_slice
-from ._shm import cleanup_orphans as cleanup_orphans
 from ._shm import default_shm_dir as default_shm_dir
-from ._shm import numpy_view as numpy_view
 from ._shm import region_tag as region_tag
-from ._shm import sealing_supported as sealing_supported
 from ._shm_pool import RegionSlice as RegionSlice
 from ._shm_pool import SharedMemoryPool as SharedMemoryPool
+from ._slices import check_slice as check_slice
+from ._slices import numpy_view as numpy_view
 from ._unix_socket import check_socket_directory as check_socket_directory
 from ._unix_socket import check_socket_path as check_socket_path
 from ._unix_socket import refuse_abstract as refuse_abstract

@@ -61,21 +61,17 @@ import re
 import secrets
 import stat
 import sys
-import time
 import weakref
-from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 
 from .._errors import (
     RegionRejectedError,
     SharedMemoryFullError,
-    SliceOutOfBoundsError,
     TransportError,
 )
-from .._layout import ALIGNMENT
+from ._memfd import _SEAL_SHRINK, _SEALS, _find_memfd, sealing_supported
 
 SHM_PREFIX = "tji-"
 """Prefix of every region name this project creates."""
@@ -118,70 +114,6 @@ _MADV_POPULATE_WRITE: int | None = getattr(
 )
 
 _MAX_SIZE = 2**63 - 1  # off_t
-
-# Note [Sealed regions]
-# =====================
-#
-# A process that maps a file takes SIGBUS when it touches a page past the file's end. A
-# region is a file both sides map, so a peer of the worker's uid that shrinks its registered
-# region (``ftruncate``) would kill the worker, and every other session with it, on the next
-# read of an input or write of an output there. The worker therefore never depends on a size
-# the peer can change after registration:
-#
-# * Who creates: the client makes each region a memfd (``memfd_create`` with
-#   ``MFD_ALLOW_SEALING``), named ``tji-<pid>-<tag>-<hex>`` like a file region, sizes it,
-#   and seals it with ``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``: from then on nobody,
-#   the client included, can change its size, and the seals cannot be removed. It keeps the
-#   descriptor open until the worker has registered the region.
-# * Who maps: the worker finds the memfd by its name among the client's open descriptors
-#   (``/proc/<pid>/fd``: same uid and same PID namespace; the pid is in the name), opens it
-#   through ``/proc``, checks on the descriptor it got that the memfd has that name, is this
-#   uid's and carries ``F_SEAL_SHRINK``, and only then maps it. Binding to the session (Note
-#   [Regions belong to one session]) works as for file regions: the name carries the tag.
-# * Who frees: nothing lives in ``/dev/shm``. The client closes its descriptor after
-#   registration (``unlink``; Python's ``mmap`` keeps a duplicate of it while the mapping
-#   lives, so the region stays findable, by its own session only, until unmapped); the
-#   memory goes when the last mapping does, so a crash of either side leaves nothing
-#   behind, and no janitor is needed.
-#
-# Where the worker cannot see the client's descriptors (another PID namespace: containers
-# that share only the IPC namespace; give the trainer ``pid: service:<worker>``) it would
-# have to map an unsealed file from ``/dev/shm``: it refuses, unless its operator opts in with
-# ``--allow-unsealed-regions`` (every local peer of its uid is then trusted not to truncate).
-# The client tries a sealed region first and falls back to a file region, then to inline
-# bytes, logging why.
-
-# Linux only (3.17+); elsewhere sealing_supported() is False and nothing reads these.
-_SEAL_SHRINK: int = getattr(fcntl, "F_SEAL_SHRINK", 0)
-_SEALS: int = _SEAL_SHRINK | getattr(fcntl, "F_SEAL_GROW", 0) | getattr(fcntl, "F_SEAL_SEAL", 0)
-
-
-def sealing_supported() -> bool:
-    """True where this process can make sealed memfd regions (Linux 3.17+)."""
-    return hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
-
-
-def _find_memfd(pid: int, name: str) -> int | None:
-    """Open (O_RDWR) the memfd called ``name`` among process ``pid``'s descriptors, or None."""
-    target = f"/memfd:{name} (deleted)"
-    base = f"/proc/{pid}/fd"
-    try:
-        entries = os.listdir(base)
-    except OSError:
-        return None  # no such process here (another PID namespace), or not ours
-    for entry in entries:
-        try:
-            if os.readlink(f"{base}/{entry}") != target:
-                continue
-            fd = os.open(f"{base}/{entry}", os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue  # closed meanwhile
-        # What we opened, not what the entry meant a moment ago.
-        if os.readlink(f"/proc/self/fd/{fd}") == target:
-            return fd
-        os.close(fd)
-    return None
-
 
 def default_shm_dir() -> str:
     """The directory regions are created in: ``$TORCH_JAX_INTEROP_SHM_DIR`` or ``/dev/shm``."""
@@ -665,137 +597,3 @@ class SharedMemoryRegion:
 
 
 # -- descriptors ---------------------------------------------------------------------------
-
-
-def _as_int(value: object, what: str) -> int:
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise SliceOutOfBoundsError(
-            f"`{what}` must be an int, got {type(value).__name__}"
-        ) from None
-
-
-def check_slice(region_size: int, offset: int, nbytes: int, *, alignment: int = ALIGNMENT) -> None:
-    """Raise :class:`SliceOutOfBoundsError` unless ``[offset, offset + nbytes)`` lies in the region.
-
-    Also refuses negative values and an ``offset`` that is not a multiple of ``alignment``.
-    The end is never computed as ``offset + nbytes``: the check is written as
-    ``nbytes > region_size - offset`` so that it stays right where the sum would wrap around
-    2**64 in fixed-width arithmetic (a ``uint64`` descriptor field, numpy, or a C port).
-    """
-    region_size = _as_int(region_size, "region_size")
-    offset = _as_int(offset, "offset")
-    nbytes = _as_int(nbytes, "nbytes")
-    alignment = _as_int(alignment, "alignment")
-    if alignment <= 0:
-        raise ValueError(f"`alignment` must be positive, got {alignment}")
-    if region_size < 0 or offset < 0 or nbytes < 0:
-        raise SliceOutOfBoundsError(
-            f"slice offset={offset} nbytes={nbytes} of a region of {region_size} bytes: "
-            "sizes and offsets cannot be negative"
-        )
-    if offset % alignment:
-        raise SliceOutOfBoundsError(
-            f"slice offset={offset} is not a multiple of {alignment}: every slice must start "
-            f"at a {alignment}-byte aligned offset (JAX imports aligned CPU buffers without "
-            "a copy)"
-        )
-    if offset > region_size:
-        raise SliceOutOfBoundsError(
-            f"slice offset={offset} lies beyond the end of its region ({region_size} bytes)"
-        )
-    if nbytes > region_size - offset:
-        raise SliceOutOfBoundsError(
-            f"slice offset={offset} nbytes={nbytes} runs past the end of its region "
-            f"({region_size} bytes, {region_size - offset} left after the offset)"
-        )
-
-
-def numpy_view(
-    buffer: memoryview, offset: int, dtype: Any, shape: Sequence[int]
-) -> np.ndarray:
-    """A numpy array over ``buffer[offset:]`` with ``dtype`` and C-order ``shape``, no copy.
-
-    The array SHARES memory with ``buffer`` (and with every process mapping it) and keeps
-    ``buffer`` alive. Writable when ``buffer`` is. Raises :class:`SliceOutOfBoundsError` when
-    ``shape`` does not fit in ``buffer`` after ``offset``.
-    """
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        raise TypeError(f"dtype `{dt}` holds Python objects; shared memory holds only raw data")
-    offset = _as_int(offset, "offset")
-    dims = tuple(_as_int(d, "shape entry") for d in shape)
-    if any(d < 0 for d in dims):
-        raise SliceOutOfBoundsError(f"shape {dims} has a negative dimension")
-    count = 1
-    for d in dims:
-        count *= d  # Python ints: no overflow, however large the dims
-    needed = count * dt.itemsize
-    available = memoryview(buffer).nbytes
-    if offset < 0 or offset > available or needed > available - offset:
-        raise SliceOutOfBoundsError(
-            f"a {dt} array of shape {dims} needs {needed} bytes at offset {offset}, but the "
-            f"buffer holds {available} bytes"
-        )
-    flat = np.frombuffer(buffer, dtype=dt, count=count, offset=offset)
-    return flat.reshape(dims)
-
-
-# -- janitor -------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, belongs to someone else
-    except OverflowError:
-        return False  # larger than any pid
-    return True
-
-
-def cleanup_orphans(directory: str | None = None, *, min_age: float = 0.0) -> list[str]:
-    """Unlink regions whose owner process is dead; return the names removed.
-
-    Only entries that match :data:`NAME_PATTERN`, are regular files (not links) and belong
-    to this uid are considered; an entry is removed when its embedded pid is not alive and
-    its last modification is at least ``min_age`` seconds old.
-
-    Pids are only meaningful inside one PID namespace. When processes in different PID
-    namespaces (containers that share only the IPC namespace) use one shm directory, run the
-    janitor with ``min_age`` of a minute or so: a live client unlinks its names right after
-    registering them, so an entry that old is an orphan whatever its pid says.
-    """
-    directory = directory if directory is not None else default_shm_dir()
-    removed: list[str] = []
-    now = time.time()
-    uid = os.getuid()
-    me = os.getpid()
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        match = NAME_PATTERN.fullmatch(entry.name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if pid == me:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-            continue
-        if now - st.st_mtime < min_age or _pid_alive(pid):
-            continue
-        try:
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue  # another janitor was faster
-        removed.append(entry.name)
-    return removed

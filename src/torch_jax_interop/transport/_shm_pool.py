@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from ._pool import BufferKind, Pool, PoolSlice, _Entry
-from ._shm import SharedMemoryRegion, numpy_view
+from ._shm import SharedMemoryRegion
+from ._slices import numpy_view
 
 
 class _SharedMemoryKind(BufferKind[SharedMemoryRegion]):

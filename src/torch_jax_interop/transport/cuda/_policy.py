@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ..._errors import SliceOutOfBoundsError, TransportError
 from ..._names import TRANSPORTS as TRANSPORTS
 from ..._names import check_transport
-from .._shm import check_slice
+from .._slices import check_slice
 
 CUDA_ALIGNMENT = 256
 """Byte alignment of every CUDA IPC slice (cudaMalloc's own alignment)."""

@@ -1,0 +1,81 @@
+"""A served function as torch sees it: ``RemoteFunction`` to call, ``RemoteBackend`` to train
+through with ``WrappedJaxFunction``."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .._call import Call
+
+
+class Worker(Protocol):
+    """What a served function needs of its connection (``_connect.Worker``; a protocol here,
+    so that this module does not import the connection's)."""
+
+    address: str
+
+    def call(self, name: str, call: Call, tensors: list[torch.Tensor], *,
+             keep_residuals: bool) -> tuple[list, Any, Any, Any]: ...
+
+    def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> list[Any]: ...
+
+    def release(self, handle: Any) -> None: ...
+
+
+class RemoteBackend:
+    """``VjpBackend`` of ``WrappedJaxFunction`` for a function served by a worker: the call
+    plan and the flat tensors go to the worker as they are (parameters whose structure the
+    wire cannot describe as a flat list: Note [Registered pytree nodes in service mode] in
+    ``server/_compiled.py``)."""
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        self.worker = worker
+        self.name = name
+
+    def flat_call(self, call: Call, tensors: list[torch.Tensor]) -> tuple[list, Any, Any]:
+        outputs, out_spec, aux, _ = self.worker.call(self.name, call, tensors,
+                                                     keep_residuals=False)
+        return outputs, out_spec, aux
+
+    def flat_forward(self, call: Call, tensors: list[torch.Tensor]
+                     ) -> tuple[list, Any, Any, Any]:
+        return self.worker.call(self.name, call, tensors, keep_residuals=True)
+
+    def flat_backward(self, handle: Any, cotangents: Any, *, retain: bool) -> list[Any]:
+        return self.worker.backward(handle, cotangents, retain=retain)
+
+    def release(self, handle: Any) -> None:
+        self.worker.release(handle)
+
+
+class RemoteFunction:
+    """A JAX function served by a worker, called with pytrees of torch tensors.
+
+    Calling it returns new tensors (outputs in shared memory are *shared* with the pool
+    until they are garbage-collected; they are never overwritten while alive). Gradients do
+    not flow through a plain call: wrap it, ``WrappedJaxFunction(worker.function(name),
+    params)``, to train through it (forward and backward then run in the worker).
+    """
+
+    def __init__(self, worker: Worker, name: str) -> None:
+        self.worker = worker
+        self.name = name
+        self.__name__ = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        backend = self.__torch_jax_interop_backend__()
+        call, tensors = Call.of(backend, False, args, kwargs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            from .._wrapped import apply_backend
+
+            return apply_backend(backend, args, kwargs)
+        outputs, out_spec, _ = backend.flat_call(call, tensors)
+        return out_spec.unflatten(outputs)
+
+    def __torch_jax_interop_backend__(self) -> RemoteBackend:
+        return RemoteBackend(self.worker, self.name)
+
+    def __repr__(self) -> str:
+        return f"RemoteFunction({self.name!r} on {self.worker.address})"
