@@ -79,7 +79,6 @@ class Worker:
                  tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
                  max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES) -> None:
         check_transport(transport)
-        _check_unix_peer(address)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
@@ -89,6 +88,7 @@ class Worker:
             raise ValueError(f"reconnect_timeout={reconnect_timeout!r} must be >= 0 (seconds)")
         if max_arena_bytes < 0:
             raise ValueError(f"max_arena_bytes={max_arena_bytes!r} must be >= 0")
+        _check_unix_peer(address)  # after the arguments: a wrong keyword is the first thing to say
         self.address = address
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout

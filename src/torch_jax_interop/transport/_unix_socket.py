@@ -70,8 +70,8 @@ def check_socket_directory(socket_path: str) -> None:
         st = os.stat(directory)
     except FileNotFoundError:
         raise UntrustedSocketError(
-            f"the socket directory `{directory}` does not exist. Create it with "
-            f"`mkdir -m 0700 {directory}`"
+            f"no unix socket at `{socket_path}`: its directory `{directory}` does not exist. "
+            f"Start the worker there, or create the directory with `mkdir -m 0700 {directory}`"
         ) from None
     problem = None
     if not _trusted_uid(st.st_uid):
