@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 
-def test_a_file_size_limit_is_reported_as_such(run_python: Any) -> None:
-    result = run_python("""
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["file", "sealed-memfd"])
+def test_a_file_size_limit_is_reported_as_such(run_python: Any, sealed: bool) -> None:
+    result = run_python(f"""
         import errno, os, resource
         from torch_jax_interop.errors import SharedMemoryFullError
         from torch_jax_interop.transport import SharedMemoryRegion
@@ -15,7 +18,7 @@ def test_a_file_size_limit_is_reported_as_such(run_python: Any) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(
             resource.RLIMIT_FSIZE)[1]))
         try:
-            SharedMemoryRegion.create(8 << 20)
+            SharedMemoryRegion.create(8 << 20, sealed={sealed})
         except SharedMemoryFullError as error:
             assert error.errno == errno.EFBIG, error.errno
             print(error)

@@ -188,6 +188,28 @@ def _prefault(mm: mmap.mmap, size: int) -> None:
     del pages
 
 
+def _allocate_and_map(fd: int, size: int, directory: str, *, seals: int = 0) -> mmap.mmap:
+    """Give the file ``size`` bytes for real (a full filesystem is an error now, not a SIGBUS
+    later), add ``seals``, map it shared and pre-fault it."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno == errno.EFBIG:
+            raise _file_size_limit_error(size, err) from None
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            raise _full_error(directory, size, err) from None
+        raise
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        _prefault(mapping, size)
+    except BaseException:
+        mapping.close()
+        raise
+    return mapping
+
+
 def _unlink_if_same(path: str, dev: int, ino: int, creator_pid: int) -> None:
     """Unlink ``path`` if it is still the file we created, and only in the creating process.
 
@@ -288,22 +310,7 @@ class SharedMemoryRegion:
             st = os.fstat(fd)
             try:
                 os.fchmod(fd, 0o600)  # the umask may have taken bits away; never adds any
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as err:
-                    if err.errno == errno.EFBIG:
-                        raise _file_size_limit_error(size, err) from None
-                    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise _full_error(directory, size, err) from None
-                    raise
-                mapping = mmap.mmap(
-                    fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-                )
-                try:
-                    _prefault(mapping, size)
-                except BaseException:
-                    mapping.close()
-                    raise
+                mapping = _allocate_and_map(fd, size, directory)
             except BaseException:
                 _unlink_if_same(path, st.st_dev, st.st_ino, creator)  # no half-made file
                 raise
@@ -328,21 +335,7 @@ class SharedMemoryRegion:
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.fchmod(fd, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as err:
-                if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.ENOMEM):
-                    raise _full_error(directory, size, err) from None
-                raise
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-            mapping = mmap.mmap(
-                fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
-            try:
-                _prefault(mapping, size)
-            except BaseException:
-                mapping.close()
-                raise
+            mapping = _allocate_and_map(fd, size, directory, seals=_SEALS)
         except BaseException:
             os.close(fd)
             raise
