@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from support.workers import WorkerProcess, start_worker, stop_worker
+from support.workers import RSS_STEADY_ENV, WorkerProcess, rss_mib, start_worker, stop_worker
 
 from torch_jax_interop._dtypes import DTYPE_TO_ENUM
 from torch_jax_interop._wire import PROTOCOL_VERSION
@@ -262,27 +262,21 @@ def test_bool_bytes_other_than_0_and_1_read_as_true(worker: WorkerProcess, trans
 # -- compile cache (finding 8) -------------------------------------------------------------
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
-
-
 def test_the_compile_cache_is_bounded_by_max_compiled_signatures() -> None:
     """Each input signature compiles a program (~1.1-1.5 MiB each for ``add_one``, kept
     forever up to the old fixed cap of 1,024); with ``--max-compiled-signatures 4`` a worker
     that saw 150 shapes grows by little for 150 more."""
     with tempfile.TemporaryDirectory(prefix="tjic", dir="/tmp") as tmp:
-        worker = start_worker(tmp, extra=["--max-compiled-signatures", "4"])
+        worker = start_worker(tmp, extra=["--max-compiled-signatures", "4"], env=RSS_STEADY_ENV)
         try:
             p = _Peer(worker.address)
             try:
                 for n in range(1, 151):
                     p.call("add_one", np.zeros(n, np.float32))
-                before = _rss_mib(worker.process.pid)
+                before = rss_mib(worker.process.pid)
                 for n in range(151, 301):
                     p.call("add_one", np.zeros(n, np.float32))
-                grown = _rss_mib(worker.process.pid) - before
+                grown = rss_mib(worker.process.pid) - before
                 assert grown < 60, f"worker RSS grew by {grown:.0f} MiB over 150 new shapes"
                 _still_serves(p)
             finally:
@@ -309,18 +303,17 @@ def test_residual_memory_stays_within_the_byte_budget() -> None:
     garbage collector ran (a reference cycle in ``_wire.decode_spec``). With
     ``--max-residual-bytes 64m`` the worker grows by about the budget."""
     with tempfile.TemporaryDirectory(prefix="tjir", dir="/tmp") as tmp:
-        worker = start_worker(tmp, extra=["--max-residual-bytes", "64m"])
+        worker = start_worker(tmp, extra=["--max-residual-bytes", "64m"], env=RSS_STEADY_ENV)
         try:
             p = _Peer(worker.address)
             try:
                 params, x = np.array(2, np.float32), np.ones(4 << 20, np.float32)
-                # Warm up: compile, fill the budget and the allocator's caches (glibc keeps
-                # freed 16 MiB buffers per thread arena: ~150 MiB here, reused).
+                # Warm up: compile and fill the budget.
                 for _ in range(10):
                     p.call("scale", params, x, keep=True)
-                before = _rss_mib(worker.process.pid)
+                before = rss_mib(worker.process.pid)
                 ids = [p.call("scale", params, x, keep=True).residual_id for _ in range(30)]
-                grown = _rss_mib(worker.process.pid) - before
+                grown = rss_mib(worker.process.pid) - before
                 assert grown < 64, f"worker RSS grew by {grown:.0f} MiB over 30 calls"
                 grads = p.backward(ids[-1], np.ones_like(x)).grad_args
                 assert float(_array(grads.leaves[0])) == float(x.sum())

@@ -28,7 +28,15 @@ import grpc
 import pytest
 import torch
 from support.certs import Certificates, make_certificates
-from support.workers import FUNCTIONS, TESTS, WorkerProcess, start_worker, stop_worker
+from support.workers import (
+    FUNCTIONS,
+    RSS_STEADY_ENV,
+    TESTS,
+    WorkerProcess,
+    rss_mib,
+    start_worker,
+    stop_worker,
+)
 
 from torch_jax_interop._wire import SERVICE_NAME
 from torch_jax_interop.client import (
@@ -173,17 +181,9 @@ def test_connect_token_file_errors(token_file: str) -> None:
 # -- unauthenticated peers cost little ----------------------------------------------------
 
 
-def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_large_unauthenticated_requests_are_refused_before_they_are_buffered(
         short_tmp: str) -> None:
-    worker = start_worker(short_tmp, tcp=True, token=TOKEN)
+    worker = start_worker(short_tmp, tcp=True, token=TOKEN, env=RSS_STEADY_ENV)
     try:
         assert worker.tcp_address is not None
         request = pb.CallRequest(session_id="x", function="identity")
@@ -192,7 +192,7 @@ def test_large_unauthenticated_requests_are_refused_before_they_are_buffered(
         leaf.shape.append(75 << 20)
         payload = request.SerializeToString()
         del request, leaf
-        before = _rss_mib(worker.process.pid)
+        before = rss_mib(worker.process.pid)
         with grpc.insecure_channel(worker.tcp_address, options=[
                 ("grpc.max_send_message_length", 100 << 20)]) as channel:
             call = channel.unary_unary(f"/{SERVICE_NAME}/Call")
@@ -203,7 +203,7 @@ def test_large_unauthenticated_requests_are_refused_before_they_are_buffered(
                         attempt.result()
                     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         time.sleep(0.5)
-        grown = _rss_mib(worker.process.pid) - before
+        grown = rss_mib(worker.process.pid) - before
         # Before the fix: ~100 MiB per refused request (8 x 75 MiB requests: +790 MiB).
         assert grown < 64, f"worker RSS grew {grown:.0f} MiB for 8 refused requests"
         with connect(worker.address, transport="inline", timeout=30) as client:

@@ -92,3 +92,16 @@ def stop_worker(worker: WorkerProcess) -> int:
     return worker.process.returncode
 
 
+RSS_STEADY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+"""For workers whose RSS a test measures: glibc raises its mmap threshold after a large free
+and then keeps freed large buffers in per-thread arenas (~150 MiB here, varying run to run);
+a fixed threshold makes RSS follow what is alive, which is what such tests are about."""
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (``VmRSS``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
