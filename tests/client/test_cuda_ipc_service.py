@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -45,9 +46,9 @@ def cpu_worker() -> Iterator[WorkerProcess]:
             assert stop_worker(process) == 0, process.log()
 
 
-@pytest.fixture
-def raw(cpu_worker: WorkerProcess):  # noqa: ANN201
-    channel = grpc.insecure_channel(cpu_worker.address)
+def _raw_session(worker: WorkerProcess) -> Iterator[tuple[Any, str]]:
+    """A hand-made session that says it intends CUDA IPC: (stub, session id)."""
+    channel = grpc.insecure_channel(worker.address)
     stub = pb_grpc.JaxWorkerServiceStub(channel)
     stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
                                                     client_pid=os.getpid(),
@@ -56,6 +57,11 @@ def raw(cpu_worker: WorkerProcess):  # noqa: ANN201
     yield stub, session
     stream.cancel()
     channel.close()
+
+
+@pytest.fixture
+def raw(cpu_worker: WorkerProcess):  # noqa: ANN201
+    yield from _raw_session(cpu_worker)
 
 
 def _identity_request(session: str, tensor: pb.Tensor) -> pb.CallRequest:
@@ -159,15 +165,7 @@ def gpu_worker() -> Iterator[WorkerProcess]:
 
 @pytest.fixture
 def gpu_raw(gpu_worker: WorkerProcess):  # noqa: ANN201
-    channel = grpc.insecure_channel(gpu_worker.address)
-    stub = pb_grpc.JaxWorkerServiceStub(channel)
-    stream = stub.OpenSession(pb.OpenSessionRequest(protocol_version=PROTOCOL_VERSION,
-                                                    client_pid=os.getpid(),
-                                                    transport=pb.TRANSPORT_CUDA_IPC))
-    session = next(stream).session_id
-    yield stub, session
-    stream.cancel()
-    channel.close()
+    yield from _raw_session(gpu_worker)
 
 
 @pytest.mark.gpu
