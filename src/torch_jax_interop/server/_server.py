@@ -146,6 +146,8 @@ def create_server(
             _, fn, target = load_function(f"{name}={fn}")
         compiled[name] = CompiledFunction(name, fn, target,
                                           max_programs=config.max_compiled_signatures)
+        if compiled[name].engine.shardings is not None:  # builds the mesh: fails early
+            log.info("`%s` runs sharded over the mesh %s", name, compiled[name].mesh)
     # min_age: pids in names mean nothing across PID namespaces (containers sharing only
     # /dev/shm); a live client unlinks its names within a second of creating them.
     removed = cleanup_orphans(config.shm_dir, min_age=60.0)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InvalidArgumentError, RegionRejectedError, ResourceExhaustedError
+from .._sharding import is_multi_device, write_sharded
 from ..transport import (
     NAME_PATTERN,
     SharedMemoryRegion,
@@ -245,6 +246,10 @@ class SharedMemoryWorkerRegion(WorkerRegion):
     host = view
 
     def write(self, offset: int, array: Any) -> None:
+        if is_multi_device(array):  # Note [Sharded served functions]: shard by shard
+            write_sharded(numpy_view(self.region.buffer, offset, np.dtype(array.dtype),
+                                     array.shape), array)
+            return
         source = np.asarray(array)
         target = numpy_view(self.region.buffer, offset, source.dtype, source.shape)
         np.copyto(target, source, casting="no")
