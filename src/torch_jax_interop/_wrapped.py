@@ -326,7 +326,8 @@ class WrappedJaxFunction(torch.nn.Module):
         self._slots = slots
         if getattr(self.backend, "reads_in_place", False):  # Note [Sharded parameters in ...]
             for tree in self.params.modules():
-                tree._refuses_dtensors = True
+                if isinstance(tree, ParameterTree):
+                    tree._refuses_dtensors = True
         self._params = template
         self._tensor_args: dict[int, TreeTemplate] = {}
         self._leaf_keys = tuple(leaf_keys)

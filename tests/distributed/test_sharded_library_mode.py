@@ -17,9 +17,9 @@ TESTS = str(Path(__file__).resolve().parents[1])
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
        "PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)}
 
-_COMMON = """
+_COMMON = f"""
 import sys
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {TESTS!r})
 import jax, numpy as np, torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 from support import served, served_sharded
@@ -30,7 +30,7 @@ g = torch.Generator().manual_seed(0)
 params = {{"w1": torch.randn(16, 8, generator=g), "b1": torch.randn(8, generator=g),
            "w2": torch.randn(8, 3, generator=g), "b2": torch.randn(3, generator=g)}}
 jax_params = {{k: jax.numpy.asarray(v.numpy()) for k, v in params.items()}}
-""".format(tests=TESTS)
+"""
 
 
 def _run(run_python: Callable[..., subprocess.CompletedProcess[str]], code: str) -> str:
