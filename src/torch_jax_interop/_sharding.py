@@ -77,6 +77,13 @@ class Shardings:
                 f"of the argument), got {type(in_shardings).__name__}; for one argument "
                 "write `(spec,)`"
             )
+        wrong = [leaf for leaf in jax.tree_util.tree_leaves(in_shardings, is_leaf=_is_spec)
+                 if not _is_spec(leaf)]
+        if wrong:
+            raise TypeError(
+                f"`in_shardings` holds a {type(wrong[0]).__name__} ({wrong[0]!r}); its leaves "
+                "must be PartitionSpecs, jax.sharding.Shardings or None"
+            )
         self._mesh = mesh
         self.in_shardings = tuple(in_shardings)
 
@@ -100,16 +107,30 @@ class Shardings:
         """One line for logs: the mesh's axes and sizes."""
         return ", ".join(f"{name}={size}" for name, size in self.mesh.shape.items())
 
-    def resolve(self, spec: Any) -> Sharding:
+    def resolve(self, name: str, spec: Any) -> Sharding:
+        """The sharding an ``in_shardings`` leaf stands for."""
         if spec is None:
             return self.replicated
         if isinstance(spec, PartitionSpec):
+            for axes in spec:
+                names = axes if isinstance(axes, tuple) else (axes,)
+                unknown = [a for a in names if isinstance(a, str) and a not in self.mesh.shape]
+                if unknown:
+                    raise InvalidArgumentError(
+                        f"`{name}`: the input sharding {spec} names mesh axis "
+                        f"`{unknown[0]}`, but the mesh's axes are {list(self.mesh.shape)}"
+                    )
             return NamedSharding(self.mesh, spec)
+        if not isinstance(spec, Sharding):
+            raise InvalidArgumentError(
+                f"`{name}`: an entry of in_shardings is a {type(spec).__name__}; use a "
+                "PartitionSpec, a jax.sharding.Sharding or None"
+            )
         if set(spec.device_set) != set(self.mesh.devices.flat):
-            raise ValueError(
-                f"the sharding {spec} is not on the mesh's devices ({self.describe()}); "
-                "every input of one function must be on the same devices: use a "
-                "PartitionSpec, or a NamedSharding of the function's mesh"
+            raise InvalidArgumentError(
+                f"`{name}`: the input sharding {spec} is not on the mesh's devices "
+                f"({self.describe()}); every input of one function must be on the same "
+                "devices: use a PartitionSpec, or a NamedSharding of the function's mesh"
             )
         return spec
 
@@ -133,23 +154,31 @@ class Shardings:
                 if isinstance(leaf, _Slot):
                     paths[leaf.index] = f"args[{position}]{jax.tree_util.keystr(path)}"
 
-            def assign(spec: Any, subtree: Any) -> None:
-                sharding = self.resolve(spec)
-                for leaf in jax.tree_util.tree_leaves(subtree):
-                    if isinstance(leaf, _Slot):
-                        shardings[leaf.index] = sharding
-
             try:
-                jax.tree_util.tree_map(assign, spec, arg, is_leaf=_is_spec)
+                pairs = _prefix_pairs(spec, arg)
             except ValueError as error:
                 raise InvalidArgumentError(
                     f"`{name}`: the input sharding of argument {position} does not fit the "
                     f"argument's structure ({error}). State a PartitionSpec for the whole "
                     "argument, or a pytree of them shaped like a prefix of the argument"
                 ) from None
+            for spec_leaf, subtree in pairs:
+                sharding = self.resolve(name, spec_leaf)
+                for leaf in jax.tree_util.tree_leaves(subtree):
+                    if isinstance(leaf, _Slot):
+                        shardings[leaf.index] = sharding
         for index, array in enumerate(arrays):
             _check_divisible(name, paths[index], tuple(np.shape(array)), shardings[index])
         return Placement(shardings)
+
+
+def _prefix_pairs(prefix: Any, tree: Any) -> list[tuple[Any, Any]]:
+    """``(spec, subtree)`` for each leaf of ``prefix`` (a pytree prefix of ``tree``);
+    ``ValueError`` when it is not one."""
+    pairs: list[tuple[Any, Any]] = []
+    jax.tree_util.tree_map(lambda spec, subtree: pairs.append((spec, subtree)), prefix, tree,
+                           is_leaf=_is_spec)
+    return pairs
 
 
 class Placement:
@@ -186,12 +215,6 @@ def _check_divisible(name: str, where: str, shape: tuple[int, ...], sharding: Sh
             if axes is None or axes is PartitionSpec.UNCONSTRAINED:
                 continue
             names = axes if isinstance(axes, tuple) else (axes,)
-            unknown = [a for a in names if a not in mesh.shape]
-            if unknown:
-                raise InvalidArgumentError(
-                    f"`{name}`: the sharding {spec} of {where} names mesh axis "
-                    f"`{unknown[0]}`, but the mesh's axes are {list(mesh.shape)}"
-                )
             parts = math.prod(mesh.shape[a] for a in names)
             if shape[dim] % parts:
                 axes_text = " x ".join(f"`{a}` ({mesh.shape[a]})" for a in names)
