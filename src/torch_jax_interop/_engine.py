@@ -306,7 +306,9 @@ class Engine:
 
             program.plain = jax.jit(plain)
         out_leaves, aux = program.plain(list(arrays))
-        return self._gathered(out_leaves), self._gathered(aux)
+        if self.shardings is not None:
+            return self._gathered(out_leaves), self._gathered(aux)
+        return out_leaves, aux
 
     # -- with residuals ------------------------------------------------------------------
 
@@ -407,8 +409,10 @@ class Engine:
                 )
             ]
             diff_grads = program.backward(kept, cts)
+        if self.shardings is not None:
+            diff_grads = self._gathered(list(diff_grads))
         grads: list[Any] = [None] * program.num_inputs
-        for index, grad in zip(program.diff, self._gathered(list(diff_grads)), strict=True):
+        for index, grad in zip(program.diff, diff_grads, strict=True):
             grads[index] = None if is_float0(grad) else grad
         return grads
 
