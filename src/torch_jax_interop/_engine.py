@@ -206,6 +206,10 @@ class Engine:
     gradients too (Note [Scalar outputs]), and residual sets not yet released (residuals a
     caller drops without ``release``, as the worker's residual store does when a session
     ends, are not counted down).
+
+    A function that states shardings (``sharded``) has its inputs placed on its mesh;
+    ``gather`` brings its outputs and gradients back onto the mesh's first device (library
+    mode; the worker writes the shards itself). ``name`` names the function in errors.
     """
 
     def __init__(self, fn: Callable[..., Any], *, max_programs: int | None = None,
