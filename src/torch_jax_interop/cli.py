@@ -187,7 +187,9 @@ def _metrics_listen(args: argparse.Namespace) -> None:
 
     require("--metrics-listen", "server", "prometheus_client")
     try:
-        if args.ranks is not None:
+        if args.ranks is not None and "{" not in args.metrics_listen:
+            filled = [args.metrics_listen] * args.ranks  # the same port: fine only if 0
+        elif args.ranks is not None:
             filled = local_rank_addresses(args.metrics_listen, args.ranks)
         else:
             filled = [rank_address(args.metrics_listen, local_rank=args.local_rank or 0)]

@@ -14,7 +14,9 @@ Note [What the metrics cost and expose]
 * Label values are bounded: ``function`` is a served function's name or ``(unknown)`` (a
   peer cannot grow the registry by calling made-up names), ``code`` a gRPC status name,
   ``transport`` a ``Tensor.location`` field name.
-* Calls refused by the token check are not counted: they never reach this interceptor.
+* Calls refused by the token check are not counted: they never reach this interceptor. A
+  Call answered with ``required_output_bytes`` (the client's output arena was too small;
+  it sends the call again) counts in ``rpcs_total`` only, so a call counts once.
 * The HTTP server (prometheus_client's, a daemon thread) binds exactly the address it is
   given and serves only the exposition: no token, no TLS. It reveals served function names,
   call counts and sizes, so bind a loopback or private address (docs/metrics.md).
@@ -111,6 +113,8 @@ class WorkerMetrics:
                 seconds: float) -> None:
         """One RPC's counts (what :class:`MetricsInterceptor` calls when it ends)."""
         self.rpcs.labels(method, code).inc()
+        if getattr(response, "required_output_bytes", 0):
+            return  # not run: the client's output arena was too small, and it calls again
         if code != "OK":
             self.errors.labels(method, function, code).inc()
         if method == "Call":
