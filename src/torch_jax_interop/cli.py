@@ -225,6 +225,9 @@ def _worker_token(args: argparse.Namespace, addresses: list[str]) -> str | None:
 def _worker(args: argparse.Namespace) -> int:
     from ._tls import check_listen_security
 
+    if not args.function:
+        raise UsageError("give at least one --function NAME=package.module:attr, e.g. "
+                         "--function mlp=torch_jax_interop.examples.mlp:apply")
     if args.ranks is None:
         require("worker", "server", "jax", "grpc", "google.protobuf", "grpc_health")
     else:  # the launcher imports neither framework; its workers import JAX
