@@ -28,6 +28,31 @@ class UsageError(ValueError):
     of the few checks the worker shares (``parse_metrics_listen``)."""
 
 
+class CliHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (plain text), and every option's default in its help
+    (unless it has none: ``None``, ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or not action.option_strings or default is None
+                or default is False or default == [] or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse's usage errors as ONE ``error:`` line, exit status 2 (Note [Exit statuses
+    of the command line] in ``cli.py``); help in :class:`CliHelpFormatter` by default."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", CliHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> Any:  # argparse declares NoReturn
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 # -- option values ----------------------------------------------------------------------------
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

@@ -28,6 +28,8 @@ import traceback
 from typing import Any
 
 from ._cli_args import (
+    CliHelpFormatter,
+    CliParser,
     UsageError,
     add_import_paths,
     check_connect_address,
@@ -63,27 +65,6 @@ trainer calls them with tensors in shared memory (or CUDA IPC, or inline bytes).
 
 Exit status: 0 done, 1 the work failed, 2 a usage error (one `error:` line on stderr;
 --debug shows the traceback)."""
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written (plain text), and every option's default in its help
-    (unless it has none: ``None``, ``False``, an empty list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if ("%(default)" in text or not action.option_strings or default is None
-                or default is False or default == [] or default is argparse.SUPPRESS):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's usage errors as ONE ``error:`` line, exit status 2 (Note [Exit statuses
-    of the command line])."""
-
-    def error(self, message: str) -> Any:  # argparse declares NoReturn
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -192,7 +173,7 @@ def _metrics_listen(args: argparse.Namespace) -> None:
         elif args.ranks is not None:
             filled = local_rank_addresses(args.metrics_listen, args.ranks)
         else:
-            filled = [rank_address(args.metrics_listen, local_rank=args.local_rank or 0)]
+            filled = [rank_address(args.metrics_listen, local_rank=args.local_rank)]
     except ValueError as error:
         raise UsageError(f"--metrics-listen: {error}") from None
     ports = [parse_metrics_listen(address)[1] for address in filled]
@@ -343,14 +324,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand (help shows each option's default)."""
-    parser = _Parser(prog=PROG, description=_DESCRIPTION, formatter_class=_HelpFormatter)
+    parser = CliParser(prog=PROG, description=_DESCRIPTION, formatter_class=CliHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, helptext: str, description: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=helptext, description=description,
-                             formatter_class=_HelpFormatter)
+                             formatter_class=CliHelpFormatter)
         _add_common(cmd, top=False)
         return cmd
 
