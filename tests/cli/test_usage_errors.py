@@ -222,3 +222,20 @@ def test_an_address_in_use_is_a_usage_error(workdir: Path) -> None:
         listener.close()
         path.unlink()
     assert_usage_error(result, r"a worker already listens on .*; stop it first")
+
+
+def test_a_metrics_port_in_use_is_a_usage_error(workdir: Path) -> None:
+    import socket
+
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run(["worker", "--listen", f"unix://{workdir}/w.sock", "--function", MLP,
+                      "--metrics-listen", f"127.0.0.1:{port}"], workdir)
+    finally:
+        taken.close()
+    assert_usage_error(result, rf"cannot serve metrics on 127\.0\.0\.1:{port} "
+                               r"\(--metrics-listen\): Address already in use")
+    assert not (workdir / "w.sock").exists()

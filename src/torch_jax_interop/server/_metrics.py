@@ -254,7 +254,11 @@ def start_metrics(metrics: WorkerMetrics, address: str) -> MetricsServer:
     """Serve ``metrics`` on ``address`` (``HOST:PORT``); raises ``ValueError`` for a
     malformed address and ``OSError`` when it cannot be bound."""
     host, port = parse_metrics_listen(address)
-    return MetricsServer(metrics, host, port)
+    try:
+        return MetricsServer(metrics, host, port)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot serve metrics on {address} (--metrics-listen): "
+                                   f"{error.strerror or error}") from None
 
 
 __all__ = ["MetricsInterceptor", "MetricsServer", "WorkerMetrics", "start_metrics"]
