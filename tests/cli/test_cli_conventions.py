@@ -189,6 +189,10 @@ def test_functions_come_from_the_current_directory_and_the_app_dir(tmp_path: Pat
             torch.testing.assert_close(worker.function("triple")(x), x * 3)
     finally:
         assert _stop(process) == 0, log.read_text()
+    # --log-format text (the default): time, level, logger, pid, message
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO torch_jax_interop\.server "
+                     rf"\[pid {process.pid}\] serving double, triple on unix://",
+                     log.read_text(), re.MULTILINE), log.read_text()
 
 
 def test_ranks_pass_json_logs_and_metrics_on_to_their_workers(tmp_path: Path) -> None:
