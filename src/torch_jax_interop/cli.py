@@ -8,13 +8,16 @@ Note [Exit statuses of the command line]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 * 0: done (a worker stopped by SIGTERM/SIGINT after draining; ``health``: SERVING).
 * 1: the work failed at run time (``health``: unreachable or not serving; a worker of
-  ``--ranks N`` exited; the demo's training diverged).
-* 2: a usage error, found before anything starts: argparse's own (an unknown option, a
-  malformed value) and every ``UsageError`` of ``_cli_args.py`` (a bad ``--function``, an
-  address without a scheme, a missing socket directory, TCP without a token, a missing
-  extra...). Printed as ONE line ``error: <what>; <how to fix>`` on stderr, without a
-  traceback unless ``--debug`` (or ``--log-level debug``).
-Anything else that escapes is a bug and keeps its traceback.
+  ``--ranks N`` exited; ``train``: no worker answered, the remote function raised).
+* 2: a usage error: argparse's own (an unknown option, a malformed value), every
+  ``UsageError`` of ``_cli_args.py`` (a bad ``--function``, an address without a scheme, a
+  missing socket directory, TCP without a token, a missing extra...), all found before
+  anything starts, and the few the client meets only when it connects
+  (``_USAGE_ERRORS_AT_RUN_TIME``: a socket path that is missing or not private, an unknown
+  function, a wrong token).
+Usage errors and the project's own errors (``InteropError``) print ONE line ``error: <what>;
+<how to fix>`` on stderr, without a traceback unless ``--debug`` (or ``--log-level
+debug``). Anything else that escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -54,8 +57,16 @@ from ._names import (
     TRANSPORTS,
 )
 from ._version import __version__
+from .errors import AuthenticationError, FunctionNotFoundError, InteropError, UntrustedSocketError
 
 log = logging.getLogger("torch_jax_interop.cli")
+
+# What the client finds only once it runs, yet is the command line's mistake: exit 2 as
+# well (a socket path that is missing or not private, a function the worker does not serve,
+# a wrong token). Any other of the project's errors (a worker that does not answer, a
+# remote function that raised) exits 1, also on one line.
+_USAGE_ERRORS_AT_RUN_TIME: tuple[type[Exception], ...] = (
+    UntrustedSocketError, FunctionNotFoundError, AuthenticationError)
 
 PROG = "torch-jax-interop"
 
@@ -232,7 +243,6 @@ def _worker(args: argparse.Namespace) -> int:
                            ready_file=args.ready_file, grace=args.grace)
 
     functions = load_functions(args.function)  # imports the targets (and so JAX)
-    from .errors import UntrustedSocketError
     from .server import ConnectionLimits, WorkerConfig, create_server
     from .server._server import run_until_stopped
 
@@ -471,12 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
         return int(args.run(args))
-    except UsageError as error:
+    except (UsageError, InteropError) as error:  # _USAGE_ERRORS_AT_RUN_TIME are InteropErrors
         if debug:
             traceback.print_exception(error)
         message = " ".join(str(error).split())  # one line, whatever the message held
         print(f"error: {message}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, (UsageError, *_USAGE_ERRORS_AT_RUN_TIME)) else 1
     except KeyboardInterrupt:  # Ctrl-C before a worker installed its own handler
         if debug:
             raise

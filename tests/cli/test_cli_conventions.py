@@ -228,3 +228,25 @@ def test_ranks_pass_json_logs_and_metrics_on_to_their_workers(tmp_path: Path) ->
     finally:
         assert _stop(process) == 0, log.read_text()
     assert not list(tmp_path.glob("w-*.sock"))
+
+
+def test_train_reports_what_it_meets_when_it_connects(tmp_path: Path, worker) -> None:  # noqa: ANN001
+    """A function the worker does not serve and a missing socket directory are usage errors
+    (2); a worker that does not answer is a run-time failure (1). One line each."""
+    cases = [
+        (["--address", worker.address, "--function", "no_such_function"], 2,
+         r"unknown function `no_such_function`; this worker serves: .*--function NAME="),
+        (["--address", f"unix://{tmp_path}/nowhere/w.sock"], 2,
+         r"no unix socket at .*does not exist.*mkdir -m 0700"),
+        (["--address", f"unix://{tmp_path}/w.sock", "--timeout", "0.5"], 1,
+         r"no worker answered at unix://.*; |no worker answered at unix://.*Start one with"),
+    ]
+    tmp_path.chmod(0o700)
+    for argv, status, pattern in cases:
+        result = subprocess.run([*MODULE, "train", "--steps", "1", *argv], capture_output=True,
+                                text=True, env=_env(), timeout=120, check=False)
+        assert result.returncode == status, (argv, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert re.search(pattern, line), line
+        assert result.stderr.strip().splitlines()[-1] == line
