@@ -200,6 +200,23 @@ def parse_metrics_listen(address: str) -> tuple[str, int]:
     return host.removeprefix("[").removesuffix("]"), port
 
 
+def check_directory(path: str | None, option: str, what: str) -> None:
+    """``UsageError`` unless ``path`` (if given) is an existing directory."""
+    if path is not None and not os.path.isdir(path):
+        raise UsageError(f"{option} `{path}` is not a directory; give {what}")
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """``UsageError`` unless the directory that will hold ``path`` exists and is writable
+    (found now, not after the worker started)."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UsageError(f"{option} `{path}`: the directory `{directory}` does not exist or "
+                         "this user cannot write it; create it or choose another path")
+
+
 # -- served functions -------------------------------------------------------------------------
 
 

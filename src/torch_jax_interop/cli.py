@@ -36,8 +36,10 @@ from ._cli_args import (
     UsageError,
     add_import_paths,
     check_connect_address,
+    check_directory,
     check_function_specs,
     check_listen_address,
+    check_output_file,
     format_size,
     load_functions,
     non_negative_int,
@@ -234,6 +236,13 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
     token = _worker_token(args, addresses)
     _metrics_listen(args)
+    from .transport._shm import SHM_DIR_ENV, default_shm_dir
+
+    check_directory(args.shm_dir or default_shm_dir(),
+                    "--shm-dir" if args.shm_dir else f"${SHM_DIR_ENV}",
+                    "the shared-memory directory the clients create their regions in "
+                    "(/dev/shm unless they set another)")
+    check_output_file(args.ready_file, "--ready-file")
     add_import_paths(args.app_dir)
     if args.ranks is not None:
         check_function_specs(args.function)
