@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, helptext: str, description: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=helptext, description=description,
                              formatter_class=CliHelpFormatter)
+        # Also here: `python -m torch_jax_interop.server --version` is `worker --version`.
+        cmd.add_argument("--version", action="version", version=f"{PROG} {__version__}")
         _add_common(cmd, top=False)
         return cmd
 

@@ -32,10 +32,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_version() -> None:
-    result = subprocess.run([*MODULE, "--version"], capture_output=True, text=True,
-                            env=_env(), timeout=60, check=False)
-    assert result.returncode == 0
+@pytest.mark.parametrize("command", [
+    [*MODULE, "--version"], [*MODULE, "health", "--version"],
+    [sys.executable, "-m", "torch_jax_interop.server", "--version"],
+], ids=["top", "after-a-command", "server-module"])
+def test_version(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"torch-jax-interop {torch_jax_interop.__version__}"
 
 

@@ -195,7 +195,7 @@ def test_every_worker_option_reaches_the_workers() -> None:
     """``worker --ranks N`` passes each option of ``worker`` on, except those it sets per
     worker; a new option of ``worker`` fails this test until ``_worker_argv`` passes it."""
     parser = build_parser()
-    per_worker = {"listen", "ranks", "local_rank", "ready_file", "help"}
+    per_worker = {"listen", "ranks", "local_rank", "ready_file", "help", "version"}
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     worker_parser = subparsers.choices["worker"]
     values = {"function": ["a=m:f", "b=m:g"], "token_env": "MY_TOKEN", "shm_dir": "/dev/shm/x",
