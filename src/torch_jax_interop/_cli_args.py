@@ -24,8 +24,9 @@ UNIX_PATH_MAX = 107
 
 class UsageError(ValueError):
     """A mistake in the command line or its environment: ``error: <what>; <how to fix>``,
-    exit status 2, no traceback (unless ``--debug``). A ``ValueError`` for library callers
-    of the few checks the worker shares (``parse_metrics_listen``)."""
+    exit status 2, no traceback (unless ``--debug``). The command line's own control flow,
+    not part of :mod:`torch_jax_interop.errors`; a ``ValueError`` for library callers of
+    the one check the worker shares (``parse_metrics_listen``)."""
 
 
 class CliHelpFormatter(argparse.RawDescriptionHelpFormatter):

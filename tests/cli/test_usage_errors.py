@@ -6,6 +6,7 @@ starts a worker, and none leaves a socket or shared-memory file behind."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,13 +50,7 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], match: str) -> 
     assert len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == errors[0], f"more than the error line:\n{result.stderr}"
-    import re
-
     assert re.search(match, errors[0]), f"{match!r} not in {errors[0]!r}"
-
-
-def _listen(tmp: str) -> list[str]:
-    return ["--listen", f"unix://{tmp}/w.sock"]
 
 
 # (id, argv with {tmp} for the private directory, pattern the error line must match)

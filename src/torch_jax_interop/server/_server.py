@@ -117,7 +117,9 @@ def create_server(
     ``tls`` serves the TCP ports over TLS (``TlsConfig(cert_file, key_file, ca_file=client
     CA for mTLS)``); a non-loopback TCP address without it is refused unless ``insecure``
     (Note [Who may reach a TCP worker] in ``_tls.py``). ``connection_limits``: Note
-    [Unauthenticated peers cost little].
+    [Unauthenticated peers cost little]. ``config.metrics_listen`` (``HOST:PORT``) also
+    serves Prometheus metrics there, stopped by :func:`shutdown` (Note [What the metrics
+    cost and expose] in ``_metrics.py``).
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = config or WorkerConfig()
