@@ -225,13 +225,14 @@ class Engine:
         self.vjp_calls = 0
         self.fused_calls = 0
         self.live_residuals = 0
+        self.evictions = 0  # programs dropped past max_programs (the worker's metrics)
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (``copy.deepcopy`` of a ``WrappedJaxFunction``) starts with no programs:
         the lock and the compiled functions cannot be copied, and are rebuilt on use."""
         state = self.__dict__.copy()
         state.update(programs=OrderedDict(), _lock=None, vjp_calls=0, fused_calls=0,
-                     live_residuals=0)
+                     live_residuals=0, evictions=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -250,6 +251,7 @@ class Engine:
                 self.programs[key] = program
                 if self.max_programs is not None and len(self.programs) > self.max_programs:
                     self.programs.popitem(last=False)
+                    self.evictions += 1
             elif self.max_programs is not None:
                 self.programs.move_to_end(key)
         return program

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .._cli_args import CliParser
 from .._names import TRANSPORTS
 from ..client import TlsConfig, connect, rank_address
 from . import BATCH, build_model, synthetic_batch
@@ -115,7 +116,7 @@ def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate
 
 def build_parser() -> argparse.ArgumentParser:
     """The script's options (what follows ``-m torch_jax_interop.demo.ddp``)."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(  # usage errors: one `error:` line, exit 2, like the CLI's
         prog="torchrun --nproc_per_node=N -m torch_jax_interop.demo.ddp",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )

@@ -103,6 +103,11 @@ class ResidualStore:
             )
         return residual
 
+    def peek(self, residual_id: int) -> Residual | None:
+        """The residual under ``residual_id`` if held, without taking it (metrics)."""
+        with self._lock:
+            return self._items.get(residual_id)
+
     def release(self, ids: list[int]) -> int:
         with self._lock:
             released = [r for r in (self._items.pop(i, None) for i in ids) if r is not None]
