@@ -16,26 +16,22 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__ as __version__
 from .errors import (
     ConversionError as ConversionError,
-)
-from .errors import (
     CopyRequiredError as CopyRequiredError,
-)
-from .errors import (
     IntegerOverflowError as IntegerOverflowError,
-)
-from .errors import (
     InteropError as InteropError,
-)
-from .errors import (
     UnsupportedTensorError as UnsupportedTensorError,
 )
 
 if TYPE_CHECKING:
-    from ._wrapped import WrappedJaxFunction as WrappedJaxFunction
-    from ._wrapped import WrappedJaxScalarFunction as WrappedJaxScalarFunction
-    from .interop_core import jax_to_torch as jax_to_torch
-    from .interop_core import torch_module_to_jax as torch_module_to_jax
-    from .interop_core import torch_to_jax as torch_to_jax
+    from ._wrapped import (
+        WrappedJaxFunction as WrappedJaxFunction,
+        WrappedJaxScalarFunction as WrappedJaxScalarFunction,
+    )
+    from .interop_core import (
+        jax_to_torch as jax_to_torch,
+        torch_module_to_jax as torch_module_to_jax,
+        torch_to_jax as torch_to_jax,
+    )
 
 _LAZY = {
     "torch_to_jax": "torch_jax_interop.interop_core",

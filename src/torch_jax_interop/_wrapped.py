@@ -60,7 +60,7 @@ _keep_graph: Callable[[], bool] = keep_graph
 def _select_backend(jax_function: Any) -> VjpBackend:
     provider = getattr(jax_function, "__torch_jax_interop_backend__", None)
     if provider is not None:
-        return provider()  # type: ignore[no-any-return]
+        return provider()
     # imported here: the local backend is the bridge (it imports JAX), this module is not
     from .interop_core._local_backend import LocalJaxBackend
 
@@ -142,7 +142,7 @@ class _Residuals:
 
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:
         flat, call.out_spec, aux, handle = call.backend.flat_forward(call, list(tensors))
         ctx.call = call
         ctx.residuals = _Residuals(call.backend, handle)
@@ -159,7 +159,7 @@ class _JaxFunction(torch.autograd.Function):
         return tuple(flat)
 
     @staticmethod
-    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:
         call: Call = ctx.call
         residuals: _Residuals = ctx.residuals
         handle = residuals.handle
@@ -188,11 +188,11 @@ class _NoSecondDerivative(torch.autograd.Function):
     """Identity whose backward raises: marks first-order gradients of a wrapped function."""
 
     @staticmethod
-    def forward(ctx: Any, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         return grad.clone()
 
     @staticmethod
-    def backward(ctx: Any, _: torch.Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, _: torch.Tensor) -> Any:
         raise DoubleBackwardError(
             "WrappedJaxFunction supports first derivatives only: the gradient it returns "
             "cannot be differentiated again (double backward, e.g. a gradient penalty "
@@ -271,6 +271,7 @@ class WrappedJaxFunction(torch.nn.Module):
                 if child is None:
                     child = ParameterTree()
                     owner.register_module(name, child)
+                # a sub-module registered as a ParameterTree just above (or found as one)
                 owner = child  # type: ignore[assignment]
             name = path[-1]
             if tensor.is_floating_point() or tensor.is_complex():

@@ -33,8 +33,7 @@ from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
 from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
 from .._version import __version__
-from ..proto.v1 import interop_pb2 as pb
-from ..proto.v1 import interop_pb2_grpc as pb_grpc
+from ..proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from ..transport import (
     SharedMemoryPool,
     check_socket_path,
@@ -47,8 +46,7 @@ from ..transport import (
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, wire_specs
 from ._errors_map import to_remote_error
-from ._remote import RemoteBackend as RemoteBackend
-from ._remote import RemoteFunction as RemoteFunction
+from ._remote import RemoteBackend as RemoteBackend, RemoteFunction as RemoteFunction
 from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, _Session
 
 log = logging.getLogger("torch_jax_interop.client")

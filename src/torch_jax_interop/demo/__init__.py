@@ -89,8 +89,9 @@ class _PlainProgress:
         self._step, self._next = 0, 0
 
     def __iter__(self) -> Any:
-        for self._step in range(self._steps):
-            yield self._step
+        for step in range(self._steps):
+            self._step = step
+            yield step
 
     def set_postfix(self, *, loss: str) -> None:
         if self._enabled and self._step >= self._next:

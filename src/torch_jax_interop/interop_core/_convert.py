@@ -71,11 +71,13 @@ _FastPaths = DLPackFastPath
 
 def _import_lowlevel(t: torch.Tensor) -> jax.Array:
     """Zero-copy import of a CPU tensor through the probed private entry point."""
+    # None unless the probe found the entry point; callers take this path only after it did
     return _FastPaths.import_capsule(to_dlpack_capsule(t))  # type: ignore[misc]
 
 
 def _export_lowlevel(a: Any) -> torch.Tensor:
     """Zero-copy export of a single-buffer CPU array through the probed private entry point."""
+    # None unless the probe found the entry point; callers take this path only after it did
     return from_dlpack_capsule(_FastPaths.export_capsule(a))  # type: ignore[misc]
 
 
@@ -509,6 +511,7 @@ def _wrap_jax_function(fn: F, copy: bool | None, device: Any) -> F:
         jax_args, jax_kwargs = torch_to_jax((args, kwargs), copy=copy, device=device)
         return jax_to_torch(fn(*jax_args, **jax_kwargs), copy=copy)
 
+    # the wrapper keeps fn's signature for the caller, with torch types in place of JAX ones
     return takes_and_returns_torch  # type: ignore[return-value]
 
 
@@ -518,4 +521,5 @@ def _wrap_torch_function(fn: F, copy: bool | None, device: Any) -> F:
         torch_args, torch_kwargs = jax_to_torch((args, kwargs), copy=copy, device=device)
         return torch_to_jax(fn(*torch_args, **torch_kwargs), copy=copy)
 
+    # the wrapper keeps fn's signature for the caller, with JAX types in place of torch ones
     return takes_and_returns_jax  # type: ignore[return-value]

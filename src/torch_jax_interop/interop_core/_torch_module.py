@@ -256,7 +256,7 @@ def _as_tensors(tree: Any) -> Any:
                 f"field{i}" for i in range(len(tree))
             )
             named = _STRUCTSEQ_TYPES.setdefault(
-                kind, collections.namedtuple(kind.__name__, fields)  # type: ignore[misc]
+                kind, collections.namedtuple(kind.__name__, fields)
             )
         return named(*(_as_tensors(v) for v in tree))
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):

@@ -203,6 +203,7 @@ def create_server(
         if address.startswith("unix://"):
             os.chmod(address[len("unix://"):], 0o600)
     health.serving()
+    # not a declared attribute: shutdown() reads it with getattr to report NOT_SERVING first
     servicer.health = health  # type: ignore[attr-defined]
     if any(is_tcp(a) for a in bound):
         log.info("TCP %s", "without TLS (--insecure or loopback)" if tls is None else

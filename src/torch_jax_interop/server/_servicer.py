@@ -34,8 +34,7 @@ from .._names import (
     DEFAULT_MAX_RESIDUAL_BYTES,
 )
 from .._version import __version__
-from ..proto.v1 import interop_pb2 as pb
-from ..proto.v1 import interop_pb2_grpc as pb_grpc
+from ..proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from ..transport import default_shm_dir
 from ._codec import (
     InlineBudget,
