@@ -240,6 +240,20 @@ class WrappedJaxFunction(torch.nn.Module):
     the backward pass needs are kept by reference (shared memory), like torch's saved
     tensors, so in this process modifying one in place before ``backward()`` raises torch's
     "modified by an inplace operation" error.
+
+    Args:
+        jax_function: ``f(params, *args, **kwargs)``, a JAX function, or a worker's function
+            (``worker.function(name)`` from ``torch_jax_interop.client.connect``), which then
+            runs forward and backward in the worker.
+        jax_params: The parameters: a JAX array, a torch tensor, or a pytree of them.
+        has_aux: The function returns ``(output, aux)``; ``aux`` is returned as is, without
+            gradients.
+        clone_params: Copy the parameters instead of sharing their memory.
+
+    Raises:
+        DoubleBackwardError: (on a second derivative) backward of backward is not supported.
+        RuntimeError: (in backward) a second backward without ``retain_graph=True``; (in
+            ``load_state_dict``) a 0.0.8 ``state_dict`` saved for other parameters.
     """
 
     def __init__(
@@ -391,6 +405,13 @@ class WrappedJaxScalarFunction(WrappedJaxFunction):
 
     Memory and parameters: as ``WrappedJaxFunction`` (parameters **share memory** with
     ``jax_params`` unless ``clone_params=True``).
+
+    Args:
+        jax_function: ``f(params, *args, **kwargs)`` returning a real scalar, or
+            ``(scalar, aux)`` with ``has_aux=True``; a JAX function or a worker's function.
+        jax_params: The parameters: a JAX array, a torch tensor, or a pytree of them.
+        has_aux: The function returns ``(loss, aux)`` (the default, as in 0.0.8).
+        clone_params: Copy the parameters instead of sharing their memory.
 
     Raises:
         TypeError: (on a call) the output is not a 0-d floating-point tensor, or with

@@ -4,7 +4,7 @@ Every error the library raises on purpose is an :class:`InteropError`, importabl
 here (``from torch_jax_interop.errors import TransportError``). Where a
 builtin exception type is the natural one (a value out of range, an unsupported
 type), the project's class derives from both, so ``except OverflowError`` and
-``except InteropError`` both work::
+``except InteropError`` both work:
 
     InteropError
     ├── ConversionError (TypeError)          a value cannot be converted

@@ -73,7 +73,19 @@ _CHANNEL_OPTIONS = [
 
 
 class Worker:
-    """A connection to one JAX worker. Use as a context manager; see ``connect``."""
+    """A connection to one JAX worker: one session, opened by ``connect``.
+
+    Use it as a context manager (``with connect(address) as worker: ...``) or call
+    ``close()``. ``worker.function(name)`` returns a ``RemoteFunction``; ``worker.transport``
+    says how this session moves tensors and ``worker.stats`` counts what it moved. It is
+    safe to call functions from several threads. Construct it through ``connect``, which
+    documents the arguments.
+
+    Raises:
+        WorkerUnavailableError: (on any call) the worker is gone; a restarted worker is
+            found within about a second (or ``reconnect_timeout``).
+        DeadlineExceededError: (on any call) the call ran past ``timeout``.
+    """
 
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None, token_file: str | None = None,
@@ -323,13 +335,25 @@ class Worker:
     # -- API ------------------------------------------------------------------------------
 
     def functions(self) -> list[FunctionInfo]:
-        """Names, signatures and docs of the functions the worker serves."""
+        """Names, signatures and docs of the functions the worker serves.
+
+        Returns:
+            One ``FunctionInfo`` (``name``, ``signature``, ``doc``, ``target``) per function.
+        """
         response = self._rpc(self._stub.ListFunctions, pb.ListFunctionsRequest(),
                              "listing functions")
         return [FunctionInfo(f.name, f.signature, f.doc, f.target) for f in response.functions]
 
     def function(self, name: str) -> RemoteFunction:
-        """A callable running ``name`` in the worker (taking and returning torch tensors)."""
+        """A callable running ``name`` in the worker (taking and returning torch tensors).
+
+        Args:
+            name: A name the worker serves (see ``functions()``); not checked until the
+                first call, which raises ``FunctionNotFoundError`` listing the names.
+
+        Returns:
+            A ``RemoteFunction``; wrap it in ``WrappedJaxFunction`` to train through it.
+        """
         return RemoteFunction(self, name)
 
     def close(self) -> None:

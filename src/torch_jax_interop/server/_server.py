@@ -118,6 +118,27 @@ def create_server(
     CA for mTLS)``); a non-loopback TCP address without it is refused unless ``insecure``
     (Note [Who may reach a TCP worker] in ``_tls.py``). ``connection_limits``: Note
     [Unauthenticated peers cost little].
+
+    Args:
+        functions: Name -> JAX callable or ``"package.module:attr"``.
+        addresses: One address or several (``unix:///path``, ``host:port``).
+        token: The bearer token TCP clients must send (default: ``TORCH_JAX_INTEROP_TOKEN``).
+        config: Limits and paths (``WorkerConfig()`` by default).
+        tls: Certificates for the TCP listeners.
+        insecure: Allow plaintext TCP on a non-loopback address (a trusted network only).
+        connection_limits: Connection caps and timeouts of the listeners.
+
+    Returns:
+        ``(server, bound_addresses, servicer)``: the started ``grpc.Server``, the addresses it
+        listens on (with the port chosen for ``:0``), and the servicer ``shutdown`` drains.
+
+    Raises:
+        ValueError: A TCP address without a token, a non-loopback TCP address without
+            ``tls`` or ``insecure``, a unix socket path over 107 bytes, or a
+            ``"package.module:attr"`` that names nothing callable.
+        UntrustedSocketError: A unix socket's directory that others may write.
+        OSError: An address in use (``EADDRINUSE``, naming what is there) or one that
+            cannot be bound.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = config or WorkerConfig()
@@ -267,7 +288,25 @@ def serve(
     connection_limits: ConnectionLimits | None = None,
 ) -> int:
     """Run a worker until SIGTERM / SIGINT; then drain in-flight calls and return 0.
-    The keywords are ``create_server``'s."""
+    The keywords are ``create_server``'s.
+
+    Args:
+        functions: Name -> JAX callable or ``"package.module:attr"``.
+        addresses: One address or several (``unix:///path``, ``host:port``).
+        token: The bearer token TCP clients must send (default: ``TORCH_JAX_INTEROP_TOKEN``).
+        config: Limits and paths (``WorkerConfig()`` by default).
+        ready_file: Written (JSON with the bound addresses and the pid) once the worker serves.
+        grace: Seconds in-flight calls get to finish after SIGTERM.
+        tls: Certificates for the TCP listeners.
+        insecure: Allow plaintext TCP on a non-loopback address (a trusted network only).
+        connection_limits: Connection caps and timeouts of the listeners.
+
+    Returns:
+        The exit status: 0 after a drain.
+
+    Raises:
+        ValueError, UntrustedSocketError, OSError: As ``create_server``.
+    """
     server, bound, servicer = create_server(functions, addresses, token=token, config=config,
                                             tls=tls, insecure=insecure,
                                             connection_limits=connection_limits)
