@@ -4,7 +4,7 @@ Library mode (this module) imports torch and JAX lazily, on first use of a name,
 ``torch_jax_interop.server`` (JAX only) and ``torch_jax_interop.client`` (torch only) can be
 imported in images that lack the other framework. Importing changes no jax or torch setting.
 Every exception is in :mod:`torch_jax_interop.errors`; the layers (base, torch side, JAX side,
-bridge) are described in the README and enforced by the import-linter contracts in
+bridge) are described in docs/index.md ("Layout") and enforced by the import-linter contracts in
 ``pyproject.toml``.
 """
 

@@ -1,4 +1,4 @@
-"""torchrun + DDP with a JAX worker per rank (README, Scaling out): one real ``torchrun`` job.
+"""torchrun + DDP with a JAX worker per rank (docs/scaling.md): one real ``torchrun`` job.
 
 Two workers (``WorkerGroup``, what ``torch-jax-interop worker --ranks 2`` runs) and two
 torch ranks under ``python -m torch.distributed.run --nproc_per_node=2`` (gloo on CPU); each
@@ -156,10 +156,10 @@ def test_fsdp2_fully_shard_trains_like_one_process(job: dict[str, Any]) -> None:
 
 
 def test_fsdp2_in_library_mode_fails_at_the_first_step(job: dict[str, Any]) -> None:
-    """Known limitation (README, Scaling out): in library mode JAX reads the parameters in
+    """Known limitation (docs/scaling.md): in library mode JAX reads the parameters in
     place, so their storage is pinned (not resizable) and FSDP2 cannot free the unsharded
     parameters after forward. Wrapping works; the first step fails. When this changes, the
-    README must change with it."""
+    docs/scaling.md must change with it."""
     for meta in job["metas"]:
         outcome = meta["fsdp_library_mode"]
         assert outcome["stage"] == "first step", outcome
