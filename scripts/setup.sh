@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates (or updates) .venv with everything the project, its tests and benchmarks need.
+# Creates (or updates) .venv with everything the project, its tests, benchmarks and docs site need.
 # torch comes from `torch==2.13.0`, the CPU wheel on this machine's disk; the project's
 # extras only put lower bounds on torch, so pip never replaces it with a CUDA build.
 set -euo pipefail
