@@ -154,9 +154,15 @@ def reliability_rows(data: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _soak_summary() -> dict[str, Any]:
+    return {k: v for k, v in json.loads(SOAK_RUN.read_text()).items() if k != "reports"}
+
+
 def reliability() -> str:
     source = reliability_source()
     data = json.loads(source.read_text())
+    if source == RELIABILITY_RUN and SOAK_RUN.is_file():
+        data["soak"] = _soak_summary()
     commands = sorted({entry["command"] for entry in data.values() if "command" in entry})
     recorded = sorted(entry["recorded"] for entry in data.values() if "recorded" in entry)
     lines = [
@@ -180,8 +186,7 @@ def snapshot() -> Path:
         )
     data = json.loads(RELIABILITY_RUN.read_text())
     if SOAK_RUN.is_file():
-        data["soak"] = {k: v for k, v in json.loads(SOAK_RUN.read_text()).items()
-                        if k != "reports"}
+        data["soak"] = _soak_summary()
     RELIABILITY_SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
     RELIABILITY_SNAPSHOT.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return RELIABILITY_SNAPSHOT
