@@ -4,7 +4,7 @@ Writes into ``--out`` (default ``benchmarks/results/``):
 
 * ``latest.json``: one record per case and variant (group, name, variant, bytes, repetitions,
   median_s, p10_s, p90_s, status, note), the comparisons with their targets, the machine;
-* ``latest.md``: the tables the README's Performance section embeds;
+* ``latest.md``: the tables of the docs' Performance page (docs/performance.md);
 * ``throughput.png``: remote round-trip throughput against payload size, per transport,
   with the memcpy and bare-gRPC-echo floors;
 * ``reference.json`` too with ``--reference`` (the committed copy of a full run).

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from . import _distributed
-from ._suite import OK, OVER_LIMIT, Comparison, Record, Suite
+from ._suite import OK, OVER_LIMIT, Comparison, Record, Suite, Target
+from ._timing import Stats, TimingConfig
 
 SCHEMA_VERSION = 1
 JSON_NAME = "latest.json"
@@ -80,6 +81,34 @@ def to_json(suite: Suite, machine: dict[str, Any], command: str) -> dict[str, An
         "comparisons": [comparison.as_dict() for comparison in suite.comparisons],
         "facts": suite.extra,
     }
+
+
+def from_json(document: dict[str, Any]) -> tuple[Suite, dict[str, Any], str]:
+    """The inverse of ``to_json``: ``(suite, machine, command)``, so that the tables can be
+    written again from a saved run (the docs site does, from ``latest.json``)."""
+    if document.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"benchmark results of schema version {document.get('schema_version')!r}, this "
+            f"code reads version {SCHEMA_VERSION}: rerun `python -m benchmarks`"
+        )
+    suite = Suite(config=TimingConfig(**document["timing"]), quick=bool(document["quick"]))
+    for row in document["records"]:
+        stats = (
+            None
+            if row["median_s"] is None
+            else Stats(row["median_s"], row["p10_s"], row["p90_s"], row["repetitions"],
+                       row["loops"])
+        )
+        suite.add(Record(row["group"], row["name"], row["variant"], row["bytes"],
+                         reference=row["reference"], status=row["status"], note=row["note"],
+                         stats=stats))
+    for row in document["comparisons"]:
+        target = None if row["target"] is None else Target(**row["target"])
+        suite.compare(row["group"], row["name"], row["bytes"], row["variant"], row["reference"],
+                      target)
+    suite.extra.update(document.get("facts", {}))
+    suite.resolve()
+    return suite, document["machine"], document["command"]
 
 
 # ---------------------------------------------------------------------------------------

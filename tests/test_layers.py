@@ -1,5 +1,5 @@
-"""The layers of README "Layout" hold: the import-linter contracts in pyproject.toml, and what
-each entry point really loads in a fresh interpreter.
+"""The layers of docs/index.md ("Layout") hold: the import-linter contracts in pyproject.toml,
+and what each entry point really loads in a fresh interpreter.
 
 import-linter reads import statements (lazy ones inside functions included, minus the
 crossings its contracts list with a reason); the subprocess checks below see what actually
@@ -65,8 +65,9 @@ def test_import_linter_contracts_hold() -> None:
         env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=300,
     )
     assert result.returncode == 0, (
-        "a layer rule of pyproject.toml [tool.importlinter] is broken (README, Layout: base / "
-        "torch side / JAX side / bridge). lint-imports says:\n" + result.stdout + result.stderr
+        "a layer rule of pyproject.toml [tool.importlinter] is broken (docs/index.md, Layout: "
+        "base / torch side / JAX side / bridge). lint-imports says:\n"
+        + result.stdout + result.stderr
     )
     assert "0 broken" in result.stdout
 

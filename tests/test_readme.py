@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs, in order, in one namespace, in a fresh interpreter.
+"""Every ```python block of README.md runs, in order, in one namespace, in a fresh interpreter;
+so do those of each page of the documentation site (``docs/*.md``), each page in its own.
 
 To leave a block out (say it needs a GPU, Docker or a running worker), put the HTML comment
 ``<!-- no-test -->`` on the line just before its opening fence:
@@ -13,8 +14,10 @@ library mode) runs the same way, its ``>>>`` blocks as doctests (see ``SEED_RUNN
 
 The blocks run in a subprocess so that whatever they configure (jax x64 mode, torch
 defaults, environment variables) cannot leak into the rest of the test suite, with warnings
-as errors, as in pytest's own configuration. A failure names the README line of the block
-and of the failing statement (tracebacks point into README.md).
+as errors, as in pytest's own configuration. A failure names the file and line of the block
+and of the failing statement (tracebacks point into the Markdown file). A docs page whose
+blocks need a running worker or a GPU marks them ``<!-- no-test -->``, or uses
+``connect("inproc", ...)`` as the service-mode examples do.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-SEED_README = README.parent / "docs" / "seed-0.0.8-readme.md"
+DOCS = README.parent / "docs"
+SEED_README = DOCS / "seed-0.0.8-readme.md"
 SKIP_MARKER = "<!-- no-test -->"
 _FENCE = re.compile(r"^(?P<indent>[ ]{0,3})(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
 
@@ -66,9 +72,9 @@ blocks = json.loads(BLOCKS)
 namespace = {"__name__": "__main__"}
 for line, code in blocks:
     try:
-        exec(compile("\\n" * (line - 1) + code, "README.md", "exec"), namespace)
+        exec(compile("\\n" * (line - 1) + code, FILE, "exec"), namespace)
     except BaseException:
-        print(f"README.md: the python block starting at line {line} failed:", file=sys.stderr)
+        print(f"{FILE}: the python block starting at line {line} failed:", file=sys.stderr)
         traceback.print_exc()
         sys.exit(1)
 print(f"ran {len(blocks)} blocks")
@@ -106,12 +112,32 @@ def test_the_readme_has_the_library_mode_example() -> None:
     assert library, "the library-mode example (seed README) is missing or marked no-test"
 
 
-def test_readme_python_blocks_run(run_python) -> None:  # noqa: ANN001
-    blocks = python_blocks(README.read_text())
-    code = f"BLOCKS = {json.dumps([list(b) for b in blocks])!r}\n{RUNNER}"
+def _run_blocks(run_python, path: Path) -> None:  # noqa: ANN001
+    blocks = python_blocks(path.read_text())
+    name = path.relative_to(README.parent).as_posix()
+    code = f"FILE = {name!r}\nBLOCKS = {json.dumps([list(b) for b in blocks])!r}\n{RUNNER}"
     result = run_python(code, timeout=300)
     assert result.returncode == 0, f"{result.stderr}\n--- stdout ---\n{result.stdout}"
     assert f"ran {len(blocks)} blocks" in result.stdout
+
+
+def test_readme_python_blocks_run(run_python) -> None:  # noqa: ANN001
+    _run_blocks(run_python, README)
+
+
+# The seed README runs under its own doctest runner (below).
+DOC_PAGES = sorted(p for p in DOCS.glob("*.md") if p != SEED_README)
+PAGES_WITH_CODE = [p for p in DOC_PAGES if python_blocks(p.read_text())]
+
+
+def test_the_docs_pages_with_examples_are_found() -> None:
+    names = {p.name for p in PAGES_WITH_CODE}
+    assert {"library.md", "service.md"} <= names, f"docs pages with python blocks: {names}"
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: p.name)
+def test_docs_page_python_blocks_run(run_python, page: Path) -> None:  # noqa: ANN001
+    _run_blocks(run_python, page)
 
 
 # The seed README's `>>>` blocks print values of randomly initialised models (an unseeded

@@ -4,7 +4,7 @@ Library mode (this module) imports torch and JAX lazily, on first use of a name,
 ``torch_jax_interop.server`` (JAX only) and ``torch_jax_interop.client`` (torch only) can be
 imported in images that lack the other framework. Importing changes no jax or torch setting.
 Every exception is in :mod:`torch_jax_interop.errors`; the layers (base, torch side, JAX side,
-bridge) are described in the README and enforced by the import-linter contracts in
+bridge) are described in docs/index.md ("Layout") and enforced by the import-linter contracts in
 ``pyproject.toml``.
 """
 
@@ -16,26 +16,22 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__ as __version__
 from .errors import (
     ConversionError as ConversionError,
-)
-from .errors import (
     CopyRequiredError as CopyRequiredError,
-)
-from .errors import (
     IntegerOverflowError as IntegerOverflowError,
-)
-from .errors import (
     InteropError as InteropError,
-)
-from .errors import (
     UnsupportedTensorError as UnsupportedTensorError,
 )
 
 if TYPE_CHECKING:
-    from ._wrapped import WrappedJaxFunction as WrappedJaxFunction
-    from ._wrapped import WrappedJaxScalarFunction as WrappedJaxScalarFunction
-    from .interop_core import jax_to_torch as jax_to_torch
-    from .interop_core import torch_module_to_jax as torch_module_to_jax
-    from .interop_core import torch_to_jax as torch_to_jax
+    from ._wrapped import (
+        WrappedJaxFunction as WrappedJaxFunction,
+        WrappedJaxScalarFunction as WrappedJaxScalarFunction,
+    )
+    from .interop_core import (
+        jax_to_torch as jax_to_torch,
+        torch_module_to_jax as torch_module_to_jax,
+        torch_to_jax as torch_to_jax,
+    )
 
 _LAZY = {
     "torch_to_jax": "torch_jax_interop.interop_core",

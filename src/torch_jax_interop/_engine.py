@@ -163,7 +163,7 @@ class Program:
         self.out_float = tuple(_is_inexact(leaf) for leaf in out_leaves)
         self.out_shapes = tuple(np.shape(leaf) for leaf in out_leaves)
         self.out_dtypes = tuple(_dtype_of(leaf) for leaf in out_leaves)
-        return out_leaves  # type: ignore[no-any-return]
+        return out_leaves
 
 
 class Residuals:

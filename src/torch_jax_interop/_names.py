@@ -20,8 +20,8 @@ def check_transport(transport: str) -> str:
     return transport
 
 
-# Worker limits whose defaults both ``WorkerConfig`` and the CLI use (the README's "Limits"
-# says what memory each bounds).
+# Worker limits whose defaults both ``WorkerConfig`` and the CLI use (docs/reliability.md,
+# "Memory and request bounds", says what memory each bounds).
 DEFAULT_MAX_LEAVES = 4096
 """Tensors per request (``--max-leaves``)."""
 DEFAULT_MAX_COMPILED_SIGNATURES = 256

@@ -66,7 +66,7 @@ class TreeSpec:
         if cached is None:
             cached = hash((self.kind, self.children, self.meta, self.num_leaves))
             object.__setattr__(self, "_hash", cached)
-        return cached  # type: ignore[no-any-return]
+        return cached
 
     def __getstate__(self) -> dict[str, Any]:
         # string hashes differ between processes: never carry the cached one along
@@ -253,7 +253,7 @@ def _key_name(key: Any) -> Any:
     return str(key)
 
 
-class _DataclassMeta(tuple):  # type: ignore[type-arg]
+class _DataclassMeta(tuple):
     """(class, field names, template instance); equal when class and field names are.
 
     The template (fields cleared) is only used to copy non-field state when rebuilding; it

@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from . import _pytree
-from ._dtypes import BY_NAME, DTYPE_NAMES
-from ._dtypes import DTYPE_TO_ENUM as DTYPE_TO_ENUM
-from ._dtypes import ENUM_TO_DTYPE as ENUM_TO_DTYPE
+from ._dtypes import (
+    BY_NAME,
+    DTYPE_NAMES,
+    DTYPE_TO_ENUM as DTYPE_TO_ENUM,
+    ENUM_TO_DTYPE as ENUM_TO_DTYPE,
+)
 from ._errors import InvalidArgumentError, ResourceExhaustedError
-from ._layout import ALIGNMENT as ALIGNMENT
-from ._layout import align as align
+from ._layout import ALIGNMENT as ALIGNMENT, align as align
 from .proto.v1 import interop_pb2 as pb
 
 # Both sides send it in OpenSession and refuse a peer of another version (FAILED_PRECONDITION

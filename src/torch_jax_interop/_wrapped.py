@@ -61,7 +61,7 @@ _keep_graph: Callable[[], bool] = keep_graph
 def _select_backend(jax_function: Any) -> VjpBackend:
     provider = getattr(jax_function, "__torch_jax_interop_backend__", None)
     if provider is not None:
-        return provider()  # type: ignore[no-any-return]
+        return provider()
     # imported here: the local backend is the bridge (it imports JAX), this module is not
     from .interop_core._local_backend import LocalJaxBackend
 
@@ -184,7 +184,7 @@ class _Residuals:
 
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:
         flat, call.out_spec, aux, handle = call.backend.flat_forward(call, list(tensors))
         ctx.call = call
         ctx.residuals = _Residuals(call.backend, handle)
@@ -201,7 +201,7 @@ class _JaxFunction(torch.autograd.Function):
         return tuple(flat)
 
     @staticmethod
-    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:
         call: Call = ctx.call
         residuals: _Residuals = ctx.residuals
         handle = residuals.handle
@@ -230,11 +230,11 @@ class _NoSecondDerivative(torch.autograd.Function):
     """Identity whose backward raises: marks first-order gradients of a wrapped function."""
 
     @staticmethod
-    def forward(ctx: Any, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
         return grad.clone()
 
     @staticmethod
-    def backward(ctx: Any, _: torch.Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, _: torch.Tensor) -> Any:
         raise DoubleBackwardError(
             "WrappedJaxFunction supports first derivatives only: the gradient it returns "
             "cannot be differentiated again (double backward, e.g. a gradient penalty "
@@ -282,6 +282,20 @@ class WrappedJaxFunction(torch.nn.Module):
     the backward pass needs are kept by reference (shared memory), like torch's saved
     tensors, so in this process modifying one in place before ``backward()`` raises torch's
     "modified by an inplace operation" error.
+
+    Args:
+        jax_function: ``f(params, *args, **kwargs)``, a JAX function, or a worker's function
+            (``worker.function(name)`` from ``torch_jax_interop.client.connect``), which then
+            runs forward and backward in the worker.
+        jax_params: The parameters: a JAX array, a torch tensor, or a pytree of them.
+        has_aux: The function returns ``(output, aux)``; ``aux`` is returned as is, without
+            gradients.
+        clone_params: Copy the parameters instead of sharing their memory.
+
+    Raises:
+        DoubleBackwardError: (on a second derivative) backward of backward is not supported.
+        RuntimeError: (in backward) a second backward without ``retain_graph=True``; (in
+            ``load_state_dict``) a 0.0.8 ``state_dict`` saved for other parameters.
     """
 
     def __init__(
@@ -313,6 +327,7 @@ class WrappedJaxFunction(torch.nn.Module):
                 if child is None:
                     child = ParameterTree()
                     owner.register_module(name, child)
+                # a sub-module registered as a ParameterTree just above (or found as one)
                 owner = child  # type: ignore[assignment]
             name = path[-1]
             if tensor.is_floating_point() or tensor.is_complex():
@@ -436,6 +451,13 @@ class WrappedJaxScalarFunction(WrappedJaxFunction):
 
     Memory and parameters: as ``WrappedJaxFunction`` (parameters **share memory** with
     ``jax_params`` unless ``clone_params=True``).
+
+    Args:
+        jax_function: ``f(params, *args, **kwargs)`` returning a real scalar, or
+            ``(scalar, aux)`` with ``has_aux=True``; a JAX function or a worker's function.
+        jax_params: The parameters: a JAX array, a torch tensor, or a pytree of them.
+        has_aux: The function returns ``(loss, aux)`` (the default, as in 0.0.8).
+        clone_params: Copy the parameters instead of sharing their memory.
 
     Raises:
         TypeError: (on a call) the output is not a 0-d floating-point tensor, or with

@@ -4,7 +4,7 @@ Every error the library raises on purpose is an :class:`InteropError`, importabl
 here (``from torch_jax_interop.errors import TransportError``). Where a
 builtin exception type is the natural one (a value out of range, an unsupported
 type), the project's class derives from both, so ``except OverflowError`` and
-``except InteropError`` both work::
+``except InteropError`` both work:
 
     InteropError
     ├── ConversionError (TypeError)          a value cannot be converted
@@ -40,28 +40,30 @@ imports neither torch nor JAX.
 
 from __future__ import annotations
 
-from ._errors import AuthenticationError as AuthenticationError
-from ._errors import ConversionError as ConversionError
-from ._errors import CopyRequiredError as CopyRequiredError
-from ._errors import DeadlineExceededError as DeadlineExceededError
-from ._errors import DoubleBackwardError as DoubleBackwardError
-from ._errors import FunctionNotFoundError as FunctionNotFoundError
-from ._errors import IntegerOverflowError as IntegerOverflowError
-from ._errors import InteropError as InteropError
-from ._errors import InvalidArgumentError as InvalidArgumentError
-from ._errors import MalformedReplyError as MalformedReplyError
-from ._errors import PoolExhaustedError as PoolExhaustedError
-from ._errors import ProtocolVersionError as ProtocolVersionError
-from ._errors import RegionRejectedError as RegionRejectedError
-from ._errors import RemoteError as RemoteError
-from ._errors import RemoteExecutionError as RemoteExecutionError
-from ._errors import ResourceExhaustedError as ResourceExhaustedError
-from ._errors import SharedMemoryFullError as SharedMemoryFullError
-from ._errors import SliceOutOfBoundsError as SliceOutOfBoundsError
-from ._errors import TransportError as TransportError
-from ._errors import UnsupportedTensorError as UnsupportedTensorError
-from ._errors import UntrustedSocketError as UntrustedSocketError
-from ._errors import WorkerUnavailableError as WorkerUnavailableError
+from ._errors import (
+    AuthenticationError as AuthenticationError,
+    ConversionError as ConversionError,
+    CopyRequiredError as CopyRequiredError,
+    DeadlineExceededError as DeadlineExceededError,
+    DoubleBackwardError as DoubleBackwardError,
+    FunctionNotFoundError as FunctionNotFoundError,
+    IntegerOverflowError as IntegerOverflowError,
+    InteropError as InteropError,
+    InvalidArgumentError as InvalidArgumentError,
+    MalformedReplyError as MalformedReplyError,
+    PoolExhaustedError as PoolExhaustedError,
+    ProtocolVersionError as ProtocolVersionError,
+    RegionRejectedError as RegionRejectedError,
+    RemoteError as RemoteError,
+    RemoteExecutionError as RemoteExecutionError,
+    ResourceExhaustedError as ResourceExhaustedError,
+    SharedMemoryFullError as SharedMemoryFullError,
+    SliceOutOfBoundsError as SliceOutOfBoundsError,
+    TransportError as TransportError,
+    UnsupportedTensorError as UnsupportedTensorError,
+    UntrustedSocketError as UntrustedSocketError,
+    WorkerUnavailableError as WorkerUnavailableError,
+)
 
 __all__ = [
     "AuthenticationError",

@@ -26,8 +26,7 @@ from support.workers import FUNCTIONS, WorkerProcess, start_worker, stop_worker
 from torch_jax_interop import WrappedJaxFunction
 from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import connect
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 
 UUID = "GPU-8f6a2c1e-1b2d-4c3e-9f10-0a1b2c3d4e5f"
 NO_SUPPORT = "this worker has no CUDA IPC support"

@@ -27,8 +27,7 @@ from torch_jax_interop.client import (
     WorkerUnavailableError,
     connect,
 )
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 
 
 class _SilentWorker(pb_grpc.JaxWorkerServiceServicer):

@@ -19,8 +19,7 @@ import torch
 from torch_jax_interop import _wire
 from torch_jax_interop.client import connect
 from torch_jax_interop.errors import MalformedReplyError, TransportError
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 
 Reply = Callable[[Any], Any]
 

@@ -1,4 +1,5 @@
-"""The README's main job: worker process + remote training + in-process check + cleanup."""
+"""The demo (README, "The two commands"): worker process + remote training + in-process
+check + cleanup."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ SEED = 0
 LR = 0.05
 
 # The wrapped function's outputs are views of the client's output arena (they share its
-# memory; README, Service mode). FSDP2 warns about any view output because an in-place op on
+# memory; docs/service.md). FSDP2 warns about any view output because an in-place op on
 # one would skip its pre-backward hook; this model applies none.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 

@@ -1,4 +1,4 @@
-"""torchrun + DDP with a JAX worker per rank (README, Scaling out): one real ``torchrun`` job.
+"""torchrun + DDP with a JAX worker per rank (docs/scaling.md): one real ``torchrun`` job.
 
 Two workers (``WorkerGroup``, what ``torch-jax-interop worker --ranks 2`` runs) and two
 torch ranks under ``python -m torch.distributed.run --nproc_per_node=2`` (gloo on CPU); each

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from torch_jax_interop import CopyRequiredError, jax_to_torch, torch_to_jax
 from torch_jax_interop._dtypes import BY_NAME, SHARED_DTYPES, DTypeInfo

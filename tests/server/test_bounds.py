@@ -31,8 +31,7 @@ from support.workers import RSS_STEADY_ENV, WorkerProcess, rss_mib, start_worker
 from torch_jax_interop._dtypes import DTYPE_TO_ENUM
 from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import connect
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 
 _NAMES = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32",
           np.dtype(np.bool_): "bool", np.dtype(np.float64): "float64"}

@@ -32,8 +32,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from support.reliability import record
 from support.workers import WorkerProcess, start_worker, stop_worker
 
@@ -46,8 +45,7 @@ from torch_jax_interop._wire import (
     SERVICE_NAME,
 )
 from torch_jax_interop.client import connect
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 MAX_TENSOR = 16 << 20  # the worker's --max-tensor-bytes

@@ -30,8 +30,7 @@ from support.workers import WorkerProcess, start_worker, stop_worker
 
 from torch_jax_interop._wire import PROTOCOL_VERSION, SERVICE_NAME
 from torch_jax_interop.client import AuthenticationError, ResourceExhaustedError, connect
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 
 CHECKS: dict[str, int] = {}
 

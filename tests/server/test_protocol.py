@@ -13,8 +13,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health as grpc_health
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health as grpc_health, health_pb2, health_pb2_grpc
 from support.workers import WorkerProcess
 
 from torch_jax_interop._version import __version__
@@ -22,8 +21,7 @@ from torch_jax_interop._wire import PROTOCOL_VERSION, SERVICE_NAME
 from torch_jax_interop.client import AuthenticationError, connect
 from torch_jax_interop.client._errors_map import _BY_CODE
 from torch_jax_interop.errors import ProtocolVersionError
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from torch_jax_interop.server._health import check_health
 
 

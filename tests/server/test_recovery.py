@@ -23,8 +23,7 @@ from support.workers import WorkerProcess, start_worker, stop_worker
 from torch_jax_interop._wire import PROTOCOL_VERSION
 from torch_jax_interop.client import WorkerUnavailableError, connect
 from torch_jax_interop.demo import build_model, synthetic_batch
-from torch_jax_interop.proto.v1 import interop_pb2 as pb
-from torch_jax_interop.proto.v1 import interop_pb2_grpc as pb_grpc
+from torch_jax_interop.proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from torch_jax_interop.transport import SharedMemoryRegion, region_tag
 
 FAULTS: dict[str, int] = {}

@@ -1,8 +1,10 @@
-"""Counts behind the README's Reliability table, written by the reliability tests.
+"""Counts behind the Reliability page's table, written by the reliability tests.
 
 Each test module records its figures under its own key in ``.cache/reliability.json`` (at the
-repository root, git-ignored), together with the command line that produced them, so the
-table can be refreshed from a test run: ``cat .cache/reliability.json``.
+repository root, git-ignored), together with the command line that produced them. The docs
+site renders its table from that file (``scripts/docs_tables.py``; the committed snapshot
+``docs/data/reliability.json`` when the last run lacks a section), so a key renamed here must
+be renamed there.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from torch_jax_interop._errors import SliceOutOfBoundsError, TransportError
 from torch_jax_interop.transport import cuda

@@ -15,8 +15,7 @@ import numpy as np
 from .._layout import ALIGNMENT, is_aligned
 
 try:  # jax's own from_dlpack calls these after ~25 us of Python; we call them directly
-    from jax._src.lib import _jax as _jaxlib
-    from jax._src.lib import jaxlib_extension_version as _JAXLIB_VERSION
+    from jax._src.lib import _jax as _jaxlib, jaxlib_extension_version as _JAXLIB_VERSION
 
     _ArrayImpl: Any = _jaxlib.ArrayImpl
     _dlpack_to_buffer: Any = _jaxlib.dlpack_managed_tensor_to_buffer

@@ -51,7 +51,7 @@ def run_outside_dynamo(fn: F) -> F:
     """
     disable = getattr(torch, "_disable_dynamo", None)
     if disable is not None:
-        return disable(fn)  # type: ignore[no-any-return]
+        return disable(fn)
     return torch.compiler.disable(fn)  # pragma: no cover - torch without _disable_dynamo
 
 

@@ -5,38 +5,22 @@ from .._ranks import rank_address as rank_address
 from .._tls import TlsConfig as TlsConfig
 from ..errors import (
     AuthenticationError as AuthenticationError,
-)
-from ..errors import (
     DeadlineExceededError as DeadlineExceededError,
-)
-from ..errors import (
     FunctionNotFoundError as FunctionNotFoundError,
-)
-from ..errors import (
     InvalidArgumentError as InvalidArgumentError,
-)
-from ..errors import (
     MalformedReplyError as MalformedReplyError,
-)
-from ..errors import (
     ProtocolVersionError as ProtocolVersionError,
-)
-from ..errors import (
     RemoteError as RemoteError,
-)
-from ..errors import (
     RemoteExecutionError as RemoteExecutionError,
-)
-from ..errors import (
     ResourceExhaustedError as ResourceExhaustedError,
-)
-from ..errors import (
     WorkerUnavailableError as WorkerUnavailableError,
 )
-from ._connect import FunctionInfo as FunctionInfo
-from ._connect import RemoteFunction as RemoteFunction
-from ._connect import Worker as Worker
-from ._connect import connect as connect
+from ._connect import (
+    FunctionInfo as FunctionInfo,
+    RemoteFunction as RemoteFunction,
+    Worker as Worker,
+    connect as connect,
+)
 
 __all__ = [
     "AuthenticationError",

@@ -17,8 +17,7 @@ import torch
 
 from .. import _pytree, _wire
 from .._dtypes import DTYPE_NAMES
-from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
-from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
+from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH, TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, MalformedReplyError, ResourceExhaustedError
 
 _MAX_OUTPUT_BYTES = 1 << 62

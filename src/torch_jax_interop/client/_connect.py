@@ -12,7 +12,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import grpc
 import torch
@@ -33,8 +33,7 @@ from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
 from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
 from .._version import __version__
-from ..proto.v1 import interop_pb2 as pb
-from ..proto.v1 import interop_pb2_grpc as pb_grpc
+from ..proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from ..transport import (
     SharedMemoryPool,
     check_socket_path,
@@ -47,9 +46,11 @@ from ..transport import (
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, wire_specs
 from ._errors_map import to_remote_error
-from ._remote import RemoteBackend as RemoteBackend
-from ._remote import RemoteFunction as RemoteFunction
+from ._remote import RemoteBackend as RemoteBackend, RemoteFunction as RemoteFunction
 from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, _Session
+
+if TYPE_CHECKING:  # the bridge, imported at run time only by connect("inproc")
+    from ..interop_core._inproc import InprocWorker
 
 log = logging.getLogger("torch_jax_interop.client")
 
@@ -72,7 +73,19 @@ _CHANNEL_OPTIONS = [
 
 
 class Worker:
-    """A connection to one JAX worker. Use as a context manager; see ``connect``."""
+    """A connection to one JAX worker: one session, opened by ``connect``.
+
+    Use it as a context manager (``with connect(address) as worker: ...``) or call
+    ``close()``. ``worker.function(name)`` returns a ``RemoteFunction``; ``worker.transport``
+    says how this session moves tensors and ``worker.stats`` counts what it moved. It is
+    safe to call functions from several threads. Construct it through ``connect``, which
+    documents the arguments.
+
+    Raises:
+        WorkerUnavailableError: (on any call) the worker is gone; a restarted worker is
+            found within about a second (or ``reconnect_timeout``).
+        DeadlineExceededError: (on any call) the call ran past ``timeout``.
+    """
 
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None, token_file: str | None = None,
@@ -322,13 +335,25 @@ class Worker:
     # -- API ------------------------------------------------------------------------------
 
     def functions(self) -> list[FunctionInfo]:
-        """Names, signatures and docs of the functions the worker serves."""
+        """Names, signatures and docs of the functions the worker serves.
+
+        Returns:
+            One ``FunctionInfo`` (``name``, ``signature``, ``doc``, ``target``) per function.
+        """
         response = self._rpc(self._stub.ListFunctions, pb.ListFunctionsRequest(),
                              "listing functions")
         return [FunctionInfo(f.name, f.signature, f.doc, f.target) for f in response.functions]
 
     def function(self, name: str) -> RemoteFunction:
-        """A callable running ``name`` in the worker (taking and returning torch tensors)."""
+        """A callable running ``name`` in the worker (taking and returning torch tensors).
+
+        Args:
+            name: A name the worker serves (see ``functions()``); not checked until the
+                first call, which raises ``FunctionNotFoundError`` listing the names.
+
+        Returns:
+            A ``RemoteFunction``; wrap it in ``WrappedJaxFunction`` to train through it.
+        """
         return RemoteFunction(self, name)
 
     def close(self) -> None:
@@ -507,6 +532,36 @@ def _check_unix_peer(address: str) -> None:
         check_socket_path(socket_path)
 
 
+@overload
+def connect(
+    address: str,
+    *,
+    timeout: float = ...,
+    transport: str = ...,
+    token: str | None = ...,
+    token_file: str | None = ...,
+    tls: TlsConfig | None = ...,
+    functions: Mapping[str, Callable[..., Any] | str],
+    reconnect_timeout: float = ...,
+    max_arena_bytes: int = ...,
+) -> InprocWorker: ...
+
+
+@overload
+def connect(
+    address: str,
+    *,
+    timeout: float = ...,
+    transport: str = ...,
+    token: str | None = ...,
+    token_file: str | None = ...,
+    tls: TlsConfig | None = ...,
+    functions: None = ...,
+    reconnect_timeout: float = ...,
+    max_arena_bytes: int = ...,
+) -> Worker: ...
+
+
 def connect(
     address: str,
     *,
@@ -518,46 +573,68 @@ def connect(
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
     reconnect_timeout: float = 0.0,
     max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
-) -> Any:
+) -> Worker | InprocWorker:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
-    ``address``: ``unix:///path/worker.sock`` (the socket and its directory must belong to
-    this user or root and be writable by nobody else: ``UntrustedSocketError`` otherwise;
-    ``unix-abstract:`` is refused), ``host:port`` (needs the worker's ``token``,
-    or ``TORCH_JAX_INTEROP_TOKEN``), or ``"inproc"`` to run ``functions`` (name -> JAX
-    callable or ``"package.module:attr"``) in this process through the zero-copy core —
-    the same API, so switching modes is one string.
+    The session is opened here (a first request within ``timeout``) and closed by
+    ``worker.close()`` or the end of the ``with`` block. ``worker.function(name)`` is a
+    callable taking and returning torch tensors; tensors it returns **share memory** with the
+    client's output arena (released when the last of them is garbage-collected).
 
-    ``transport``: ``"auto"`` uses shared memory when the worker can map this process's
-    segments (same host and IPC namespace) and inline bytes otherwise, logging why; CUDA
-    tensors travel by CUDA IPC (device to device, no host copy) when the worker can open
-    this process's handles (same host, shared IPC and PID namespaces, the GPU visible to the
-    worker, cupy on both sides), else through the host path, logging why once per GPU.
-    ``"cuda_ipc"`` is ``"auto"`` that raises instead of falling back for CUDA tensors;
-    ``"shm"`` insists on shared memory; ``"inline"`` never uses it. Outputs of a call with
-    CUDA inputs come back on the first CUDA input's device.
-    ``timeout`` bounds the connection, the session opening and every call (deadline,
-    seconds).
+    Args:
+        address: ``unix:///path/worker.sock`` (the socket and its directory must belong to
+            this user or root and be writable by nobody else; ``unix-abstract:`` is
+            refused), ``host:port`` (needs the worker's ``token``, or
+            ``TORCH_JAX_INTEROP_TOKEN``), or ``"inproc"`` to run ``functions`` in this
+            process through the zero-copy core: the same API, so switching modes is one
+            string. May be a template with ``{local_rank}`` (or ``{rank}``,
+            ``{world_size}``, ``{local_world_size}``), filled from the variables ``torchrun``
+            sets in each rank, so one training script reaches one worker per rank:
+            ``connect("unix:///run/tji/worker-{local_rank}.sock")`` (see ``rank_address``;
+            ``torch-jax-interop worker --ranks N`` starts those workers).
+        timeout: Bounds the connection, the session opening and every call (a deadline, in
+            seconds).
+        transport: ``"auto"`` uses shared memory when the worker can map this process's
+            segments (same host and IPC namespace) and inline bytes otherwise, logging why;
+            CUDA tensors travel by CUDA IPC (device to device, no host copy) when the worker
+            can open this process's handles (same host, shared IPC and PID namespaces, the
+            GPU visible to the worker, cupy on both sides), else through the host path,
+            logging why once per GPU. ``"cuda_ipc"`` is ``"auto"`` that raises instead of
+            falling back for CUDA tensors; ``"shm"`` insists on shared memory; ``"inline"``
+            never uses it. Outputs of a call with CUDA inputs come back on the first CUDA
+            input's device.
+        token: The bearer token of a TCP worker.
+        token_file: Read the token from this file (e.g. ``/run/secrets/tji``) instead.
+        tls: Reach a TCP worker over TLS, e.g.
+            ``connect("host:5005", tls=TlsConfig(ca_file="ca.pem"), token_file=...)``; add
+            ``cert_file``/``key_file`` when the worker requires client certificates (mTLS),
+            and ``server_name`` when its certificate names another host than ``address``. A
+            worker on a non-loopback address serves TCP only over TLS unless started with
+            ``--insecure``.
+        functions: Only with ``"inproc"``: name -> JAX callable or
+            ``"package.module:attr"``.
+        reconnect_timeout: After the worker went away, how long (seconds) the next call
+            waits for it to come back before failing. The default ``0`` fails fast (a
+            restarted worker that is already listening is still found: the client retries
+            within a second).
+        max_arena_bytes: The most shared memory (bytes) a worker may ask this client to set
+            aside for one call's outputs (default 1 GiB).
 
-    ``reconnect_timeout``: after the worker went away, how long (seconds) the next call
-    waits for it to come back before failing. The default ``0`` fails fast (a restarted
-    worker that is already listening is still found: the client retries within a second).
-    ``max_arena_bytes``: the most shared memory (bytes) a worker may ask this client to
-    set aside for one call's outputs (default 1 GiB); a bigger ask is refused with
-    ``TransportError``.
+    Returns:
+        A ``Worker`` (an ``InprocWorker`` with the same interface for ``"inproc"``, which
+        needs ``functions``).
 
-    ``token_file``: read the token from this file (e.g. ``/run/secrets/tji``) instead of
-    ``token=``. ``tls``: reach a TCP worker over TLS, e.g.
-    ``connect("host:5005", tls=TlsConfig(ca_file="ca.pem"), token_file=...)``; add
-    ``cert_file``/``key_file`` when the worker requires client certificates (mTLS), and
-    ``server_name`` when its certificate names another host than ``address``. A worker on a
-    non-loopback address serves TCP only over TLS unless started with ``--insecure``.
-
-    ``address`` may be a template with ``{local_rank}`` (or ``{rank}``, ``{world_size}``,
-    ``{local_world_size}``), filled from the variables ``torchrun`` sets in each rank, so one
-    training script reaches one worker per rank:
-    ``connect("unix:///run/tji/worker-{local_rank}.sock")`` (see ``rank_address``;
-    ``torch-jax-interop worker --ranks N`` starts those workers).
+    Raises:
+        ValueError: ``functions`` given for a worker address, or missing for ``"inproc"``;
+            an unknown ``transport``.
+        UntrustedSocketError: The unix socket or its directory may be written by another
+            user.
+        WorkerUnavailableError: Nothing answers at ``address``.
+        DeadlineExceededError: The session was not opened within ``timeout``.
+        AuthenticationError: The worker refused the token.
+        ProtocolVersionError: The worker speaks another protocol version.
+        TransportError: ``transport="shm"`` and the worker cannot map this process's
+            shared memory; later, a worker asking for more than ``max_arena_bytes``.
     """
     address = rank_address(address)  # a plain address comes back unchanged
     if address == "inproc" or address.startswith("inproc:"):

@@ -57,6 +57,21 @@ class RemoteFunction:
     until they are garbage-collected; they are never overwritten while alive). Gradients do
     not flow through a plain call: wrap it, ``WrappedJaxFunction(worker.function(name),
     params)``, to train through it (forward and backward then run in the worker).
+
+    Calling it takes the function's arguments as pytrees of torch tensors (leaves that are
+    not tensors are sent as static values) and returns its outputs as the same pytree of
+    torch tensors; with an input that requires grad under grad mode it runs as
+    ``WrappedJaxFunction`` would, without parameters.
+
+    Raises:
+        FunctionNotFoundError: The worker serves no function of this name (the message
+            lists those it serves).
+        InvalidArgumentError: The arguments do not fit the function (arity, dtype, shape).
+        ResourceExhaustedError: A worker limit was reached (the message names it).
+        RemoteExecutionError: The JAX function raised in the worker (the message names the
+            exception's type).
+        WorkerUnavailableError: The worker is gone.
+        DeadlineExceededError: The call ran past the connection's ``timeout``.
     """
 
     def __init__(self, worker: Worker, name: str) -> None:

@@ -59,14 +59,15 @@ def synthetic_batch(step: int, batch: int = BATCH) -> tuple[torch.Tensor, torch.
 
 def train(function: Any, *, steps: int, seed: int = 0, progress: bool = True,
           label: str = "") -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train the demo model; returns (losses, final state_dict)."""
-    from tqdm import tqdm
+    """Train the demo model; returns (losses, final state_dict).
 
+    The progress bar needs tqdm (the ``demo`` extra); without it, a line every tenth of the
+    steps reports the loss instead.
+    """
     model = build_model(function, seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=label or "train", disable=not progress, file=sys.stdout,
-               mininterval=0.5)
+    bar = _progress(steps, label or "train", progress)
     for step in bar:
         x, y = synthetic_batch(step)
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -77,6 +78,33 @@ def train(function: Any, *, steps: int, seed: int = 0, progress: bool = True,
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _PlainProgress:
+    """What the demo draws without tqdm: a line every tenth of the steps."""
+
+    def __init__(self, steps: int, label: str, enabled: bool) -> None:
+        self._steps, self._label, self._enabled = steps, label, enabled
+        self._every = max(1, steps // 10)
+        self._step, self._next = 0, 0
+
+    def __iter__(self) -> Any:
+        for step in range(self._steps):
+            self._step = step
+            yield step
+
+    def set_postfix(self, *, loss: str) -> None:
+        if self._enabled and self._step >= self._next:
+            print(f"{self._label}: step {self._step}/{self._steps}, loss {loss}", flush=True)
+            self._next = self._step + self._every
+
+
+def _progress(steps: int, label: str, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the demo extra is not installed: no bar, a few lines
+        return _PlainProgress(steps, label, enabled)
+    return tqdm(range(steps), desc=label, disable=not enabled, file=sys.stdout, mininterval=0.5)
 
 
 def _summary(losses: list[float]) -> str:

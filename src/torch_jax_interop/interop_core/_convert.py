@@ -71,11 +71,13 @@ _FastPaths = DLPackFastPath
 
 def _import_lowlevel(t: torch.Tensor) -> jax.Array:
     """Zero-copy import of a CPU tensor through the probed private entry point."""
+    # None unless the probe found the entry point; callers take this path only after it did
     return _FastPaths.import_capsule(to_dlpack_capsule(t))  # type: ignore[misc]
 
 
 def _export_lowlevel(a: Any) -> torch.Tensor:
     """Zero-copy export of a single-buffer CPU array through the probed private entry point."""
+    # None unless the probe found the entry point; callers take this path only after it did
     return from_dlpack_capsule(_FastPaths.export_capsule(a))  # type: ignore[misc]
 
 
@@ -433,6 +435,28 @@ def torch_to_jax(value: Any, *, copy: bool | None = None, device: Any = None) ->
     hardware id N; torch's current stream is synchronised with JAX's before JAX reads.
     64-bit tensors while JAX's x64 mode is off become 32-bit (see Note [64-bit values with
     x64 off]); integers that do not fit raise ``IntegerOverflowError``.
+
+    Args:
+        value: A ``torch.Tensor``, a ``torch.device``, a pytree of them, or a JAX function.
+        copy: ``None`` (the default) copies only when the layout or dtype forces it;
+            ``True`` always returns fresh memory; ``False`` never copies and raises where it
+            would have to.
+        device: Where the result goes (``jax.Device``, ``torch.device`` or a string such as
+            ``"cuda:0"``); ``None`` keeps the tensor's device.
+
+    Returns:
+        The same structure with JAX arrays (or JAX devices) in place of the tensors (devices),
+        sharing memory with them unless a copy was made; for a function, a function that takes
+        and returns torch tensors.
+
+    Raises:
+        CopyRequiredError: ``copy=False`` and the tensor cannot be shared (strides, offset,
+            conjugate or negative bit, a 64-bit dtype with x64 off, another device).
+        IntegerOverflowError: A 64-bit integer tensor with x64 off holds a value that does
+            not fit in 32 bits.
+        UnsupportedTensorError: A sparse, meta, quantized, nested or sub-byte tensor.
+        TypeError: A ``torch.nn.Module`` (use ``torch_module_to_jax``).
+        ValueError: JAX has no device matching ``device`` or the tensor's device.
     """
     if isinstance(value, _Tensor):
         return _tensor_to_jax(value, copy, device)
@@ -485,6 +509,22 @@ def jax_to_torch(value: Any, *, copy: bool | None = None, device: Any = None) ->
     JAX GPU with local hardware id N become ``cuda:N`` tensors, ordered after JAX's work on
     torch's current stream. Sharded arrays, traced values, PRNG keys and sub-byte dtypes
     raise ``UnsupportedTensorError`` with what to do instead.
+
+    Args:
+        value: A ``jax.Array``, a ``jax.Device``, a pytree of them, or a torch function.
+        copy: ``None`` (the default) copies only when it must; ``True`` always returns fresh
+            memory; ``False`` never copies and raises where it would have to.
+        device: Where the result goes (``torch.device``, ``jax.Device`` or a string);
+            ``None`` keeps the array's device.
+
+    Returns:
+        The same structure with torch tensors (or torch devices) in place of the arrays
+        (devices), sharing memory with them unless a copy was made; for a function, a
+        function that takes and returns JAX arrays.
+
+    Raises:
+        CopyRequiredError: ``copy=False`` and a copy would be needed (another device).
+        UnsupportedTensorError: A sharded or traced array, a PRNG key or a sub-byte dtype.
     """
     if isinstance(value, jax.Array):
         return _array_to_torch(value, copy, device)
@@ -509,6 +549,7 @@ def _wrap_jax_function(fn: F, copy: bool | None, device: Any) -> F:
         jax_args, jax_kwargs = torch_to_jax((args, kwargs), copy=copy, device=device)
         return jax_to_torch(fn(*jax_args, **jax_kwargs), copy=copy)
 
+    # the wrapper keeps fn's signature for the caller, with torch types in place of JAX ones
     return takes_and_returns_torch  # type: ignore[return-value]
 
 
@@ -518,4 +559,5 @@ def _wrap_torch_function(fn: F, copy: bool | None, device: Any) -> F:
         torch_args, torch_kwargs = jax_to_torch((args, kwargs), copy=copy, device=device)
         return torch_to_jax(fn(*torch_args, **torch_kwargs), copy=copy)
 
+    # the wrapper keeps fn's signature for the caller, with JAX types in place of torch ones
     return takes_and_returns_jax  # type: ignore[return-value]

@@ -7,12 +7,13 @@ import numpy as np
 import torch
 
 from .._dtypes import SUPPORTED_LIST as SUPPORTED_LIST
-from .._dtypes_jax import NAME_TO_NUMPY as NAME_TO_NUMPY
-from .._dtypes_jax import NUMPY_TO_NAME as NUMPY_TO_NAME
-from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
-from .._dtypes_torch import TORCH_NARROW as TORCH_NARROW
-from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
-from .._dtypes_torch import torch_dtype_info as torch_dtype_info
+from .._dtypes_jax import NAME_TO_NUMPY as NAME_TO_NUMPY, NUMPY_TO_NAME as NUMPY_TO_NAME
+from .._dtypes_torch import (
+    NAME_TO_TORCH as NAME_TO_TORCH,
+    TORCH_NARROW as TORCH_NARROW,
+    TORCH_TO_NAME as TORCH_TO_NAME,
+    torch_dtype_info as torch_dtype_info,
+)
 
 
 def torch_to_numpy_dtype(dtype: torch.dtype) -> np.dtype:

@@ -256,7 +256,7 @@ def _as_tensors(tree: Any) -> Any:
                 f"field{i}" for i in range(len(tree))
             )
             named = _STRUCTSEQ_TYPES.setdefault(
-                kind, collections.namedtuple(kind.__name__, fields)  # type: ignore[misc]
+                kind, collections.namedtuple(kind.__name__, fields)
             )
         return named(*(_as_tensors(v) for v in tree))
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
@@ -372,6 +372,23 @@ def torch_module_to_jax(
     passed to the module as static, hashable values. Inside the callback torch reads XLA's
     buffers zero-copy (``buffer_callback``; on GPU on XLA's stream). Buffers and train/eval
     mode are snapshotted at conversion: see Note [Buffers, train and eval] in this module.
+
+    Args:
+        model: The torch module; its parameters are copied, its buffers and train/eval mode
+            taken as they are now.
+        example_output: Optional: a tensor or pytree of tensors shaped like the module's
+            output for one call, which spares ``jax.jit`` the shape inference.
+
+    Returns:
+        ``(apply, params)``: the pure JAX function ``apply(params, *args, **kwargs)`` and a
+        tuple of JAX arrays holding copies of the module's parameters.
+
+    Raises:
+        TypeError: (on a call of ``apply``) a torch tensor among the arguments, or a
+            non-array argument that is not hashable.
+        ValueError: (on a call of ``apply``) ``params`` does not hold the module's parameters.
+        RuntimeError: (under ``jax.jit``) the output shapes could not be inferred without
+            ``example_output``.
     """
     function = _TorchModuleFunction(model, example_output)
     params = tuple(_tensor_to_jax(p.detach(), copy=True) for p in function.runner.originals)

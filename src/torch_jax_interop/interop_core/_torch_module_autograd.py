@@ -183,6 +183,7 @@ class ModuleCall(TorchFn):
         return self.infer(in_avals)
 
     def keep(self, mask: tuple[bool, ...]) -> KeepGraph:
+        # _derive caches by key and returns what the factory built: a KeepGraph for this key
         return self._derive(("keep", mask), lambda: KeepGraph(self, mask))  # type: ignore[return-value]
 
     def evaluate(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -41,11 +41,14 @@ from ._convert import _array_to_torch
 from ._torch_module_autograd import Aval, KeepGraph, ModuleCall, TorchFn, inexact
 
 try:  # jax >= 0.7: callbacks on XLA's device buffers, zero-copy, on XLA's stream
-    from jax.experimental.buffer_callback import ExecutionStage as _ExecutionStage
-    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+    from jax.experimental.buffer_callback import (
+        ExecutionStage as _ExecutionStage,
+        buffer_callback as _buffer_callback,
+    )
 
     _EXECUTE: Any = _ExecutionStage.EXECUTE
 except ImportError:  # pragma: no cover - older jax
+    # jax without buffer_callback: the name stays, None says the feature is missing
     _buffer_callback = None  # type: ignore[assignment]
     _EXECUTE = None
 

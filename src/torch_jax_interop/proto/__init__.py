@@ -7,7 +7,6 @@ PACKAGE_DIRECTORY_MATCH), so that the absolute imports protoc writes
 (``from torch_jax_interop.proto.v1 import ...``) resolve inside this package.
 """
 
-from .v1 import interop_pb2 as interop_pb2
-from .v1 import interop_pb2_grpc as interop_pb2_grpc
+from .v1 import interop_pb2 as interop_pb2, interop_pb2_grpc as interop_pb2_grpc
 
 __all__ = ["interop_pb2", "interop_pb2_grpc"]

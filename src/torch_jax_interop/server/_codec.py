@@ -125,8 +125,8 @@ def _normalised_bool(array: np.ndarray) -> np.ndarray:
     therefore reads every bool input as ``byte != 0``, on every path: inline and shared
     memory (one pass over the bytes to check, ~0.3 ms per 16 MiB; a copy only when some byte
     is neither 0 nor 1, so a well-formed zero-copy input stays zero-copy) and CUDA IPC (one
-    elementwise op on the device). Library mode does not check (zero-copy DLPack; see the
-    README's sharing rules)."""
+    elementwise op on the device). Library mode does not check (zero-copy DLPack; see
+    docs/library.md)."""
     raw = array.view(np.uint8)
     if raw.size and int(raw.max()) > 1:
         return np.not_equal(raw, 0)

@@ -124,6 +124,7 @@ class CompiledFunction:
             factory = getattr(self.fn, PARAMS_ATTRIBUTE, None)
             self._declared = (None if factory is None
                               else TreeTemplate.of(factory(), _pytree.is_array_leaf)[0])
+        # `_declared` starts as a sentinel (not yet looked up); set above, so never it here
         return self._declared  # type: ignore[return-value]
 
     def program(self, key: Hashable, args_spec: TreeSpec, kwargs_spec: TreeSpec | None,
@@ -163,6 +164,7 @@ class CompiledFunction:
                       ) -> tuple[Any, Any, VjpResiduals]:
         """Run the vjp of the program's ``diff`` leaves: ``(outputs, aux, residuals)``."""
         out_leaves, aux, residuals = self.engine.forward(program, arrays)
+        # the engine types `build` as a plain callable; the worker's programs take _Arguments
         build: _Arguments = program.build  # type: ignore[assignment]
         return (program.out_treedef.unflatten(out_leaves), aux,
                 VjpResiduals(residuals, build.args_spec, build.kwargs_spec))

@@ -6,8 +6,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .._health import SERVICES
-from .._health import check_health as check_health
+from .._health import SERVICES, check_health as check_health
 
 
 class HealthState:

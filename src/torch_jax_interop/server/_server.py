@@ -120,6 +120,27 @@ def create_server(
     [Unauthenticated peers cost little]. ``config.metrics_listen`` (``HOST:PORT``) also
     serves Prometheus metrics there, stopped by :func:`shutdown` (Note [What the metrics
     cost and expose] in ``_metrics.py``).
+
+    Args:
+        functions: Name -> JAX callable or ``"package.module:attr"``.
+        addresses: One address or several (``unix:///path``, ``host:port``).
+        token: The bearer token TCP clients must send (default: ``TORCH_JAX_INTEROP_TOKEN``).
+        config: Limits and paths (``WorkerConfig()`` by default).
+        tls: Certificates for the TCP listeners.
+        insecure: Allow plaintext TCP on a non-loopback address (a trusted network only).
+        connection_limits: Connection caps and timeouts of the listeners.
+
+    Returns:
+        ``(server, bound_addresses, servicer)``: the started ``grpc.Server``, the addresses it
+        listens on (with the port chosen for ``:0``), and the servicer ``shutdown`` drains.
+
+    Raises:
+        ValueError: A TCP address without a token, a non-loopback TCP address without
+            ``tls`` or ``insecure``, a unix socket path over 107 bytes, or a
+            ``"package.module:attr"`` that names nothing callable.
+        UntrustedSocketError: A unix socket's directory that others may write.
+        OSError: An address in use (``EADDRINUSE``, naming what is there) or one that
+            cannot be bound.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = config or WorkerConfig()
@@ -220,6 +241,7 @@ def create_server(
         if address.startswith("unix://"):
             os.chmod(address[len("unix://"):], 0o600)
     health.serving()
+    # not a declared attribute: shutdown() reads it with getattr to report NOT_SERVING first
     servicer.health = health  # type: ignore[attr-defined]
     if any(is_tcp(a) for a in bound):
         log.info("TCP %s", "without TLS (--insecure or loopback)" if tls is None else
@@ -285,7 +307,25 @@ def serve(
     connection_limits: ConnectionLimits | None = None,
 ) -> int:
     """Run a worker until SIGTERM / SIGINT; then drain in-flight calls and return 0.
-    The keywords are ``create_server``'s."""
+    The keywords are ``create_server``'s.
+
+    Args:
+        functions: Name -> JAX callable or ``"package.module:attr"``.
+        addresses: One address or several (``unix:///path``, ``host:port``).
+        token: The bearer token TCP clients must send (default: ``TORCH_JAX_INTEROP_TOKEN``).
+        config: Limits and paths (``WorkerConfig()`` by default).
+        ready_file: Written (JSON with the bound addresses and the pid) once the worker serves.
+        grace: Seconds in-flight calls get to finish after SIGTERM.
+        tls: Certificates for the TCP listeners.
+        insecure: Allow plaintext TCP on a non-loopback address (a trusted network only).
+        connection_limits: Connection caps and timeouts of the listeners.
+
+    Returns:
+        The exit status: 0 after a drain.
+
+    Raises:
+        ValueError, UntrustedSocketError, OSError: As ``create_server``.
+    """
     server, bound, servicer = create_server(functions, addresses, token=token, config=config,
                                             tls=tls, insecure=insecure,
                                             connection_limits=connection_limits)

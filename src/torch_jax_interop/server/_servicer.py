@@ -34,8 +34,7 @@ from .._names import (
     DEFAULT_MAX_RESIDUAL_BYTES,
 )
 from .._version import __version__
-from ..proto.v1 import interop_pb2 as pb
-from ..proto.v1 import interop_pb2_grpc as pb_grpc
+from ..proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
 from ..transport import default_shm_dir
 from ._codec import (
     InlineBudget,
@@ -65,8 +64,26 @@ _TRANSPORT_NAMES = {pb.TRANSPORT_INLINE: "inline bytes",
 
 
 class WorkerConfig:
-    """Limits and paths of one worker (the CLI flags; the README's "Memory and request
-    bounds" lists them with their defaults and the memory each bounds)."""
+    """Limits and paths of one worker (the CLI flags; the Reliability page's "Memory and request
+    bounds" lists them with their defaults and the memory each bounds).
+
+    Args:
+        max_sessions: Concurrent client sessions.
+        max_residuals: vjp residuals kept per session (oldest dropped first).
+        max_residual_bytes: Bytes of residuals kept per session (oldest dropped first; a
+            forward whose residuals alone exceed it is refused).
+        max_regions: Shared-memory regions each session may register.
+        max_tensor_bytes: Bytes of one tensor (and, twice it, of one region).
+        max_inline_bytes: Inline tensor bytes per request (summed) and per output.
+        max_leaves: Tensors per request, checked before anything is decoded or compiled.
+        max_compiled_signatures: Compiled programs per served function (least recently used
+            dropped).
+        inline_threshold: Outputs up to this many bytes travel inline.
+        shm_dir: Where unsealed regions live (default ``/dev/shm`` or
+            ``TORCH_JAX_INTEROP_SHM_DIR``).
+        allow_unsealed_regions: Also map mode-0600 files of the same user (clients in
+            another PID namespace); a local peer could then SIGBUS the worker.
+    """
 
     def __init__(
         self,

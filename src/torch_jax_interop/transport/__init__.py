@@ -16,26 +16,29 @@ from .._layout import ALIGNMENT as ALIGNMENT
 from . import cuda as cuda
 from ._janitor import cleanup_orphans as cleanup_orphans
 from ._memfd import sealing_supported as sealing_supported
-from ._pool import Pool as Pool
-from ._pool import PoolSlice as PoolSlice
-from ._shm import NAME_PATTERN as NAME_PATTERN
-from ._shm import SHM_DIR_ENV as SHM_DIR_ENV
-from ._shm import SHM_PREFIX as SHM_PREFIX
-from ._shm import SharedMemoryRegion as SharedMemoryRegion
-from ._shm import default_shm_dir as default_shm_dir
-from ._shm import region_tag as region_tag
-from ._shm_pool import RegionSlice as RegionSlice
-from ._shm_pool import SharedMemoryPool as SharedMemoryPool
-from ._slices import check_slice as check_slice
-from ._slices import numpy_view as numpy_view
-from ._unix_socket import check_socket_directory as check_socket_directory
-from ._unix_socket import check_socket_path as check_socket_path
-from ._unix_socket import refuse_abstract as refuse_abstract
-from ._unix_socket import unix_socket_path as unix_socket_path
-from .cuda import CudaIpcMapping as CudaIpcMapping
-from .cuda import CudaIpcPool as CudaIpcPool
-from .cuda import DeviceSlice as DeviceSlice
-from .cuda import choose_transport as choose_transport
-from .cuda import parse_gpu_uuid as parse_gpu_uuid
-from .cuda import route_device as route_device
-from .cuda import validate_cuda_slice as validate_cuda_slice
+from ._pool import Pool as Pool, PoolSlice as PoolSlice
+from ._shm import (
+    NAME_PATTERN as NAME_PATTERN,
+    SHM_DIR_ENV as SHM_DIR_ENV,
+    SHM_PREFIX as SHM_PREFIX,
+    SharedMemoryRegion as SharedMemoryRegion,
+    default_shm_dir as default_shm_dir,
+    region_tag as region_tag,
+)
+from ._shm_pool import RegionSlice as RegionSlice, SharedMemoryPool as SharedMemoryPool
+from ._slices import check_slice as check_slice, numpy_view as numpy_view
+from ._unix_socket import (
+    check_socket_directory as check_socket_directory,
+    check_socket_path as check_socket_path,
+    refuse_abstract as refuse_abstract,
+    unix_socket_path as unix_socket_path,
+)
+from .cuda import (
+    CudaIpcMapping as CudaIpcMapping,
+    CudaIpcPool as CudaIpcPool,
+    DeviceSlice as DeviceSlice,
+    choose_transport as choose_transport,
+    parse_gpu_uuid as parse_gpu_uuid,
+    route_device as route_device,
+    validate_cuda_slice as validate_cuda_slice,
+)

@@ -137,6 +137,7 @@ def _show_name(name: object) -> str:
 
 def _check_size(size: object, what: str) -> int:
     try:
+        # any object on purpose: operator.index is the check, its TypeError is caught
         value = operator.index(size)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"`{what}` must be an int, got {type(size).__name__}") from None

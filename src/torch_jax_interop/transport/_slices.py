@@ -14,6 +14,7 @@ from .._layout import ALIGNMENT
 
 def _as_int(value: object, what: str) -> int:
     try:
+        # any object on purpose: operator.index is the check, its TypeError is caught
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise SliceOutOfBoundsError(

@@ -54,24 +54,29 @@ and no kernel still reads an output slot the worker may now overwrite). The work
 before it replies, so the client sees finished outputs.
 """
 
-from ._client import CudaIpcChannel as CudaIpcChannel
-from ._client import CudaIpcPool as CudaIpcPool
-from ._client import DeviceBuffer as DeviceBuffer
-from ._client import DeviceSlice as DeviceSlice
-from ._driver import CudaIpcSupport as CudaIpcSupport
-from ._driver import cuda_ipc_support as cuda_ipc_support
-from ._driver import device_uuid as device_uuid
-from ._driver import no_support_message as no_support_message
-from ._driver import visible_gpu_uuids as visible_gpu_uuids
-from ._policy import CUDA_ALIGNMENT as CUDA_ALIGNMENT
-from ._policy import TRANSPORTS as TRANSPORTS
-from ._policy import check_cuda_descriptor as check_cuda_descriptor
-from ._policy import choose_transport as choose_transport
-from ._policy import expandable_segments_enabled as expandable_segments_enabled
-from ._policy import format_gpu_uuid as format_gpu_uuid
-from ._policy import parse_gpu_uuid as parse_gpu_uuid
-from ._policy import route_device as route_device
-from ._policy import shared_namespaces as shared_namespaces
-from ._policy import validate_cuda_slice as validate_cuda_slice
-from ._worker import CudaIpcMapping as CudaIpcMapping
-from ._worker import open_region as open_region
+from ._client import (
+    CudaIpcChannel as CudaIpcChannel,
+    CudaIpcPool as CudaIpcPool,
+    DeviceBuffer as DeviceBuffer,
+    DeviceSlice as DeviceSlice,
+)
+from ._driver import (
+    CudaIpcSupport as CudaIpcSupport,
+    cuda_ipc_support as cuda_ipc_support,
+    device_uuid as device_uuid,
+    no_support_message as no_support_message,
+    visible_gpu_uuids as visible_gpu_uuids,
+)
+from ._policy import (
+    CUDA_ALIGNMENT as CUDA_ALIGNMENT,
+    TRANSPORTS as TRANSPORTS,
+    check_cuda_descriptor as check_cuda_descriptor,
+    choose_transport as choose_transport,
+    expandable_segments_enabled as expandable_segments_enabled,
+    format_gpu_uuid as format_gpu_uuid,
+    parse_gpu_uuid as parse_gpu_uuid,
+    route_device as route_device,
+    shared_namespaces as shared_namespaces,
+    validate_cuda_slice as validate_cuda_slice,
+)
+from ._worker import CudaIpcMapping as CudaIpcMapping, open_region as open_region

@@ -12,8 +12,7 @@ import re
 from collections.abc import Sequence
 
 from ..._errors import SliceOutOfBoundsError, TransportError
-from ..._names import TRANSPORTS as TRANSPORTS
-from ..._names import check_transport
+from ..._names import TRANSPORTS as TRANSPORTS, check_transport
 from .._slices import check_slice
 
 CUDA_ALIGNMENT = 256
