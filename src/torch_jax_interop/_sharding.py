@@ -190,7 +190,7 @@ class Placement:
         self.shardings = tuple(shardings)
 
     def put(self, arrays: Sequence[Any]) -> list[Any]:
-        return jax.device_put(list(arrays), list(self.shardings))  # type: ignore[no-any-return]
+        return jax.device_put(list(arrays), list(self.shardings))
 
 
 class _Slot:
