@@ -2,10 +2,10 @@
 
 Each lock pins every distribution one image installs besides the project itself (the project
 goes in last with ``--no-deps``, so a source edit rebuilds one small layer, not JAX or torch).
-They are resolved by pip from PyPI, ignoring this machine's pip configuration, for the
-interpreter running this script: run it with a CPython 3.11 on Linux x86_64, as in the images; torch resolves from a CPU wheel, whose
-dependencies are those of every torch build of that version apart from the CUDA libraries,
-which a CUDA build of torch pins exactly itself.
+pip resolves them from PyPI, ignoring the local pip configuration, for the interpreter running
+this script: run it with CPython 3.11 on Linux x86_64, as in the images. torch resolves from a
+CPU wheel (``--torch-find-links``); its dependencies are those of every torch build of that
+version apart from the CUDA libraries, which a CUDA build of torch pins exactly itself.
 
     python scripts/docker_lock.py [--torch-find-links DIR] [--cert PEM]
 

@@ -240,6 +240,7 @@ def test_images_build_and_compose_cpu_profile_trains_as_in_process() -> None:
     result = subprocess.run(["bash", str(E2E_SCRIPT)], capture_output=True, text=True,
                             timeout=2900, check=False, env=env, cwd=ROOT)
     out = result.stdout + result.stderr
+    print(out)  # the phases' times and the image sizes, shown by `pytest -rA` / `-s`
     assert result.returncode == 0, out
     assert re.search(r"rank 0/2 .*transport: shared memory", out), out
     assert "parameters match in-process training: True" in out, out
