@@ -14,6 +14,11 @@ its ``LOCAL_RANK`` (``connect()`` does it)::
 
 Gloo on CPU, NCCL when torch sees a GPU (each rank on ``cuda:LOCAL_RANK``). Imports torch,
 never JAX: the trainer image has no JAX.
+
+``--save PATH`` makes rank 0 write the losses and the final parameters; where JAX is installed
+too, ``python -m torch_jax_interop.demo.ddp --compare PATH`` repeats that training in one
+process with the function run in-process (``connect("inproc")``) and checks both agree (DDP's
+mean of the ranks' gradients is the gradient of the global batch's mean loss).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .._cli_args import CliParser
 from .._names import TRANSPORTS
 from ..client import TlsConfig, connect, rank_address
-from . import BATCH, build_model, synthetic_batch
+from . import BATCH, FUNCTION_SPEC, build_model, synthetic_batch, train
 
 
 @contextlib.contextmanager
@@ -88,10 +93,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate: int = 1,
               transport: str = "auto", timeout: float = 60.0, seed: int = 0,
-              backend: str | None = None, tls: TlsConfig | None = None) -> list[float]:
+              backend: str | None = None, tls: TlsConfig | None = None,
+              save: str | None = None) -> list[float]:
     """Train the demo model on this rank's share of each global batch; the losses (rank 0's
     are the global mean). Call in every rank of a ``torchrun`` job. ``tls``: reach TCP
-    workers over TLS (the token comes from ``TORCH_JAX_INTEROP_TOKEN``)."""
+    workers over TLS (the token comes from ``TORCH_JAX_INTEROP_TOKEN``). With ``save``, rank 0
+    writes ``{"steps", "global_batch", "losses", "state"}`` there (``torch.save``; the state
+    is copied to the CPU), which :func:`compare_with_in_process` reads."""
     with process_group(backend) as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = rank_address(address)
@@ -111,7 +119,36 @@ def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate
                 losses.append(loss.item() / world)
             if rank == 0:
                 print(f"moved by rank 0: {worker.stats}", flush=True)
+                if save is not None:
+                    state = {k: v.detach().cpu().clone()
+                             for k, v in model.module.state_dict().items()}
+                    torch.save({"steps": steps, "global_batch": global_batch, "seed": seed,
+                                "losses": losses, "state": state}, save)
     return losses
+
+
+def compare_with_in_process(path: str, *, rtol: float = 1e-4, atol: float = 1e-4) -> bool:
+    """Repeat the training saved at ``path`` (``train_ddp(save=...)``) in this process, the
+    JAX function run in-process, and print and return whether the parameters agree within
+    ``rtol``/``atol``. Needs JAX as well as torch."""
+    from ..client import connect
+
+    saved = torch.load(path, weights_only=True)
+    if saved["global_batch"] != BATCH:
+        raise ValueError(f"{path} was trained with --global-batch {saved['global_batch']}; "
+                         f"the in-process reference trains with {BATCH}")
+    with connect("inproc", functions={"mlp": FUNCTION_SPEC}) as local:
+        _, reference = train(local.function("mlp"), steps=saved["steps"], seed=saved["seed"],
+                             progress=False)
+    state = saved["state"]
+    if state.keys() != reference.keys():
+        raise ValueError(f"{path} holds parameters {sorted(state)}, the demo model has "
+                         f"{sorted(reference)}")
+    worst = max((state[k] - reference[k]).abs().max().item() for k in state)
+    match = all(torch.allclose(state[k], reference[k], rtol=rtol, atol=atol) for k in state)
+    print(f"parameters match in-process training: {match} (max abs difference {worst:.2e}, "
+          f"{saved['steps']} steps)", flush=True)
+    return match
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,9 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="torchrun --nproc_per_node=N -m torch_jax_interop.demo.ddp",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    parser.add_argument("--address", required=True,
-                        help="worker address template, e.g. "
-                             "unix:///tmp/tji/worker-{local_rank}.sock")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--address",
+                      help="worker address template, e.g. "
+                           "unix:///tmp/tji/worker-{local_rank}.sock")
+    mode.add_argument("--compare", metavar="PATH",
+                      help="no training: repeat the training saved at PATH (by --save) in "
+                           "this process and check the parameters agree; needs JAX too")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--global-batch", type=int, default=BATCH,
                         help="samples per step over all ranks (split evenly)")
@@ -137,16 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-server-name", default=None,
                         help="the name the workers' certificate is for, when the address "
                              "names them otherwise (an IP address)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="rank 0 writes the losses and final parameters here")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compare is not None:
+        return 0 if compare_with_in_process(args.compare) else 1
     tls = (TlsConfig(ca_file=args.tls_ca, server_name=args.tls_server_name)
            if args.tls_ca or args.tls_server_name else None)
     losses = train_ddp(args.address, steps=args.steps, global_batch=args.global_batch,
                        accumulate=args.accumulate, transport=args.transport,
-                       timeout=args.timeout, backend=args.backend, tls=tls)
+                       timeout=args.timeout, backend=args.backend, tls=tls, save=args.save)
     if os.environ.get("RANK") != "0":
         return 0
     k = max(1, len(losses) // 10)
