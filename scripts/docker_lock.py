@@ -32,9 +32,9 @@ TORCH_VERSION = "2.13.0"  # the Dockerfile.trainer's TORCH_VERSION default
 # are named: the Dockerfiles install a lock, then the project with --no-deps.
 LOCKS: dict[str, tuple[str, list[str]]] = {
     "worker-cpu": ("server", []),
-    "worker-cuda": ("server,cuda", ["jax[cuda13]"]),
+    "worker-cuda": ("server,cuda13", ["jax[cuda13]"]),
     "trainer-cpu": ("client", [f"torch=={TORCH_VERSION}"]),
-    "trainer-cuda": ("client,cuda", [f"torch=={TORCH_VERSION}"]),
+    "trainer-cuda": ("client,cuda13", [f"torch=={TORCH_VERSION}"]),
 }
 PROJECT = "torch-jax-interop"
 # The build backend, which builds the project's wheel in the images without network access.
