@@ -37,13 +37,16 @@ names a leaf that is not an array here is an error too.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from ._async import CallExecutor, library_executor
 from ._call import Call, VjpBackend, is_tensor
 from ._compat._torch import keep_graph, run_outside_dynamo
 from ._errors import DoubleBackwardError
@@ -55,6 +58,13 @@ _Tensor = torch.Tensor
 _NO_CONTEXT = contextlib.nullcontext()
 _is_grad_enabled = torch.is_grad_enabled
 _keep_graph: Callable[[], bool] = keep_graph
+
+
+def _executor_of(backend: VjpBackend) -> CallExecutor:
+    """Where ``backend``'s asynchronous calls run: its own executor (a connection's) or
+    the library executor (JAX in this process)."""
+    own = getattr(backend, "call_executor", None)
+    return own() if own is not None else library_executor()
 
 
 def _select_backend(jax_function: Any) -> VjpBackend:
@@ -320,6 +330,35 @@ class WrappedJaxFunction(torch.nn.Module):
         flat = _JaxFunction.apply(call, *params, *user_tensors)
         outputs = call.out_spec.unflatten(flat)
         return (outputs, call.aux) if self.has_aux else outputs
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Start ``self(*args, **kwargs)`` in the background; return its
+        ``concurrent.futures.Future`` at once, so that torch work overlaps JAX's.
+
+        ``future.result()`` is what the call returns (with gradients on, outputs in the
+        autograd graph: ``fut.result().sum().backward()`` trains the parameters) or raises
+        the call's exception, of the same type. The call runs under this thread's grad
+        mode, inference mode and autocast state, in a thread of the function's executor:
+        the connection's (``connect(max_async_calls=, max_queued_calls=)``) for a
+        worker's function, the process's library executor for a JAX function here. Its
+        inputs and the parameters must not be modified in place until it ends (checked:
+        ``RuntimeError``); read the result before ``optimizer.step()``. See
+        Note [Asynchronous calls and autograd] in ``_async.py`` (ordering, lifetimes,
+        cancellation).
+
+        Memory: as ``forward`` (outputs share the buffers JAX or the transport produced).
+
+        Raises:
+            CallQueueFullError: too many calls pending on the executor.
+        """
+        watch = [*(d[name] for d, name in self._slots),
+                 *Call.of(self.backend, self.has_aux, args, kwargs)[1]]
+        return _executor_of(self.backend).submit(self, args, kwargs, watch=watch)
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> Any:
+        """``await module.forward_async(x)``: ``submit`` for asyncio (the call starts when
+        the coroutine first runs; cancelling the task cancels a call not yet started)."""
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
 
     def extra_repr(self) -> str:
         name = getattr(self.jax_function, "__qualname__", None) or repr(self.jax_function)

@@ -13,6 +13,7 @@ type), the project's class derives from both, so ``except OverflowError`` and
     │   └── IntegerOverflowError (OverflowError)
     │                                        a 64-bit value does not fit 32 bits
     ├── DoubleBackwardError (RuntimeError)   second derivative through a wrapper
+    ├── CallQueueFullError (RuntimeError)    too many asynchronous calls pending
     ├── TransportError                       shared memory / CUDA IPC / inline bytes
     │   ├── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
     │   ├── RegionRejectedError (ValueError) a region failed the attach checks
@@ -41,6 +42,7 @@ imports neither torch nor JAX.
 from __future__ import annotations
 
 from ._errors import AuthenticationError as AuthenticationError
+from ._errors import CallQueueFullError as CallQueueFullError
 from ._errors import ConversionError as ConversionError
 from ._errors import CopyRequiredError as CopyRequiredError
 from ._errors import DeadlineExceededError as DeadlineExceededError
@@ -65,6 +67,7 @@ from ._errors import WorkerUnavailableError as WorkerUnavailableError
 
 __all__ = [
     "AuthenticationError",
+    "CallQueueFullError",
     "ConversionError",
     "CopyRequiredError",
     "DeadlineExceededError",

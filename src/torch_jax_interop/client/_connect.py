@@ -18,6 +18,12 @@ import grpc
 import torch
 
 from .. import _wire
+from .._async import (
+    DEFAULT_MAX_ASYNC_CALLS,
+    DEFAULT_MAX_QUEUED_CALLS,
+    CallExecutor,
+    check_async_bounds,
+)
 from .._call import Call
 from .._errors import (
     DeadlineExceededError,
@@ -77,8 +83,11 @@ class Worker:
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None, token_file: str | None = None,
                  tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
-                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES) -> None:
+                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
+                 max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
+                 max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS) -> None:
         check_transport(transport)
+        check_async_bounds(max_async_calls, max_queued_calls)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
@@ -119,6 +128,9 @@ class Worker:
         self._arena_sizes: dict[Any, int] = {}
         self._closed = False
         self.stats = TransferStats()
+        # asynchronous calls (submit / call_async): the synchronous calls, in these threads
+        self._executor = CallExecutor(max_async_calls, max_queued_calls,
+                                      name="tji-async-call")
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -335,11 +347,16 @@ class Worker:
         """End the session (the worker drops its mappings and residuals) and disconnect."""
         if self._closed:
             return
+        self._executor.shutdown()  # queued calls are cancelled, running ones finish
         with self._lock:
             if self._session is not None:
                 self._drop_session(self._session)
             self._closed = True
         self._channel.close()
+
+    def call_executor(self) -> CallExecutor:
+        """The threads that run this connection's asynchronous calls (``submit``)."""
+        return self._executor
 
     def __enter__(self) -> Worker:
         return self
@@ -518,6 +535,8 @@ def connect(
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
     reconnect_timeout: float = 0.0,
     max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
+    max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
+    max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -546,6 +565,12 @@ def connect(
     set aside for one call's outputs (default 1 GiB); a bigger ask is refused with
     ``TransportError``.
 
+    ``max_async_calls``: how many asynchronous calls (``fn.submit(...)``,
+    ``await fn.call_async(...)``, ``WrappedJaxFunction.submit``) of this connection run at
+    once, each in its own thread (default 1: in submission order); ``max_queued_calls``:
+    how many more may wait for a thread (default 64); one more raises
+    ``CallQueueFullError`` at once. ``close()`` cancels the waiting ones.
+
     ``token_file``: read the token from this file (e.g. ``/run/secrets/tji``) instead of
     ``token=``. ``tls``: reach a TCP worker over TLS, e.g.
     ``connect("host:5005", tls=TlsConfig(ca_file="ca.pem"), token_file=...)``; add
@@ -570,7 +595,8 @@ def connect(
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
     return Worker(address, timeout=timeout, transport=transport, token=token,
                   token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
-                  max_arena_bytes=max_arena_bytes)
+                  max_arena_bytes=max_arena_bytes, max_async_calls=max_async_calls,
+                  max_queued_calls=max_queued_calls)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

@@ -14,13 +14,16 @@ from typing import Any
 import jax
 import torch
 
+from .._async import AsyncCallable, CallExecutor, library_executor
 from .._errors import FunctionNotFoundError
 from .._targets import FunctionInfo, load_function
 from ._convert import jax_to_torch, torch_to_jax
 
 
-class InprocFunction:
-    """A JAX function called with torch tensors in this process (memory is shared)."""
+class InprocFunction(AsyncCallable):
+    """A JAX function called with torch tensors in this process (memory is shared).
+
+    ``submit`` / ``call_async`` as a worker's function, in the library executor."""
 
     def __init__(self, name: str, fn: Callable[..., Any], target: str) -> None:
         self.name = name
@@ -47,6 +50,9 @@ class InprocFunction:
 
             self._backend = LocalJaxBackend(self.fn)
         return self._backend
+
+    def _call_executor(self) -> CallExecutor:
+        return library_executor()
 
     def __repr__(self) -> str:
         return f"InprocFunction({self.name!r})"
