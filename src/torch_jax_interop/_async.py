@@ -26,7 +26,9 @@ not belong to a thread). What follows from building on the synchronous call:
   the call runs, after ``submit`` returned. Their version counters are recorded at
   ``submit`` and checked when the call ends: a tensor modified in place in between (say,
   ``optimizer.step()`` before the future's result was read) fails the call with
-  ``RuntimeError`` rather than returning a result that may mix old and new values;
+  ``RuntimeError`` rather than returning a result that may mix old and new values.
+  Inference tensors (made under ``torch.inference_mode()``) have no version counter: torch
+  refuses their in-place writes outside inference mode, but inside it nothing can check;
 * *order*: with one thread (the default) calls run in the order they were submitted; with
   more, in any order. A call never waits for another future inside the executor.
 """
@@ -125,6 +127,7 @@ class CallExecutor:
         """Run ``fn(*args, **kwargs)`` in a thread under this thread's torch state; the
         tensors in ``watch`` must not be modified in place until it ends."""
         state = TorchState()
+        watch = [t for t in watch if not t.is_inference()]  # torch keeps no counter there
         versions = [version_counter(t) for t in watch]
         if not self._slots.acquire(blocking=False):
             raise CallQueueFullError(
