@@ -100,8 +100,11 @@ def tiny_case(suite: Suite) -> None:
     x_torch = torch.tensor(x_np)  # torch allocates 64-byte aligned; numpy may not
     cotangent_torch = torch.ones(4, 2)
 
+    parameters = list(module.parameters())
+
     def ours() -> None:
-        module.zero_grad()
+        for parameter in parameters:  # as the floor does: `module.zero_grad()` costs ~10 us
+            parameter.grad = None
         module(x_torch).backward(cotangent_torch)
 
     # the floor: the same forward (keeping residuals) and backward as two jitted JAX calls

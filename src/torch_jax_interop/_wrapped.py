@@ -153,17 +153,22 @@ class _Residuals:
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        flat, call.out_spec, aux, handle = call.backend.flat_forward(call, list(tensors))
+        backend = call.backend
+        flat, call.out_spec, aux, handle = backend.flat_forward(call, list(tensors))
         ctx.call = call
-        ctx.residuals = _Residuals(call.backend, handle)
+        ctx.residuals = _Residuals(backend, handle)
         # for create_graph only (see backward); a plain reference, not a saved tensor
-        ctx.anchor = next((t for t in tensors if t.requires_grad), None)
+        for t in tensors:
+            if t.requires_grad:
+                ctx.anchor = t
+                break
+        else:
+            ctx.anchor = None
         call.aux = aux
-        frozen = [
-            t
-            for t in flat
-            if isinstance(t, _Tensor) and not (t.is_floating_point() or t.is_complex())
-        ]
+        frozen = None
+        for t in flat:
+            if isinstance(t, _Tensor) and not (t.is_floating_point() or t.is_complex()):
+                frozen = [*(frozen or ()), t]
         if frozen:
             ctx.mark_non_differentiable(*frozen)
         return tuple(flat)
