@@ -214,7 +214,8 @@ class AsyncCallable:
         Raises:
             CallQueueFullError: too many calls pending (see ``connect(max_queued_calls=)``).
         """
-        return self._call_executor().submit(self, args, kwargs,
+        call: Callable[..., Any] = self  # type: ignore[assignment]  # subclasses are callable
+        return self._call_executor().submit(call, args, kwargs,
                                             watch=_tensors_in((args, kwargs)))
 
     async def call_async(self, *args: Any, **kwargs: Any) -> Any:
