@@ -313,26 +313,37 @@ class WrappedJaxFunction(torch.nn.Module):
         return self._run(args, kwargs)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        params = [d[name] for d, name in self._slots]
-        if not kwargs and all(isinstance(a, _Tensor) for a in args):
+        # The hot path of library mode: loops rather than generators, one pass each.
+        tensors = [d[name] for d, name in self._slots]
+        inputs = None
+        if not kwargs:
             # fast path: only tensor arguments, whose template depends on their number only
-            inputs = self._tensor_args.get(len(args))
-            if inputs is None:
-                inputs = TreeTemplate.of((args, {}), is_tensor)[0]
-                self._tensor_args[len(args)] = inputs
-            user_tensors: list[torch.Tensor] = list(args)
+            for a in args:
+                if not isinstance(a, _Tensor):
+                    break
+            else:
+                inputs = self._tensor_args.get(len(args))
+                if inputs is None:
+                    inputs = TreeTemplate.of((args, {}), is_tensor)[0]
+                    self._tensor_args[len(args)] = inputs
+                tensors += args
+        if inputs is not None:
             call = Call(self.backend, self.has_aux, self._params, inputs)
         else:
             call, user_tensors = Call.of(self.backend, self.has_aux, args, kwargs, self._params)
-        if not (
-            _is_grad_enabled()
-            and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
-        ):
-            flat, treedef, aux = self.backend.flat_call(call, [*params, *user_tensors])
+            tensors += user_tensors
+        needs_grad = False
+        if _is_grad_enabled():
+            for t in tensors:
+                if t.requires_grad:
+                    needs_grad = True
+                    break
+        if not needs_grad:
+            flat, treedef, aux = self.backend.flat_call(call, tensors)
             outputs = treedef.unflatten(flat)
             return (outputs, aux) if self.has_aux else outputs
 
-        flat = _JaxFunction.apply(call, *params, *user_tensors)
+        flat = _JaxFunction.apply(call, *tensors)
         outputs = call.out_spec.unflatten(flat)
         return (outputs, call.aux) if self.has_aux else outputs
 

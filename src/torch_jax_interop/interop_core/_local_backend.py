@@ -108,11 +108,11 @@ class LocalJaxBackend:
         self.engine = Engine(jax_function)
 
     def _program(self, call: Call, tensors: Sequence[torch.Tensor], with_grad: bool) -> Program:
+        # with the dtype in the key, `requires_grad` decides which inputs are differentiated
         if with_grad:
-            layout = tuple((t.shape, t.dtype, t.requires_grad and (
-                t.is_floating_point() or t.is_complex())) for t in tensors)
+            layout = tuple([(t.shape, t.dtype, t.requires_grad) for t in tensors])
         else:
-            layout = tuple((t.shape, t.dtype, False) for t in tensors)
+            layout = tuple([(t.shape, t.dtype, False) for t in tensors])
         key = (call.key, with_grad, layout)
         try:
             # a hit needs no lock (one dict read); the engine counts recency under its lock
@@ -121,7 +121,8 @@ class LocalJaxBackend:
             program = engine.programs.get(key)
             if program is not None and engine.max_programs is None:
                 return program
-            diff = tuple(i for i, (_, _, d) in enumerate(layout) if d)
+            diff = tuple(i for i, (_, dtype, d) in enumerate(layout)
+                         if d and (dtype.is_floating_point or dtype.is_complex))
             return engine.program(key, call.arguments, len(tensors), diff, call.has_aux)
         except TypeError:
             statics = [type(value).__name__ for _, value in call.inputs.constants]
