@@ -184,3 +184,20 @@ def test_the_executor_bounds_its_queue_and_refuses_at_once() -> None:
         executor.submit(lambda: 3, (), {})
     with pytest.raises(ValueError, match="max_async_calls"):
         CallExecutor(max_async_calls=0)
+
+
+def test_inproc_connections_take_their_bounds_from_connect() -> None:
+    gate = Gate()
+    with connect("inproc", functions={"gated": gate}, max_async_calls=1,
+                 max_queued_calls=0) as w:
+        fn = w.function("gated")
+        module = WrappedJaxFunction(fn, _params())
+        first = module.submit(torch.ones(4, 3))  # the module uses the connection's executor
+        assert gate.entered.wait(GATE_LIMIT_S)
+        with pytest.raises(CallQueueFullError, match="0 queued"):
+            fn.submit(_params(), torch.ones(4, 3))
+        gate.open()
+        torch.testing.assert_close(first.result(timeout=GATE_LIMIT_S),
+                                   module(torch.ones(4, 3)))
+    with pytest.raises(ValueError, match="max_queued_calls"):
+        connect("inproc", functions={"gated": gate}, max_queued_calls=-1)

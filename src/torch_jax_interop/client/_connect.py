@@ -590,7 +590,12 @@ def connect(
 
         if not functions:
             raise ValueError("connect('inproc') needs functions={name: jax_function, ...}")
-        return InprocWorker(functions)
+        check_async_bounds(max_async_calls, max_queued_calls)
+        custom = (max_async_calls, max_queued_calls) != (DEFAULT_MAX_ASYNC_CALLS,
+                                                          DEFAULT_MAX_QUEUED_CALLS)
+        return InprocWorker(functions, CallExecutor(max_async_calls, max_queued_calls,
+                                                    name="tji-async-inproc")
+                            if custom else None)
     if functions is not None:
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
     return Worker(address, timeout=timeout, transport=transport, token=token,

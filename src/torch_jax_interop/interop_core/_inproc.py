@@ -25,7 +25,9 @@ class InprocFunction(AsyncCallable):
 
     ``submit`` / ``call_async`` as a worker's function, in the library executor."""
 
-    def __init__(self, name: str, fn: Callable[..., Any], target: str) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any], target: str,
+                 executor: CallExecutor | None = None) -> None:
+        self.executor = executor if executor is not None else library_executor()
         self.name = name
         self.fn = fn
         self.target = target
@@ -48,11 +50,11 @@ class InprocFunction(AsyncCallable):
         if self._backend is None:
             from ._local_backend import LocalJaxBackend
 
-            self._backend = LocalJaxBackend(self.fn)
+            self._backend = LocalJaxBackend(self.fn, self.executor)
         return self._backend
 
     def _call_executor(self) -> CallExecutor:
-        return library_executor()
+        return self.executor
 
     def __repr__(self) -> str:
         return f"InprocFunction({self.name!r})"
@@ -64,13 +66,16 @@ class InprocWorker:
     transport = "inproc"
     address = "inproc"
 
-    def __init__(self, functions: Mapping[str, Callable[..., Any] | str]) -> None:
+    def __init__(self, functions: Mapping[str, Callable[..., Any] | str],
+                 executor: CallExecutor | None = None) -> None:
+        # asynchronous calls: the connection's own executor when connect() set bounds
+        self._executor = executor
         self._functions: dict[str, InprocFunction] = {}
         for name, fn in functions.items():
             target = ""
             if isinstance(fn, str):
                 _, fn, target = load_function(f"{name}={fn}")
-            self._functions[name] = InprocFunction(name, fn, target)
+            self._functions[name] = InprocFunction(name, fn, target, executor)
 
     def functions(self) -> list[FunctionInfo]:
         out = []
@@ -93,7 +98,8 @@ class InprocWorker:
             ) from None
 
     def close(self) -> None:
-        pass
+        if self._executor is not None:
+            self._executor.shutdown()
 
     def __enter__(self) -> InprocWorker:
         return self

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import torch
 
+from .._async import CallExecutor, library_executor
 from .._compat._jax import ARRAY_TYPE
 from .._engine import Engine, Program, Residuals
 from ._convert import _array_to_torch, _tensor_to_jax
@@ -103,9 +104,16 @@ class LocalJaxBackend:
     counters ``vjp_calls``, ``fused_calls`` and ``live_residuals`` (for tests and debugging).
     """
 
-    def __init__(self, jax_function: Callable[..., Any]) -> None:
+    def __init__(self, jax_function: Callable[..., Any],
+                 executor: CallExecutor | None = None) -> None:
         self.jax_function = jax_function
         self.engine = Engine(jax_function)
+        self._executor = executor
+
+    def call_executor(self) -> CallExecutor:
+        """Where ``WrappedJaxFunction.submit`` runs calls: the executor given (that of
+        ``connect("inproc", max_async_calls=...)``), else the library executor."""
+        return self._executor if self._executor is not None else library_executor()
 
     def _program(self, call: Call, tensors: Sequence[torch.Tensor], with_grad: bool) -> Program:
         # with the dtype in the key, `requires_grad` decides which inputs are differentiated
