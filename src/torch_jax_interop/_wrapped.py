@@ -38,7 +38,6 @@ names a leaf that is not an array here is an error too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -55,7 +54,6 @@ from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 __all__ = ["VjpBackend", "WrappedJaxFunction", "WrappedJaxScalarFunction"]
 
 _Tensor = torch.Tensor
-_NO_CONTEXT = contextlib.nullcontext()
 _is_grad_enabled = torch.is_grad_enabled
 _keep_graph: Callable[[], bool] = keep_graph
 
@@ -186,7 +184,10 @@ class _JaxFunction(torch.autograd.Function):
             )
         retain = _keep_graph()
         create_graph = _is_grad_enabled()
-        with torch.no_grad() if create_graph else _NO_CONTEXT:
+        if create_graph:
+            with torch.no_grad():
+                grads = call.backend.flat_backward(handle, cotangents, retain=retain)
+        else:
             grads = call.backend.flat_backward(handle, cotangents, retain=retain)
         if not retain:
             residuals.handle = None
