@@ -27,6 +27,7 @@ class ServerProcess:
         log_file: Path,
         start_timeout: float = 120.0,
         stop_timeout: float = 15.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.argv = [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)]
         self.ready_file = ready_file
@@ -34,6 +35,7 @@ class ServerProcess:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self.env = env or {}  # set for the server only (e.g. its XLA_FLAGS)
 
     def __enter__(self) -> ServerProcess:
         env = dict(os.environ)
@@ -42,6 +44,7 @@ class ServerProcess:
             part for part in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if part
         )
         env.setdefault("XLA_FLAGS", "")
+        env.update(self.env)
         self.ready_file.unlink(missing_ok=True)  # a killed predecessor's file is not readiness
         with open(self.log_file, "wb") as log:
             self.process = subprocess.Popen(

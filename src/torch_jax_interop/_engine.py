@@ -108,6 +108,7 @@ class Program:
         "backward",
         "build",
         "diff",
+        "float0_grads",
         "forward",
         "forwarded",
         "fused",
@@ -145,6 +146,9 @@ class Program:
         # per residual leaf: -1 (returned by the forward pass) or the input's index
         self.forwarded: tuple[int, ...] = ()
         self.saved_inputs: tuple[int, ...] = ()  # the distinct inputs among them
+        # per differentiated input: whether its gradient is float0 (an integer input),
+        # found by the first backward
+        self.float0_grads: tuple[bool, ...] | None = None
         # from `describe`: shapes of the whole result (aux included), and per result leaf
         # the input it merely passes through (or None)
         self.result_shapes: Any = None
@@ -351,9 +355,20 @@ class Engine:
             kept = [leaf for leaf, i in zip(res_leaves, forwarded, strict=True) if i < 0]
             return out_leaves, aux, kept
 
-        def backward(residuals: list[Any], cotangents: list[Any]) -> Any:
+        def backward(kept: list[Any], inputs: list[Any], cotangents: list[Any]) -> Any:
+            # the residuals put back in order, and integer outputs' cotangents made float0,
+            # at trace time: no Python per call (Note [Residuals that are inputs])
+            saved = dict(zip(program.saved_inputs, inputs, strict=True))
+            it = iter(kept)
+            residuals = [next(it) if i < 0 else saved[i] for i in program.forwarded]
             vjp = _tree_unflatten(program.res_treedef, residuals)
-            (grads,) = vjp(_tree_unflatten(program.out_treedef, cotangents))
+            cts = [
+                ct if is_float else np.zeros(shape, _FLOAT0)
+                for is_float, shape, ct in zip(
+                    program.out_float, program.out_shapes, cotangents, strict=True
+                )
+            ]
+            (grads,) = vjp(_tree_unflatten(program.out_treedef, cts))
             return grads
 
         program.forward = jax.jit(forward)
@@ -404,22 +419,16 @@ class Engine:
             if self.shardings is not None:  # on the outputs' devices, like the residuals
                 cotangents = jax.device_put(list(cotangents), list(program.out_shardings))
             assert kept is not None and program.backward is not None
-            if inputs:
-                saved = dict(zip(program.saved_inputs, inputs, strict=True))
-                it = iter(kept)
-                kept = [next(it) if i < 0 else saved[i] for i in program.forwarded]
-            cts = [
-                ct if is_float else np.zeros(shape, _FLOAT0)
-                for is_float, shape, ct in zip(
-                    program.out_float, program.out_shapes, cotangents, strict=True
-                )
-            ]
-            diff_grads = program.backward(kept, cts)
+            diff_grads = program.backward(kept, inputs or [], list(cotangents))
         if self.shardings is not None:
             diff_grads = self._gathered(list(diff_grads))
+        no_grad = program.float0_grads  # which gradients are float0: fixed per program
+        if no_grad is None:
+            no_grad = program.float0_grads = tuple(is_float0(g) for g in diff_grads)
         grads: list[Any] = [None] * program.num_inputs
-        for index, grad in zip(program.diff, diff_grads, strict=True):
-            grads[index] = None if is_float0(grad) else grad
+        for index, grad, none in zip(program.diff, diff_grads, no_grad, strict=True):
+            if not none:
+                grads[index] = grad
         return grads
 
     def release(self, residuals: Residuals) -> None:

@@ -28,6 +28,10 @@ class DoubleBackwardError(InteropError, RuntimeError):
     """A second derivative was asked of a wrapped function that only supports one."""
 
 
+class CallQueueFullError(InteropError, RuntimeError):
+    """Too many asynchronous calls are pending (running and queued): the bound was hit."""
+
+
 class TransportError(InteropError):
     """Moving tensor bytes between processes failed."""
 

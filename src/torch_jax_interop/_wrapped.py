@@ -37,14 +37,16 @@ names a leaf that is not an array here is an error too.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import re
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 
+from ._async import CallExecutor, library_executor
 from ._call import Call, VjpBackend, is_tensor
 from ._compat._torch import keep_graph, run_outside_dynamo
 from ._errors import DoubleBackwardError, UnsupportedTensorError
@@ -53,9 +55,15 @@ from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 __all__ = ["VjpBackend", "WrappedJaxFunction", "WrappedJaxScalarFunction"]
 
 _Tensor = torch.Tensor
-_NO_CONTEXT = contextlib.nullcontext()
 _is_grad_enabled = torch.is_grad_enabled
 _keep_graph: Callable[[], bool] = keep_graph
+
+
+def _executor_of(backend: VjpBackend) -> CallExecutor:
+    """Where ``backend``'s asynchronous calls run: its own executor (a connection's) or
+    the library executor (JAX in this process)."""
+    own = getattr(backend, "call_executor", None)
+    return own() if own is not None else library_executor()
 
 
 def _select_backend(jax_function: Any) -> VjpBackend:
@@ -185,17 +193,22 @@ class _Residuals:
 class _JaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: Call, *tensors: torch.Tensor) -> tuple[Any, ...]:
-        flat, call.out_spec, aux, handle = call.backend.flat_forward(call, list(tensors))
+        backend = call.backend
+        flat, call.out_spec, aux, handle = backend.flat_forward(call, list(tensors))
         ctx.call = call
-        ctx.residuals = _Residuals(call.backend, handle)
+        ctx.residuals = _Residuals(backend, handle)
         # for create_graph only (see backward); a plain reference, not a saved tensor
-        ctx.anchor = next((t for t in tensors if t.requires_grad), None)
+        for t in tensors:
+            if t.requires_grad:
+                ctx.anchor = t
+                break
+        else:
+            ctx.anchor = None
         call.aux = aux
-        frozen = [
-            t
-            for t in flat
-            if isinstance(t, _Tensor) and not (t.is_floating_point() or t.is_complex())
-        ]
+        frozen = None
+        for t in flat:
+            if isinstance(t, _Tensor) and not (t.is_floating_point() or t.is_complex()):
+                frozen = [*(frozen or ()), t]
         if frozen:
             ctx.mark_non_differentiable(*frozen)
         return tuple(flat)
@@ -213,7 +226,10 @@ class _JaxFunction(torch.autograd.Function):
             )
         retain = _keep_graph()
         create_graph = _is_grad_enabled()
-        with torch.no_grad() if create_graph else _NO_CONTEXT:
+        if create_graph:
+            with torch.no_grad():
+                grads = call.backend.flat_backward(handle, cotangents, retain=retain)
+        else:
             grads = call.backend.flat_backward(handle, cotangents, retain=retain)
         if not retain:
             residuals.handle = None
@@ -359,28 +375,68 @@ class WrappedJaxFunction(torch.nn.Module):
         return self._run(args, kwargs)
 
     def _run(self, args: tuple, kwargs: dict) -> Any:
-        params = [d[name] for d, name in self._slots]
-        if not kwargs and all(isinstance(a, _Tensor) for a in args):
+        # The hot path of library mode: loops rather than generators, one pass each.
+        tensors = [d[name] for d, name in self._slots]
+        inputs = None
+        if not kwargs:
             # fast path: only tensor arguments, whose template depends on their number only
-            inputs = self._tensor_args.get(len(args))
-            if inputs is None:
-                inputs = TreeTemplate.of((args, {}), is_tensor)[0]
-                self._tensor_args[len(args)] = inputs
-            user_tensors: list[torch.Tensor] = list(args)
+            for a in args:
+                if not isinstance(a, _Tensor):
+                    break
+            else:
+                inputs = self._tensor_args.get(len(args))
+                if inputs is None:
+                    inputs = TreeTemplate.of((args, {}), is_tensor)[0]
+                    self._tensor_args[len(args)] = inputs
+                tensors += args
+        if inputs is not None:
             call = Call(self.backend, self.has_aux, self._params, inputs)
         else:
             call, user_tensors = Call.of(self.backend, self.has_aux, args, kwargs, self._params)
-        if not (
-            _is_grad_enabled()
-            and (any(p.requires_grad for p in params) or any(t.requires_grad for t in user_tensors))
-        ):
-            flat, treedef, aux = self.backend.flat_call(call, [*params, *user_tensors])
+            tensors += user_tensors
+        needs_grad = False
+        if _is_grad_enabled():
+            for t in tensors:
+                if t.requires_grad:
+                    needs_grad = True
+                    break
+        if not needs_grad:
+            flat, treedef, aux = self.backend.flat_call(call, tensors)
             outputs = treedef.unflatten(flat)
             return (outputs, aux) if self.has_aux else outputs
 
-        flat = _JaxFunction.apply(call, *params, *user_tensors)
+        flat = _JaxFunction.apply(call, *tensors)
         outputs = call.out_spec.unflatten(flat)
         return (outputs, call.aux) if self.has_aux else outputs
+
+    def submit(self, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Start ``self(*args, **kwargs)`` in the background; return its
+        ``concurrent.futures.Future`` at once, so that torch work overlaps JAX's.
+
+        ``future.result()`` is what the call returns (with gradients on, outputs in the
+        autograd graph: ``fut.result().sum().backward()`` trains the parameters) or raises
+        the call's exception, of the same type. The call runs under this thread's grad
+        mode, inference mode and autocast state, in a thread of the function's executor:
+        the connection's (``connect(max_async_calls=, max_queued_calls=)``) for a
+        worker's function, the process's library executor for a JAX function here. Its
+        inputs and the parameters must not be modified in place until it ends (checked:
+        ``RuntimeError``); read the result before ``optimizer.step()``. See
+        Note [Asynchronous calls and autograd] in ``_async.py`` (ordering, lifetimes,
+        cancellation).
+
+        Memory: as ``forward`` (outputs share the buffers JAX or the transport produced).
+
+        Raises:
+            CallQueueFullError: too many calls pending on the executor.
+        """
+        watch = [*(d[name] for d, name in self._slots),
+                 *Call.of(self.backend, self.has_aux, args, kwargs)[1]]
+        return _executor_of(self.backend).submit(self, args, kwargs, watch=watch)
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> Any:
+        """``await module.forward_async(x)``: ``submit`` for asyncio (the call starts when
+        the coroutine first runs; cancelling the task cancels a call not yet started)."""
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
 
     def extra_repr(self) -> str:
         name = getattr(self.jax_function, "__qualname__", None) or repr(self.jax_function)

@@ -13,6 +13,7 @@ type), the project's class derives from both, so ``except OverflowError`` and
     │   └── IntegerOverflowError (OverflowError)
     │                                        a 64-bit value does not fit 32 bits
     ├── DoubleBackwardError (RuntimeError)   second derivative through a wrapper
+    ├── CallQueueFullError (RuntimeError)    too many asynchronous calls pending
     ├── TransportError                       shared memory / CUDA IPC / inline bytes
     │   ├── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
     │   ├── RegionRejectedError (ValueError) a region failed the attach checks
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 from ._errors import (
     AuthenticationError as AuthenticationError,
+    CallQueueFullError as CallQueueFullError,
     ConversionError as ConversionError,
     CopyRequiredError as CopyRequiredError,
     DeadlineExceededError as DeadlineExceededError,
@@ -67,6 +69,7 @@ from ._errors import (
 
 __all__ = [
     "AuthenticationError",
+    "CallQueueFullError",
     "ConversionError",
     "CopyRequiredError",
     "DeadlineExceededError",

@@ -51,7 +51,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
     out = tmp_path_factory.mktemp("bench")
     groups = ["convert", "autograd", "torch_module"]
     if _client_missing_reason() is None:
-        groups.append("remote")
+        groups += ["remote", "pipeline"]
     result = subprocess.run(
         [
             sys.executable,
@@ -146,4 +146,5 @@ def test_markdown_table_has_rows(quick_run: tuple[Path, list[str], str]) -> None
     if "remote" in groups:
         assert "| remote | small call, 16 floats | 64 B |" in table
         assert "#### Remote identity round trip" in table
+        assert "| pipeline | two-stage pipeline, torch stage + JAX worker stage |" in table
     assert table in stdout  # the run prints the table it wrote

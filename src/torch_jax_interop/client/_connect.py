@@ -18,6 +18,12 @@ import grpc
 import torch
 
 from .. import _wire
+from .._async import (
+    DEFAULT_MAX_ASYNC_CALLS,
+    DEFAULT_MAX_QUEUED_CALLS,
+    CallExecutor,
+    check_async_bounds,
+)
 from .._call import Call
 from .._errors import (
     DeadlineExceededError,
@@ -90,8 +96,11 @@ class Worker:
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None, token_file: str | None = None,
                  tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
-                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES) -> None:
+                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
+                 max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
+                 max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS) -> None:
         check_transport(transport)
+        check_async_bounds(max_async_calls, max_queued_calls)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
@@ -132,6 +141,9 @@ class Worker:
         self._arena_sizes: dict[Any, int] = {}
         self._closed = False
         self.stats = TransferStats()
+        # asynchronous calls (submit / call_async): the synchronous calls, in these threads
+        self._executor = CallExecutor(max_async_calls, max_queued_calls,
+                                      name="tji-async-call")
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -360,11 +372,16 @@ class Worker:
         """End the session (the worker drops its mappings and residuals) and disconnect."""
         if self._closed:
             return
+        self._executor.shutdown()  # queued calls are cancelled, running ones finish
         with self._lock:
             if self._session is not None:
                 self._drop_session(self._session)
             self._closed = True
         self._channel.close()
+
+    def call_executor(self) -> CallExecutor:
+        """The threads that run this connection's asynchronous calls (``submit``)."""
+        return self._executor
 
     def __enter__(self) -> Worker:
         return self
@@ -544,6 +561,8 @@ def connect(
     functions: Mapping[str, Callable[..., Any] | str],
     reconnect_timeout: float = ...,
     max_arena_bytes: int = ...,
+    max_async_calls: int = ...,
+    max_queued_calls: int = ...,
 ) -> InprocWorker: ...
 
 
@@ -559,6 +578,8 @@ def connect(
     functions: None = ...,
     reconnect_timeout: float = ...,
     max_arena_bytes: int = ...,
+    max_async_calls: int = ...,
+    max_queued_calls: int = ...,
 ) -> Worker: ...
 
 
@@ -573,6 +594,8 @@ def connect(
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
     reconnect_timeout: float = 0.0,
     max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
+    max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
+    max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
 ) -> Worker | InprocWorker:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -619,6 +642,11 @@ def connect(
             within a second).
         max_arena_bytes: The most shared memory (bytes) a worker may ask this client to set
             aside for one call's outputs (default 1 GiB).
+        max_async_calls: How many asynchronous calls (``fn.submit(...)``,
+            ``await fn.call_async(...)``, ``WrappedJaxFunction.submit``) of this connection
+            run at once, each in its own thread (default 1: in submission order).
+        max_queued_calls: How many more may wait for a thread (default 64); one more raises
+            ``CallQueueFullError`` at once. ``close()`` cancels the waiting ones.
 
     Returns:
         A ``Worker`` (an ``InprocWorker`` with the same interface for ``"inproc"``, which
@@ -642,12 +670,18 @@ def connect(
 
         if not functions:
             raise ValueError("connect('inproc') needs functions={name: jax_function, ...}")
-        return InprocWorker(functions)
+        check_async_bounds(max_async_calls, max_queued_calls)
+        custom = (max_async_calls, max_queued_calls) != (DEFAULT_MAX_ASYNC_CALLS,
+                                                          DEFAULT_MAX_QUEUED_CALLS)
+        return InprocWorker(functions, CallExecutor(max_async_calls, max_queued_calls,
+                                                    name="tji-async-inproc")
+                            if custom else None)
     if functions is not None:
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
     return Worker(address, timeout=timeout, transport=transport, token=token,
                   token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
-                  max_arena_bytes=max_arena_bytes)
+                  max_arena_bytes=max_arena_bytes, max_async_calls=max_async_calls,
+                  max_queued_calls=max_queued_calls)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

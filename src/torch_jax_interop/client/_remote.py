@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .._async import AsyncCallable, CallExecutor
 from .._call import Call
 
 
@@ -22,6 +23,8 @@ class Worker(Protocol):
     def backward(self, handle: Any, cotangents: Any, *, retain: bool) -> list[Any]: ...
 
     def release(self, handle: Any) -> None: ...
+
+    def call_executor(self) -> CallExecutor: ...
 
 
 class RemoteBackend:
@@ -49,9 +52,17 @@ class RemoteBackend:
     def release(self, handle: Any) -> None:
         self.worker.release(handle)
 
+    def call_executor(self) -> CallExecutor:
+        """Where ``WrappedJaxFunction.submit`` runs calls: the connection's executor."""
+        return self.worker.call_executor()
 
-class RemoteFunction:
+
+class RemoteFunction(AsyncCallable):
     """A JAX function served by a worker, called with pytrees of torch tensors.
+
+    ``fn.submit(*args)`` starts the same call in the background and returns a
+    ``concurrent.futures.Future``; ``await fn.call_async(*args)`` is its asyncio form (in
+    the connection's executor: ``connect(max_async_calls=, max_queued_calls=)``).
 
     Calling it returns new tensors (outputs in shared memory are *shared* with the pool
     until they are garbage-collected; they are never overwritten while alive). Gradients do
@@ -91,6 +102,9 @@ class RemoteFunction:
 
     def __torch_jax_interop_backend__(self) -> RemoteBackend:
         return RemoteBackend(self.worker, self.name)
+
+    def _call_executor(self) -> CallExecutor:
+        return self.worker.call_executor()
 
     def __repr__(self) -> str:
         return f"RemoteFunction({self.name!r} on {self.worker.address})"

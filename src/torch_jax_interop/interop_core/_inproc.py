@@ -14,15 +14,20 @@ from typing import Any
 import jax
 import torch
 
+from .._async import AsyncCallable, CallExecutor, library_executor
 from .._errors import FunctionNotFoundError
 from .._targets import FunctionInfo, load_function
 from ._convert import jax_to_torch, torch_to_jax
 
 
-class InprocFunction:
-    """A JAX function called with torch tensors in this process (memory is shared)."""
+class InprocFunction(AsyncCallable):
+    """A JAX function called with torch tensors in this process (memory is shared).
 
-    def __init__(self, name: str, fn: Callable[..., Any], target: str) -> None:
+    ``submit`` / ``call_async`` as a worker's function, in the library executor."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], target: str,
+                 executor: CallExecutor | None = None) -> None:
+        self.executor = executor if executor is not None else library_executor()
         self.name = name
         self.fn = fn
         self.target = target
@@ -45,8 +50,11 @@ class InprocFunction:
         if self._backend is None:
             from ._local_backend import LocalJaxBackend
 
-            self._backend = LocalJaxBackend(self.fn)
+            self._backend = LocalJaxBackend(self.fn, self.executor)
         return self._backend
+
+    def _call_executor(self) -> CallExecutor:
+        return self.executor
 
     def __repr__(self) -> str:
         return f"InprocFunction({self.name!r})"
@@ -58,13 +66,16 @@ class InprocWorker:
     transport = "inproc"
     address = "inproc"
 
-    def __init__(self, functions: Mapping[str, Callable[..., Any] | str]) -> None:
+    def __init__(self, functions: Mapping[str, Callable[..., Any] | str],
+                 executor: CallExecutor | None = None) -> None:
+        # asynchronous calls: the connection's own executor when connect() set bounds
+        self._executor = executor
         self._functions: dict[str, InprocFunction] = {}
         for name, fn in functions.items():
             target = ""
             if isinstance(fn, str):
                 _, fn, target = load_function(f"{name}={fn}")
-            self._functions[name] = InprocFunction(name, fn, target)
+            self._functions[name] = InprocFunction(name, fn, target, executor)
 
     def functions(self) -> list[FunctionInfo]:
         out = []
@@ -87,7 +98,8 @@ class InprocWorker:
             ) from None
 
     def close(self) -> None:
-        pass
+        if self._executor is not None:
+            self._executor.shutdown()
 
     def __enter__(self) -> InprocWorker:
         return self

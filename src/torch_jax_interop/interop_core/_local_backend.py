@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 import torch
 
+from .._async import CallExecutor, library_executor
+from .._compat._jax import ARRAY_TYPE
 from .._engine import Engine, Program, Residuals
 from ._convert import _array_to_torch, _tensor_to_jax
 
@@ -29,11 +31,8 @@ if TYPE_CHECKING:
     from .._call import Call
 
 _Tensor = torch.Tensor
+_is_grad_enabled = torch.is_grad_enabled
 _tree_flatten: Callable[..., Any] = jax.tree_util.tree_flatten
-
-
-def _is_differentiable_tensor(t: torch.Tensor) -> bool:
-    return t.requires_grad and (t.is_floating_point() or t.is_complex())
 
 
 # dtypes whose numpy view JAX reads exactly (64-bit ones take the checked path, which
@@ -68,8 +67,6 @@ def _to_jax(t: torch.Tensor) -> Any:
     without a copy (about 1 us against about 8 us for a DLPack import). Everything else
     goes through the conversion core.
     """
-    if t.requires_grad:
-        t = t.detach()
     if (
         t.is_cpu
         and t.dtype in _NUMPY_DTYPES
@@ -77,8 +74,10 @@ def _to_jax(t: torch.Tensor) -> Any:
         and not t.is_neg()
         and (_Platform.numpy_args if _Platform.numpy_args is not None else _Platform.probe())
     ):
+        if t.requires_grad and _is_grad_enabled():  # `numpy()` refuses only then
+            t = t.detach()
         return t.numpy()
-    return _tensor_to_jax(t)
+    return _tensor_to_jax(t.detach() if t.requires_grad else t)
 
 
 class VjpHandle:
@@ -107,18 +106,34 @@ class LocalJaxBackend:
 
     reads_in_place = True  # Note [Sharded parameters in library mode] in _wrapped.py
 
-    def __init__(self, jax_function: Callable[..., Any]) -> None:
+    def __init__(self, jax_function: Callable[..., Any],
+                 executor: CallExecutor | None = None) -> None:
         self.jax_function = jax_function
         self.engine = Engine(jax_function)
+        self._executor = executor
+
+    def call_executor(self) -> CallExecutor:
+        """Where ``WrappedJaxFunction.submit`` runs calls: the executor given (that of
+        ``connect("inproc", max_async_calls=...)``), else the library executor."""
+        return self._executor if self._executor is not None else library_executor()
 
     def _program(self, call: Call, tensors: Sequence[torch.Tensor], with_grad: bool) -> Program:
-        layout = tuple(
-            (t.shape, t.dtype, with_grad and _is_differentiable_tensor(t)) for t in tensors
-        )
-        diff = tuple(i for i, (_, _, d) in enumerate(layout) if d)
+        # with the dtype in the key, `requires_grad` decides which inputs are differentiated
+        if with_grad:
+            layout = tuple([(t.shape, t.dtype, t.requires_grad) for t in tensors])
+        else:
+            layout = tuple([(t.shape, t.dtype, False) for t in tensors])
+        key = (call.key, with_grad, layout)
         try:
-            return self.engine.program((call.key, with_grad, layout), call.arguments,
-                                       len(tensors), diff, call.has_aux)
+            # a hit needs no lock (one dict read); the engine counts recency under its lock
+            # only when it bounds the number of programs
+            engine = self.engine
+            program = engine.programs.get(key)
+            if program is not None and engine.max_programs is None:
+                return program
+            diff = tuple(i for i, (_, dtype, d) in enumerate(layout)
+                         if d and (dtype.is_floating_point or dtype.is_complex))
+            return engine.program(key, call.arguments, len(tensors), diff, call.has_aux)
         except TypeError:
             statics = [type(value).__name__ for _, value in call.inputs.constants]
             raise TypeError(
@@ -142,7 +157,8 @@ class LocalJaxBackend:
         out_leaves, aux, residuals = self.engine.forward(
             program, [_to_jax(t) for t in tensors]
         )
-        versions = [(tensors[i], tensors[i]._version) for i in residuals.saved_inputs]
+        saved = residuals.saved_inputs
+        versions = [(tensors[i], tensors[i]._version) for i in saved] if saved else []
         outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
         aux = _to_torch_tree(aux) if call.has_aux else None
         return outputs, program.out_treedef, aux, VjpHandle(residuals, versions)
@@ -152,7 +168,7 @@ class LocalJaxBackend:
     ) -> list[torch.Tensor | None]:
         """Cotangents (one per output leaf) -> one gradient per tensor (``None`` where
         the tensor was not differentiated)."""
-        if handle.residuals.live:
+        if handle.versions and handle.residuals.live:
             _check_versions(handle.versions)
         # `.sum()` gives an expanded (stride 0) cotangent, `.t()` a strided one
         cts = [_to_jax(ct if ct.is_contiguous() else ct.contiguous()) for ct in cotangents]
@@ -178,7 +194,7 @@ def _check_versions(versions: list[tuple[torch.Tensor, int]]) -> None:
 
 
 def _leaf_to_torch(leaf: Any) -> Any:
-    if isinstance(leaf, jax.Array):
+    if type(leaf) is ARRAY_TYPE or isinstance(leaf, jax.Array):  # the first is cheap
         return _array_to_torch(leaf)
     return leaf
 
