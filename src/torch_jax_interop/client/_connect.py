@@ -28,7 +28,7 @@ from .._errors import (
     TransportError,
     WorkerUnavailableError,
 )
-from .._names import TOKEN_ENV, check_transport
+from .._names import TOKEN_ENV, check_data_plane, check_transport
 from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
 from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
@@ -46,10 +46,11 @@ from ..transport import (
 )
 from ..transport.cuda import CudaIpcChannel
 from ._codec import Decoder, Encoder, align_grads, wire_specs
+from ._data_plane import DataPlaneConnection, DataPlaneRefused
 from ._errors_map import to_remote_error
 from ._remote import RemoteBackend as RemoteBackend
 from ._remote import RemoteFunction as RemoteFunction
-from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, _Session
+from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, TransportInfo, _Session
 
 log = logging.getLogger("torch_jax_interop.client")
 
@@ -77,8 +78,10 @@ class Worker:
     def __init__(self, address: str, *, timeout: float, transport: str,
                  token: str | None, token_file: str | None = None,
                  tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
-                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES) -> None:
+                 max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
+                 data_plane: str = "auto") -> None:
         check_transport(transport)
+        check_data_plane(data_plane)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
@@ -94,6 +97,7 @@ class Worker:
         self.reconnect_timeout = reconnect_timeout
         self.max_arena_bytes = max_arena_bytes
         self.requested_transport = transport
+        self.requested_data_plane = data_plane
         if token_file is not None:
             token = read_token_file(token_file)
         token = token if token is not None else os.environ.get(TOKEN_ENV)
@@ -200,9 +204,55 @@ class Worker:
                 same_host=bool(first.boot_id) and first.boot_id == _wire.boot_id(),
                 worker_pid=first.worker_pid,
             )
-        log.info("connected to %s (worker pid %d), transport: %s", self.address,
-                 first.worker_pid, session.transport)
+        self._negotiate_data_plane(session, first)
+        log.info("connected to %s (worker pid %d), transport: %s, calls over %s",
+                 self.address, first.worker_pid, session.transport,
+                 "the same-host unix socket" if session.data_plane else "gRPC")
         return session
+
+    def _negotiate_data_plane(self, session: _Session, event: Any) -> None:
+        """Note [Same-host data plane] (transport/_data_plane.py): connect to the worker's
+        private socket, or say once why calls use gRPC."""
+        same_host = bool(event.boot_id) and event.boot_id == _wire.boot_id()
+        if self.requested_data_plane == "grpc":
+            reason = "connect(data_plane='grpc') asked for it"
+        elif not event.HasField("data_plane"):
+            reason = ("the worker offers no same-host data plane (it runs with "
+                      "--no-fast-path, or could not listen on a private socket)")
+        elif not same_host:
+            reason = "the worker runs on another host (different boot id)"
+        else:
+            try:
+                session.data_plane = DataPlaneConnection(
+                    event.data_plane, session.id, worker_pid=event.worker_pid,
+                    timeout=self.timeout, address=self.address)
+                return
+            except DataPlaneRefused as error:
+                reason = f"the same-host data plane cannot be used: {error}"
+        session.data_plane_reason = reason
+        if self.requested_data_plane == "unix_socket":
+            raise TransportError(f"data_plane='unix_socket' is not possible: {reason}")
+        log.info("calls to %s use gRPC: %s", self.address, reason)
+
+    def _session_rpc(self, session: _Session, name: str, request: Any, what: str) -> Any:
+        """``Call`` / ``Backward`` / ``Release`` over the session's data plane, or gRPC."""
+        plane = session.data_plane
+        if plane is None:
+            return self._rpc(getattr(self._stub, name), request, what)
+        try:
+            return plane.request(name, request, self.timeout, what)
+        except WorkerUnavailableError:
+            session.alive.clear()  # as for gRPC's UNAVAILABLE: the next call reconnects
+            raise
+        except DeadlineExceededError:
+            # The connection is closed (the worker writes nothing for the call); the
+            # session's later calls use gRPC, whose calls can overlap a stuck one.
+            session.data_plane = None
+            session.data_plane_reason = ("a call ran past its deadline on the same-host "
+                                         "data plane, which then closed")
+            log.warning("calls to %s use gRPC from now on: %s", self.address,
+                        session.data_plane_reason)
+            raise
 
     @staticmethod
     def _watch(stream: Any, events: queue.Queue[Any], alive: threading.Event) -> None:
@@ -306,6 +356,8 @@ class Worker:
 
     def _drop_session(self, session: _Session) -> None:
         self._release_quarantined(session)  # the session's calls end with it
+        if session.data_plane is not None:
+            session.data_plane.close()
         if session.cuda is not None:  # the worker unmaps before this process frees
             session.cuda.close(release_regions=session.alive.is_set())
         session.alive.clear()
@@ -318,6 +370,15 @@ class Worker:
     def transport(self) -> str:
         """``"shared memory"`` or ``"inline"``: what this session moves tensors with."""
         return self._current().transport
+
+    @property
+    def transport_info(self) -> TransportInfo:
+        """How calls travel now: ``calls`` is ``"unix socket"`` (the same-host data plane)
+        or ``"grpc"``, with the ``reason``; ``tensors`` is :attr:`transport`."""
+        session = self._current()
+        if session.data_plane is not None:
+            return TransportInfo("unix socket", session.transport, "")
+        return TransportInfo("grpc", session.transport, session.data_plane_reason)
 
     # -- API ------------------------------------------------------------------------------
 
@@ -355,9 +416,9 @@ class Worker:
         pending, self._pending_release = self._pending_release, []
         ids = [rid for s, rid in pending if s is session]
         if ids:
-            self._rpc(self._stub.Release, pb.ReleaseRequest(session_id=session.id,
-                                                            residual_ids=ids),
-                      "releasing residuals")
+            self._session_rpc(session, "Release",
+                              pb.ReleaseRequest(session_id=session.id, residual_ids=ids),
+                              "releasing residuals")
 
     def call(self, name: str, call: Call, tensors: list[torch.Tensor], *,
              keep_residuals: bool) -> tuple[list[torch.Tensor], Any, Any,
@@ -419,7 +480,7 @@ class Worker:
             )
 
     def _call_rpc(self, session: _Session, decoder: Decoder, request: Any, name: str,
-                  method: Callable[..., Any] | None = None) -> Any:
+                  method: str = "Call") -> Any:
         """``Call`` with the arena in ``decoder``. Note [Arena slices after a deadline]: a
         call that ran past its deadline (or was cancelled) may still be running in the
         worker, which could write its outputs into the arena later. Its slice goes back to
@@ -427,7 +488,7 @@ class Worker:
         writes nothing for a call whose client has gone: ``Call`` checks its context
         before writing), so that a late write never lands in another call's outputs."""
         try:
-            response = self._rpc(method or self._stub.Call, request, name)
+            response = self._session_rpc(session, method, request, name)
         except (DeadlineExceededError, WorkerUnavailableError):
             if decoder.arena is not None:
                 session.quarantined.append(decoder.arena)
@@ -473,8 +534,7 @@ class Worker:
         try:
             encoder.tree(list(cotangents), handle.out_spec, request.cotangents)
             decoder = self._with_arena(session, request, handle.grad_bytes, encoder)
-            response = self._call_rpc(session, decoder, request, "backward",
-                                      self._stub.Backward)
+            response = self._call_rpc(session, decoder, request, "backward", "Backward")
             grads = [*decoder.gradients(response.grad_args, handle.in_specs[0]),
                      *decoder.gradients(response.grad_kwargs, handle.in_specs[1])]
             decoder.finish()
@@ -518,6 +578,7 @@ def connect(
     functions: Mapping[str, Callable[..., Any] | str] | None = None,
     reconnect_timeout: float = 0.0,
     max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
+    data_plane: str = "auto",
 ) -> Any:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -546,6 +607,12 @@ def connect(
     set aside for one call's outputs (default 1 GiB); a bigger ask is refused with
     ``TransportError``.
 
+    ``data_plane``: how calls travel. ``"auto"`` (default): over the worker's private
+    same-host unix socket when it offers one and this process can reach it (same host, same
+    user, same PID namespace), else over gRPC, logging why once; ``"unix_socket"`` raises
+    ``TransportError`` instead of falling back; ``"grpc"`` never uses the socket.
+    ``worker.transport_info`` says which path calls take (docs/same-host.md).
+
     ``token_file``: read the token from this file (e.g. ``/run/secrets/tji``) instead of
     ``token=``. ``tls``: reach a TCP worker over TLS, e.g.
     ``connect("host:5005", tls=TlsConfig(ca_file="ca.pem"), token_file=...)``; add
@@ -570,7 +637,7 @@ def connect(
         raise ValueError("functions= is only for connect('inproc'); a worker serves its own")
     return Worker(address, timeout=timeout, transport=transport, token=token,
                   token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
-                  max_arena_bytes=max_arena_bytes)
+                  max_arena_bytes=max_arena_bytes, data_plane=data_plane)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

@@ -47,6 +47,22 @@ class _Session:
     cuda: Any = None  # a CudaIpcChannel for transport "auto" / "cuda_ipc"
     # Arena slices of calls that ran past their deadline: Note [Arena slices after a deadline]
     quarantined: list[Any] = field(default_factory=list)
+    # The same-host DataPlaneConnection (client/_data_plane.py), or None: calls use gRPC, for
+    # the reason in data_plane_reason (Note [Same-host data plane] in transport/).
+    data_plane: Any = None
+    data_plane_reason: str = ""
+
+
+@dataclass(frozen=True)
+class TransportInfo:
+    """How a connection's calls travel (``Worker.transport_info``)."""
+
+    calls: str
+    """``"unix socket"`` (the same-host data plane) or ``"grpc"``."""
+    tensors: str
+    """``"shared memory"`` or ``"inline"``: where tensor bytes go (CUDA IPC per GPU aside)."""
+    reason: str
+    """Why calls take that path (empty on the data plane)."""
 
 
 class ResidualHandle:

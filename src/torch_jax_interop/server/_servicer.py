@@ -36,7 +36,7 @@ from .._names import (
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb
 from ..proto.v1 import interop_pb2_grpc as pb_grpc
-from ..transport import default_shm_dir
+from ..transport import DEFAULT_MAX_FRAME_BYTES, default_shm_dir
 from ._codec import (
     InlineBudget,
     Limits,
@@ -82,6 +82,8 @@ class WorkerConfig:
         inline_threshold: int = 64 << 10,
         shm_dir: str | None = None,
         allow_unsealed_regions: bool = False,
+        fast_path: bool = True,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.max_sessions = max_sessions
         self.max_residuals = max_residuals
@@ -93,6 +95,11 @@ class WorkerConfig:
         self.shm_dir = shm_dir or default_shm_dir()
         # Note [Sealed regions] (transport/_shm.py): off, a peer cannot SIGBUS the worker.
         self.allow_unsealed_regions = allow_unsealed_regions
+        # Note [Same-host data plane] (transport/_data_plane.py): offered unless --no-fast-path.
+        self.fast_path = fast_path
+        if max_frame_bytes <= 0:
+            raise ValueError(f"max_frame_bytes={max_frame_bytes!r} must be > 0 (bytes)")
+        self.max_frame_bytes = max_frame_bytes
 
 
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
@@ -107,6 +114,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         self.shutting_down = threading.Event()
         self.boot_id = _wire.boot_id()
         self._signatures: dict[str, inspect.Signature | None] = {}
+        # A DataPlaneListener (server/_data_plane.py) when create_server started one.
+        self.data_plane: Any = None
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -135,6 +144,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
                 shm_directory=self.config.shm_dir,
                 max_inline_bytes=self.config.limits.max_inline_bytes,
                 protocol_version=_wire.PROTOCOL_VERSION,
+                data_plane=(self.data_plane.offer(session.id, request.client_pid)
+                            if self.data_plane is not None else None),
             )
             while not ended.wait(0.5):
                 if self.shutting_down.is_set():
@@ -145,6 +156,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
     def end_session(self, session_id: str) -> None:
         with self._lock:
             session = self.sessions.pop(session_id, None)
+        if self.data_plane is not None:
+            self.data_plane.forget(session_id)
         if session is not None:
             session.close()
             log.info("session %s ended: residuals and mappings dropped", session_id[:8])

@@ -1,0 +1,278 @@
+"""The worker's half of the same-host data plane (Note [Same-host data plane] in
+``transport/_data_plane.py``): one listening unix socket, one thread per bound connection,
+each request served by the servicer's own ``Call`` / ``Backward`` / ``Release``."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ..proto.v1 import interop_pb2 as pb
+from ..transport import _data_plane as frames
+from ._interceptors import UndecodableRequest, _abort
+
+log = logging.getLogger("torch_jax_interop.server")
+
+_HELLO_TIMEOUT_S = 5.0
+"""How long a new connection may take to say hello: a silent peer holds a thread no longer."""
+_JOIN_TIMEOUT_S = 2.0
+
+# kind -> (servicer method name, request type)
+_REQUESTS: dict[int, tuple[str, Any]] = {
+    pb.DATA_PLANE_FRAME_KIND_CALL: ("Call", pb.CallRequest),
+    pb.DATA_PLANE_FRAME_KIND_BACKWARD: ("Backward", pb.BackwardRequest),
+    pb.DATA_PLANE_FRAME_KIND_RELEASE: ("Release", pb.ReleaseRequest),
+}
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class DataPlaneContext:
+    """Stands in for ``grpc.ServicerContext`` in the servicer's ``Call`` / ``Backward`` /
+    ``Release``: the client is active while its connection is open; ``abort`` raises."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._code: grpc.StatusCode | None = None
+
+    def is_active(self) -> bool:
+        return not frames.peer_closed(self._sock)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self._code = code
+        raise _Aborted(code, details)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def peer(self) -> str:
+        return "unix:data-plane"
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+class _Offer:
+    __slots__ = ("secret", "client_pid", "connection")
+
+    def __init__(self, secret: bytes, client_pid: int) -> None:
+        self.secret = secret
+        self.client_pid = client_pid
+        self.connection: socket.socket | None = None
+
+
+class DataPlaneListener:
+    """Listens on a private unix socket; binds each connection to the one session whose
+    secret it presents. ``serve(method, request, context)`` runs one request (the
+    servicer's method by name). Close with :meth:`close` (removes the socket and its
+    directory, ends every connection)."""
+
+    def __init__(self, serve: Callable[[str], Callable[[Any, Any], Any]], *,
+                 near: str | None, max_frame_bytes: int) -> None:
+        self._method = serve
+        self.max_frame_bytes = max_frame_bytes
+        self.path = frames.private_socket_path(near)
+        self._offers: dict[str, _Offer] = {}
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._closed = False
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket file is created 0600
+        try:
+            self._listener.bind(self.path)
+            self._listener.listen(64)
+        except BaseException:
+            self._listener.close()
+            frames.remove_socket_path(self.path)
+            raise
+        finally:
+            os.umask(old_umask)
+        self._accepting = threading.Thread(target=self._accept_loop, daemon=True,
+                                           name="tji-data-plane-accept")
+        self._accepting.start()
+        log.info("same-host data plane on %s", self.path)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def offer(self, session_id: str, client_pid: int) -> Any:
+        """A ``DataPlaneOffer`` for a new session."""
+        secret = secrets.token_bytes(32)
+        with self._lock:
+            self._offers[session_id] = _Offer(secret, client_pid)
+        return pb.DataPlaneOffer(socket_path=self.path, secret=secret,
+                                 max_frame_bytes=self.max_frame_bytes)
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: its secret is void and its connection is closed (the client
+        sees EOF at once)."""
+        with self._lock:
+            offer = self._offers.pop(session_id, None)
+        if offer is not None and offer.connection is not None:
+            _shutdown(offer.connection)
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            if self._closed:
+                conn.close()
+                return
+            thread = threading.Thread(target=self._connection, args=(conn,), daemon=True,
+                                      name="tji-data-plane")
+            with self._lock:
+                self._threads.add(thread)
+            thread.start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        session_id: str | None = None
+        offer: _Offer | None = None
+        try:
+            session_id, offer = self._hello(conn)
+            if offer is None:
+                return
+            self._serve(conn, session_id)
+        except (EOFError, OSError) as error:
+            if session_id is not None:
+                log.info("session %s: data-plane connection ended (%s)", session_id[:8],
+                         error or type(error).__name__)
+        finally:
+            if offer is not None:
+                with self._lock:
+                    if offer.connection is conn:
+                        offer.connection = None
+            conn.close()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, why: str) -> None:
+        log.warning("refused a data-plane connection: %s", why)
+        with contextlib.suppress(OSError):
+            frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, 0, pb.DataPlaneStatus(
+                code=code.value[0], message=why).SerializeToString())
+
+    def _hello(self, conn: socket.socket) -> tuple[str | None, _Offer | None]:
+        conn.settimeout(_HELLO_TIMEOUT_S)
+        try:
+            kind, _, body = frames.recv_frame(conn, frames.HELLO_MAX_BYTES)
+        except (EOFError, OSError) as error:
+            self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"no valid hello within {_HELLO_TIMEOUT_S:g} s ({error})")
+            return None, None
+        pid, uid, _ = frames.peer_credentials(conn)
+        if kind != pb.DATA_PLANE_FRAME_KIND_HELLO:
+            self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                         "the first frame on the data plane must be a DataPlaneHello")
+            return None, None
+        hello = pb.DataPlaneHello()
+        try:
+            hello.ParseFromString(body)
+        except Exception:  # DecodeError
+            self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                         "the hello frame is not a valid DataPlaneHello message")
+            return None, None
+        if uid != os.getuid():
+            self._refuse(conn, grpc.StatusCode.PERMISSION_DENIED,
+                         f"peer uid {uid} is not the worker's uid {os.getuid()}")
+            return None, None
+        with self._lock:
+            offer = self._offers.get(hello.session_id)
+            if offer is None or not hmac.compare_digest(offer.secret, hello.secret):
+                why = "unknown session or wrong secret"
+            elif offer.client_pid and pid != offer.client_pid:
+                why = (f"peer pid {pid} is not the session's client pid {offer.client_pid} "
+                       "(another process, or another PID namespace)")
+            elif offer.connection is not None:
+                why = "the session already has a data-plane connection"
+            else:
+                why = ""
+                offer.connection = conn
+        if why:
+            self._refuse(conn, grpc.StatusCode.PERMISSION_DENIED, why)
+            return None, None
+        conn.settimeout(None)
+        frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_OK, 0, b"")
+        log.info("session %s: calls use the same-host data plane", hello.session_id[:8])
+        return hello.session_id, offer
+
+    def _serve(self, conn: socket.socket, session_id: str) -> None:
+        context = DataPlaneContext(conn)
+        while True:
+            try:
+                kind, request_id, body = frames.recv_frame(conn, self.max_frame_bytes)
+            except frames.FrameTooLargeError as error:
+                self._refuse(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{error} (--max-frame-bytes); the connection is closed")
+                return
+            entry = _REQUESTS.get(kind)
+            if entry is None:
+                self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"unknown data-plane frame kind {kind}; the connection is closed")
+                return
+            name, request_type = entry
+            context._code = None
+            try:
+                request = request_type()
+                try:
+                    request.ParseFromString(body)
+                except Exception as error:  # DecodeError
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  UndecodableRequest(name, error).refusal())
+                if request.session_id != session_id:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                  "this data-plane connection serves another session")
+                try:
+                    response = self._method(name)(request, context)
+                except _Aborted:
+                    raise
+                except Exception as error:
+                    _abort(context, name, error)  # type: ignore[arg-type]  # raises _Aborted
+                    raise
+            except _Aborted as aborted:
+                frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, request_id,
+                                  pb.DataPlaneStatus(code=aborted.code.value[0],
+                                                     message=aborted.details)
+                                  .SerializeToString())
+                continue
+            frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_OK, request_id,
+                              response.SerializeToString())
+
+    def close(self) -> None:
+        """Stop listening, end every connection, remove the socket and its directory."""
+        if self._closed:
+            return
+        self._closed = True
+        _shutdown(self._listener)
+        self._listener.close()
+        frames.remove_socket_path(self.path)
+        with self._lock:
+            connections = [o.connection for o in self._offers.values() if o.connection]
+            self._offers.clear()
+            threads = list(self._threads)
+        for conn in connections:
+            _shutdown(conn)
+        self._accepting.join(_JOIN_TIMEOUT_S)
+        for thread in threads:
+            thread.join(_JOIN_TIMEOUT_S)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
