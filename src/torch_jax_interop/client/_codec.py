@@ -20,6 +20,7 @@ from .._dtypes import DTYPE_NAMES
 from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH
 from .._dtypes_torch import TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, MalformedReplyError, ResourceExhaustedError
+from ..transport import fill_descriptor
 
 _MAX_OUTPUT_BYTES = 1 << 62
 """No output is refused for its size alone (the arena and inline limits bound it); only
@@ -80,6 +81,31 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
+class PooledInput:
+    """Note [Tensors born in shared memory]: an input the worker reads in place, where it
+    lies in the session's pool. Held like a pool slice (an encoder lease, then the residual
+    handle's) so that the tensor, and with it its slice, lives while the worker may read it;
+    :meth:`check_unchanged` refuses a backward after the tensor was modified in place, since
+    the worker's residuals may view its bytes."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor: torch.Tensor | None = tensor
+        self.version = tensor._version
+
+    def check_unchanged(self) -> None:
+        if self.tensor is not None and self.tensor._version != self.version:
+            raise InvalidArgumentError(
+                "an input of this forward lives in the worker's shared memory (worker.empty) "
+                "and was modified in place after the forward; the worker's saved values "
+                "view its bytes, so the gradient would be wrong. Modify a copy, or run the "
+                "forward again after the change")
+
+    def release(self) -> None:
+        self.tensor = None
+
+
 class Encoder:
     """Fills ``Tree`` messages; large tensors go to pool slices kept in ``leases``."""
 
@@ -91,6 +117,7 @@ class Encoder:
         self.leases: list[Any] = []
         self.inline_bytes = 0
         self.shm_bytes = 0
+        self.zero_copy_bytes = 0  # inputs already in the pool, sent as they are
         # CUDA IPC (transport/cuda): the session's CudaIpcChannel, or None.
         self.cuda = cuda
         self.cuda_ipc_bytes = 0
@@ -119,6 +146,8 @@ class Encoder:
         message.dtype = _wire.DTYPE_TO_ENUM[TORCH_TO_NAME[t.dtype]]
         message.shape.extend(t.shape)
         nbytes = t.numel() * t.element_size()
+        if self.pool is not None and nbytes and self._in_pool(t, nbytes, message):
+            return 0
         if self.pool is None or nbytes <= self.inline_threshold:
             if nbytes > self.max_inline_bytes:
                 raise ResourceExhaustedError(
@@ -136,6 +165,18 @@ class Encoder:
         lease.fill(message.shm)
         self.shm_bytes += nbytes
         return nbytes
+
+    def _in_pool(self, t: torch.Tensor, nbytes: int, message: Any) -> bool:
+        """Note [Tensors born in shared memory]: a tensor already in one of the session's
+        regions (``Worker.empty``, or an earlier call's output) travels as its descriptor:
+        no copy. It stays pinned (alive, its version noted) while the worker may read it."""
+        located = self.pool.locate(t.data_ptr(), nbytes)
+        if located is None:
+            return False
+        fill_descriptor(message.shm, located[0], located[1], nbytes)
+        self.leases.append(PooledInput(t))
+        self.zero_copy_bytes += nbytes
+        return True
 
     def _cuda_tensor(self, t: torch.Tensor, pool: Any, message: Any) -> int:
         """One device-to-device copy into an exported slice; the worker reads it in place."""

@@ -11,10 +11,11 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from .. import _wire
@@ -45,7 +46,7 @@ from ..transport import (
     unix_socket_path,
 )
 from ..transport.cuda import CudaIpcChannel
-from ._codec import Decoder, Encoder, align_grads, wire_specs
+from ._codec import TORCH_TO_NAME, Decoder, Encoder, align_grads, wire_specs
 from ._data_plane import DataPlaneConnection, DataPlaneRefused
 from ._errors_map import to_remote_error
 from ._remote import RemoteBackend as RemoteBackend
@@ -408,6 +409,54 @@ class Worker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- tensors born in shared memory ----------------------------------------------------
+
+    def empty(self, *shape: int | Sequence[int], dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+        """An uninitialised CPU tensor allocated in this session's shared-memory pool.
+
+        A call that takes it (contiguous, whole or from its start) copies nothing on the way
+        in: the worker reads these very bytes (Note [Tensors born in shared memory]). The
+        tensor SHARES memory with the worker while a call (or the residuals of a forward)
+        uses it; its pool slice is reserved until the tensor and every view of it are
+        garbage-collected. Views at an unaligned offset, non-contiguous views and tensors
+        from a session that has since ended are copied as usual.
+
+        Args:
+            shape: sizes, as ``empty(2, 3)`` or ``empty((2, 3))``.
+            dtype: any dtype the wire carries (default float32).
+
+        Raises:
+            TransportError: the session moves tensors inline (``transport="inline"``, or
+                the worker cannot map this process's shared memory): there is no pool.
+        """
+        dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        size = torch.Size(dims)  # type: ignore[arg-type]  # validates the sizes
+        if dtype not in TORCH_TO_NAME:
+            raise TypeError(f"dtype `{dtype}` cannot be sent; supported: "
+                            f"{', '.join(sorted(map(str, TORCH_TO_NAME)))}")
+        session = self._current()
+        if session.pool is None:
+            raise TransportError(
+                f"this session moves tensors {session.transport}: it has no shared-memory "
+                "pool to allocate in. Connect with transport='auto' or 'shm' on the worker's "
+                "host, or use torch.empty")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = size.numel() * itemsize
+        piece = session.pool.allocate(nbytes)
+        raw = piece.numpy(np.uint8, (nbytes,))
+        piece.release_when_collected(raw)  # the slice lives while any view of it does
+        return torch.from_numpy(raw).view(dtype).view(size)
+
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """``empty(t.shape, dtype=t.dtype)``: see :meth:`empty` (the values are not copied)."""
+        return self.empty(tuple(t.shape), dtype=t.dtype)
+
+    def zeros(self, *shape: int | Sequence[int], dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+        """:meth:`empty`, filled with zeros."""
+        return self.empty(*shape, dtype=dtype).zero_()
+
     # -- calls (used by RemoteFunction / RemoteBackend) -----------------------------------
 
     def _flush_releases(self, session: _Session) -> None:
@@ -526,6 +575,7 @@ class Worker:
                 "the worker session that ran this forward has ended (worker restarted?); "
                 "its residuals are gone: run the forward again"
             )
+        handle.check_inputs_unchanged()
         encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes,
                           cuda=session.cuda)
         request = pb.BackwardRequest(session_id=session.id, residual_id=handle.residual_id,

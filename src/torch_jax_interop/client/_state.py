@@ -22,9 +22,12 @@ class TransferStats:
     shared_memory_bytes: int = 0
     inline_bytes: int = 0
     cuda_ipc_bytes: int = 0
+    zero_copy_bytes: int = 0
+    """Input bytes that already lay in the session's pool (``Worker.empty``): not copied."""
 
     def add(self, encoder: Encoder) -> None:
         self.calls += 1
+        self.zero_copy_bytes += encoder.zero_copy_bytes
         self.shared_memory_bytes += encoder.shm_bytes
         self.inline_bytes += encoder.inline_bytes
         self.cuda_ipc_bytes += encoder.cuda_ipc_bytes
@@ -81,6 +84,13 @@ class ResidualHandle:
         self.layout = [(t.dtype, t.device, t.shape) for t in inputs]
         self.grad_bytes = arena_bytes(inputs, INLINE_THRESHOLD)
         self.done = False
+
+    def check_inputs_unchanged(self) -> None:
+        """Raise if an input the worker read in place was modified since the forward."""
+        for lease in self.leases:
+            check = getattr(lease, "check_unchanged", None)
+            if check is not None:
+                check()
 
     def drop_leases(self) -> None:
         for lease in self.leases:

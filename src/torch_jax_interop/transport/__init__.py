@@ -19,6 +19,7 @@ from ._janitor import cleanup_orphans as cleanup_orphans
 from ._memfd import sealing_supported as sealing_supported
 from ._pool import Pool as Pool
 from ._pool import PoolSlice as PoolSlice
+from ._pool import fill_descriptor as fill_descriptor
 from ._shm import NAME_PATTERN as NAME_PATTERN
 from ._shm import SHM_DIR_ENV as SHM_DIR_ENV
 from ._shm import SHM_PREFIX as SHM_PREFIX
