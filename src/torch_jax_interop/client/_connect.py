@@ -242,6 +242,8 @@ class Worker:
             return self._rpc(getattr(self._stub, name), request, what)
         try:
             return plane.request(name, request, self.timeout, what)
+        except DataPlaneRefused:  # over the worker's frame limit: this one goes by gRPC
+            return self._rpc(getattr(self._stub, name), request, what)
         except WorkerUnavailableError:
             session.alive.clear()  # as for gRPC's UNAVAILABLE: the next call reconnects
             raise

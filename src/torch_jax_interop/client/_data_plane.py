@@ -45,6 +45,7 @@ class DataPlaneConnection:
                  address: str) -> None:
         self.address = address
         self.path = offer.socket_path
+        self.max_frame_bytes = offer.max_frame_bytes
         self._lock = threading.Lock()
         self._next_id = 1
         self.closed = False
@@ -82,7 +83,13 @@ class DataPlaneConnection:
     def request(self, name: str, request: Any, timeout: float, what: str) -> Any:
         """Send one request and wait (at most ``timeout`` seconds, counted from now) for
         its response. Raises the exception gRPC's status would have mapped to; on a dead
-        worker or a deadline the connection is closed (the caller stops using it)."""
+        worker or a deadline the connection is closed (the caller stops using it).
+        Raises :class:`DataPlaneRefused`, sending nothing, for a request over the worker's
+        frame limit (the caller sends that one over gRPC)."""
+        body = request.SerializeToString()
+        if len(body) > self.max_frame_bytes:
+            raise DataPlaneRefused(f"the request ({len(body)} bytes) is larger than the "
+                                   f"worker's --max-frame-bytes ({self.max_frame_bytes})")
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=timeout):
             raise DeadlineExceededError(
@@ -98,8 +105,7 @@ class DataPlaneConnection:
             self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
             try:
                 self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                frames.send_frame(self._sock, _KINDS[name], request_id,
-                                  request.SerializeToString())
+                frames.send_frame(self._sock, _KINDS[name], request_id, body)
                 self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                 kind, answered, body = frames.recv_frame(self._sock, MAX_RESPONSE_BYTES)
             except TimeoutError:

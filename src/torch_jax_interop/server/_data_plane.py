@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,12 +68,14 @@ class DataPlaneContext:
 
 
 class _Offer:
-    __slots__ = ("secret", "client_pid", "connection")
+    __slots__ = ("secret", "client_pid", "connection", "busy", "ending")
 
     def __init__(self, secret: bytes, client_pid: int) -> None:
         self.secret = secret
         self.client_pid = client_pid
         self.connection: socket.socket | None = None
+        self.busy = False  # a request is being served: its answer is still sent
+        self.ending = False  # the session ended: close after the request in progress
 
 
 class DataPlaneListener:
@@ -121,8 +124,12 @@ class DataPlaneListener:
         sees EOF at once)."""
         with self._lock:
             offer = self._offers.pop(session_id, None)
-        if offer is not None and offer.connection is not None:
-            _shutdown(offer.connection)
+            if offer is None or offer.connection is None:
+                return
+            offer.ending = True
+            if offer.busy:  # like gRPC's drain: the call in progress still gets its answer
+                return
+        _shutdown(offer.connection)
 
     # -- connections -----------------------------------------------------------------------
 
@@ -144,16 +151,17 @@ class DataPlaneListener:
     def _connection(self, conn: socket.socket) -> None:
         session_id: str | None = None
         offer: _Offer | None = None
+        why = "the session ended"
         try:
             session_id, offer = self._hello(conn)
             if offer is None:
                 return
-            self._serve(conn, session_id)
+            self._serve(conn, session_id, offer)
         except (EOFError, OSError) as error:
-            if session_id is not None:
-                log.info("session %s: data-plane connection ended (%s)", session_id[:8],
-                         error or type(error).__name__)
+            why = str(error) or type(error).__name__
         finally:
+            if session_id is not None:
+                log.info("session %s: data-plane connection closed (%s)", session_id[:8], why)
             if offer is not None:
                 with self._lock:
                     if offer.connection is conn:
@@ -162,10 +170,12 @@ class DataPlaneListener:
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
-    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, why: str) -> None:
+    def _refuse(self, conn: socket.socket, code: grpc.StatusCode, why: str,
+                request_id: int = 0) -> None:
         log.warning("refused a data-plane connection: %s", why)
         with contextlib.suppress(OSError):
-            frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, 0, pb.DataPlaneStatus(
+            frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, request_id,
+                              pb.DataPlaneStatus(
                 code=code.value[0], message=why).SerializeToString())
 
     def _hello(self, conn: socket.socket) -> tuple[str | None, _Offer | None]:
@@ -212,50 +222,69 @@ class DataPlaneListener:
         log.info("session %s: calls use the same-host data plane", hello.session_id[:8])
         return hello.session_id, offer
 
-    def _serve(self, conn: socket.socket, session_id: str) -> None:
+    def _serve(self, conn: socket.socket, session_id: str, offer: _Offer) -> None:
         context = DataPlaneContext(conn)
         while True:
             try:
                 kind, request_id, body = frames.recv_frame(conn, self.max_frame_bytes)
             except frames.FrameTooLargeError as error:
                 self._refuse(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"{error} (--max-frame-bytes); the connection is closed")
+                             f"{error} (--max-frame-bytes); the connection is closed",
+                             error.request_id)
                 return
-            entry = _REQUESTS.get(kind)
-            if entry is None:
-                self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"unknown data-plane frame kind {kind}; the connection is closed")
-                return
-            name, request_type = entry
-            context._code = None
+            with self._lock:
+                if offer.ending:
+                    return
+                offer.busy = True
             try:
-                request = request_type()
-                try:
-                    request.ParseFromString(body)
-                except Exception as error:  # DecodeError
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                  UndecodableRequest(name, error).refusal())
-                if request.session_id != session_id:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                  "this data-plane connection serves another session")
-                try:
-                    response = self._method(name)(request, context)
-                except _Aborted:
-                    raise
-                except Exception as error:
-                    _abort(context, name, error)  # type: ignore[arg-type]  # raises _Aborted
-                    raise
-            except _Aborted as aborted:
-                frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, request_id,
-                                  pb.DataPlaneStatus(code=aborted.code.value[0],
-                                                     message=aborted.details)
-                                  .SerializeToString())
-                continue
-            frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_OK, request_id,
-                              response.SerializeToString())
+                self._answer(conn, session_id, context, kind, request_id, body)
+            finally:
+                with self._lock:
+                    offer.busy = False
+                    ending = offer.ending
+            if ending:
+                return
 
-    def close(self) -> None:
-        """Stop listening, end every connection, remove the socket and its directory."""
+    def _answer(self, conn: socket.socket, session_id: str, context: DataPlaneContext,
+                kind: int, request_id: int, body: bytes) -> None:
+        entry = _REQUESTS.get(kind)
+        if entry is None:
+            self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"unknown data-plane frame kind {kind}; the connection is closed",
+                         request_id)
+            _shutdown(conn)
+            return
+        name, request_type = entry
+        context._code = None
+        try:
+            request = request_type()
+            try:
+                request.ParseFromString(body)
+            except Exception as error:  # DecodeError
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              UndecodableRequest(name, error).refusal())
+            if request.session_id != session_id:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              "this data-plane connection serves another session")
+            try:
+                response = self._method(name)(request, context)
+            except _Aborted:
+                raise
+            except Exception as error:
+                _abort(context, name, error)  # type: ignore[arg-type]  # raises _Aborted
+                raise
+        except _Aborted as aborted:
+            frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, request_id,
+                              pb.DataPlaneStatus(code=aborted.code.value[0],
+                                                 message=aborted.details)
+                              .SerializeToString())
+            return
+        frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_OK, request_id,
+                          response.SerializeToString())
+
+    def close(self, grace: float = _JOIN_TIMEOUT_S) -> None:
+        """Stop listening; end every connection once its request in progress is answered
+        (waiting ``grace`` seconds at most); remove the socket and its directory."""
         if self._closed:
             return
         self._closed = True
@@ -264,13 +293,15 @@ class DataPlaneListener:
         frames.remove_socket_path(self.path)
         with self._lock:
             connections = [o.connection for o in self._offers.values() if o.connection]
-            self._offers.clear()
             threads = list(self._threads)
-        for conn in connections:
-            _shutdown(conn)
+        for session_id in list(self._offers):
+            self.forget(session_id)
         self._accepting.join(_JOIN_TIMEOUT_S)
+        deadline = time.monotonic() + grace
         for thread in threads:
-            thread.join(_JOIN_TIMEOUT_S)
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        for conn in connections:  # a request still running past the grace: cut off
+            _shutdown(conn)
 
 
 def _shutdown(sock: socket.socket) -> None:

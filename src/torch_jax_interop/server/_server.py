@@ -260,7 +260,7 @@ def shutdown(server: grpc.Server, servicer: JaxWorkerServicer, grace: float = 30
     servicer.shutting_down.set()
     server.stop(grace).wait(grace + 5)
     if servicer.data_plane is not None:
-        servicer.data_plane.close()
+        servicer.data_plane.close(grace)
     for session_id in list(servicer.sessions):
         servicer.end_session(session_id)
 

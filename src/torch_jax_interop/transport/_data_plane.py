@@ -62,6 +62,10 @@ _SOCKET_PATH_LIMIT = 107
 class FrameTooLargeError(OSError):
     """A peer announced a frame body over the limit; the connection must be dropped."""
 
+    def __init__(self, message: str, request_id: int) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
 
 def send_frame(sock: socket.socket, kind: int, request_id: int, body: bytes) -> None:
     """One frame; small bodies go in one ``send`` with their header."""
@@ -92,8 +96,8 @@ def recv_frame(sock: socket.socket, max_body: int) -> tuple[int, int, bytes]:
     kind, request_id, length = HEADER.unpack(_recv_exactly(sock, HEADER.size))
     if length > max_body:
         raise FrameTooLargeError(
-            f"a data-plane frame of {length} bytes exceeds the limit of {max_body} bytes"
-        )
+            f"a data-plane frame of {length} bytes exceeds the limit of {max_body} bytes",
+            request_id)
     return kind, request_id, bytes(_recv_exactly(sock, length)) if length else b""
 
 
