@@ -433,7 +433,9 @@ class Worker:
                 the worker cannot map this process's shared memory): there is no pool.
         """
         dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
-        size = torch.Size(dims)  # type: ignore[arg-type]  # validates the sizes
+        size = torch.Size(dims)  # type: ignore[arg-type]  # checks they are ints
+        if any(d < 0 for d in size):
+            raise ValueError(f"shape {tuple(size)} has a negative size")
         if dtype not in TORCH_TO_NAME:
             raise TypeError(f"dtype `{dtype}` cannot be sent; supported: "
                             f"{', '.join(sorted(map(str, TORCH_TO_NAME)))}")
