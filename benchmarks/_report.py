@@ -18,6 +18,8 @@ ROUND_TRIP = ("remote", "identity round trip")
 # plot order and style: the transports, then the two floors
 PLOT_LINES = (
     ("inproc", {"marker": "o"}),
+    ("fast path", {"marker": "D"}),
+    ("fast path, pool input", {"marker": "*"}),
     ("shm", {"marker": "s"}),
     ("inline", {"marker": "^"}),
     ("bare gRPC echo", {"marker": "v", "linestyle": "--"}),
@@ -304,6 +306,23 @@ def _dtype_rows(suite: Suite) -> list[list[str]]:
 # Plot
 
 
+def _plot_latency_floors(suite: Suite, records: list[Record], axes: Any) -> int:
+    """The ping-pong floors as lines: payload / one round trip between two processes, the
+    throughput a call of that size would reach if moving its bytes cost nothing."""
+    from ._remote import FLOORS, SMALL
+
+    sizes = sorted({r.bytes for r in records})
+    drawn = 0
+    for r in suite.records:
+        if ((r.group, r.name) != ("remote", SMALL) or r.variant not in FLOORS
+                or r.stats is None or not sizes):
+            continue
+        axes.plot(sizes, [size / r.stats.median_s / 1e9 for size in sizes], linestyle=":",
+                  label=f"floor: payload / {r.variant} ({format_seconds(r.stats.median_s)})")
+        drawn += 1
+    return drawn
+
+
 def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -325,7 +344,7 @@ def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
         xs, ys = zip(*points, strict=True)
         label = (
             variant
-            if variant not in ("inproc", "shm", "inline")
+            if variant not in ("inproc", "shm", "inline", "fast path", "fast path, pool input")
             else f"{variant} (identity round trip)"
         )
         over = [
@@ -337,6 +356,7 @@ def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
             label += f"; over its limit at {', '.join(over)}"
         axes.plot(xs, ys, label=label, **style)
         drawn += 1
+    drawn += _plot_latency_floors(suite, records, axes)
     if drawn:
         axes.set_xscale("log", base=2)
         sizes = sorted({r.bytes for r in records})
