@@ -114,6 +114,7 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         self.shutting_down = threading.Event()
         self.boot_id = _wire.boot_id()
         self._signatures: dict[str, inspect.Signature | None] = {}
+        self._accepted: set[tuple[str, int, tuple[str, ...]]] = set()  # argument shapes bound
         # A DataPlaneListener (server/_data_plane.py) when create_server started one.
         self.data_plane: Any = None
 
@@ -320,8 +321,13 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             return
         positional = len(args_spec.children)  # a tuple: ``function.program`` checked it
         keywords = list(kwargs_spec.meta[0]) if kwargs_spec is not None else []
+        accepted = (function.name, positional, tuple(keywords))
+        if accepted in self._accepted:  # bound once already: the same answer (hot path)
+            return
         try:
             signature.bind(*[None] * positional, **dict.fromkeys(keywords))
+            if len(self._accepted) < 4096:
+                self._accepted.add(accepted)
         except TypeError as error:
             raise InvalidArgumentError(
                 f"`{function.name}{signature}` cannot take {positional} positional arguments "
