@@ -107,6 +107,7 @@ class Worker:
             log.warning("sending the token to %s without TLS: anyone on the path can read it "
                         "and every tensor; pass tls=TlsConfig(...) to connect()", address)
         limit = 256 << 20
+        self._max_message_bytes = limit + _MESSAGE_OVERHEAD  # received, either carrier
         options = [
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
@@ -226,7 +227,8 @@ class Worker:
             try:
                 session.data_plane = DataPlaneConnection(
                     event.data_plane, session.id, worker_pid=event.worker_pid,
-                    timeout=self.timeout, address=self.address)
+                    timeout=self.timeout, address=self.address,
+                    max_response_bytes=self._max_message_bytes)
                 return
             except DataPlaneRefused as error:
                 reason = f"the same-host data plane cannot be used: {error}"

@@ -22,10 +22,6 @@ from ..proto.v1 import interop_pb2 as pb
 from ..transport import _data_plane as frames
 from ._errors_map import error_for_status
 
-MAX_RESPONSE_BYTES = (1 << 30) + (16 << 20)
-"""The largest response frame this client reads: outputs travel in its arena; inline ones
-are bounded by the worker's --max-inline-bytes (far below this)."""
-
 _KINDS = {"Call": pb.DATA_PLANE_FRAME_KIND_CALL,
           "Backward": pb.DATA_PLANE_FRAME_KIND_BACKWARD,
           "Release": pb.DATA_PLANE_FRAME_KIND_RELEASE}
@@ -42,8 +38,9 @@ class DataPlaneConnection:
     """A session's bound connection to the worker's data-plane socket."""
 
     def __init__(self, offer: Any, session_id: str, *, worker_pid: int, timeout: float,
-                 address: str) -> None:
+                 address: str, max_response_bytes: int) -> None:
         self.address = address
+        self.max_response_bytes = max_response_bytes  # as gRPC's receive limit
         self.path = offer.socket_path
         self.max_frame_bytes = offer.max_frame_bytes
         self._lock = threading.Lock()
@@ -107,7 +104,7 @@ class DataPlaneConnection:
                 self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                 frames.send_frame(self._sock, _KINDS[name], request_id, body)
                 self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
-                kind, answered, body = frames.recv_frame(self._sock, MAX_RESPONSE_BYTES)
+                kind, answered, body = frames.recv_frame(self._sock, self.max_response_bytes)
             except TimeoutError:
                 self.close()
                 raise DeadlineExceededError(

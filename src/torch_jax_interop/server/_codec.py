@@ -8,7 +8,6 @@ client's output arena (one copy) or sent inline.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 import jax

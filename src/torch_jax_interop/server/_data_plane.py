@@ -23,8 +23,6 @@ from ._interceptors import UndecodableRequest, _abort
 
 log = logging.getLogger("torch_jax_interop.server")
 
-_HELLO_TIMEOUT_S = 5.0
-"""How long a new connection may take to say hello: a silent peer holds a thread no longer."""
 _JOIN_TIMEOUT_S = 2.0
 
 # kind -> (servicer method name, request type)
@@ -85,9 +83,14 @@ class DataPlaneListener:
     directory, ends every connection)."""
 
     def __init__(self, serve: Callable[[str], Callable[[Any, Any], Any]], *,
-                 near: str | None, max_frame_bytes: int) -> None:
+                 near: str | None, max_frame_bytes: int, hello_timeout: float,
+                 max_connections: int) -> None:
         self._method = serve
         self.max_frame_bytes = max_frame_bytes
+        # A silent peer holds a thread at most this long (--handshake-timeout) ...
+        self.hello_timeout = hello_timeout
+        # ... and at most this many connections have a thread (--max-connections).
+        self.max_connections = max_connections
         self.path = frames.private_socket_path(near)
         self._offers: dict[str, _Offer] = {}
         self._lock = threading.Lock()
@@ -142,6 +145,14 @@ class DataPlaneListener:
             if self._closed:
                 conn.close()
                 return
+            with self._lock:
+                full = len(self._threads) >= self.max_connections
+            if full:
+                self._refuse(conn, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"the data plane has {self.max_connections} connections "
+                             "(--max-connections)")
+                conn.close()
+                continue
             thread = threading.Thread(target=self._connection, args=(conn,), daemon=True,
                                       name="tji-data-plane")
             with self._lock:
@@ -154,7 +165,7 @@ class DataPlaneListener:
         why = "the session ended"
         try:
             session_id, offer = self._hello(conn)
-            if offer is None:
+            if offer is None or session_id is None:
                 return
             self._serve(conn, session_id, offer)
         except (EOFError, OSError) as error:
@@ -179,12 +190,13 @@ class DataPlaneListener:
                 code=code.value[0], message=why).SerializeToString())
 
     def _hello(self, conn: socket.socket) -> tuple[str | None, _Offer | None]:
-        conn.settimeout(_HELLO_TIMEOUT_S)
+        conn.settimeout(self.hello_timeout)
         try:
             kind, _, body = frames.recv_frame(conn, frames.HELLO_MAX_BYTES)
         except (EOFError, OSError) as error:
             self._refuse(conn, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"no valid hello within {_HELLO_TIMEOUT_S:g} s ({error})")
+                         f"no valid hello within {self.hello_timeout:g} s "
+                         f"(--handshake-timeout): {error}")
             return None, None
         pid, uid, _ = frames.peer_credentials(conn)
         if kind != pb.DATA_PLANE_FRAME_KIND_HELLO:

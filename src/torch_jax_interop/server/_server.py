@@ -208,7 +208,8 @@ def create_server(
         try:
             servicer.data_plane = DataPlaneListener(
                 lambda name: getattr(servicer, name), near=near,
-                max_frame_bytes=config.max_frame_bytes)
+                max_frame_bytes=config.max_frame_bytes,
+                hello_timeout=limits.handshake_timeout, max_connections=limits.max_connections)
         except OSError as error:  # calls then use gRPC; each client logs why
             log.warning("no same-host data plane (calls use gRPC): cannot listen on a "
                         "private unix socket (%s)", error)
