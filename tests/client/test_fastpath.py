@@ -228,6 +228,28 @@ def test_a_frame_over_the_limit_cuts_the_peer_off_and_the_worker_stays_up(
         stop_worker(process)
 
 
+def test_a_silent_connection_is_dropped_after_the_handshake_timeout(short_tmp: str) -> None:
+    process = start_worker(short_tmp, extra=["--handshake-timeout", "1"])
+    try:
+        [path] = _data_sockets(process)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(path)
+        start = time.monotonic()
+        kind, _, body = frames.recv_frame(sock, 1 << 16)  # sent nothing: refused
+        assert time.monotonic() - start < 10
+        assert kind == pb.DATA_PLANE_FRAME_KIND_ERROR
+        assert "--handshake-timeout" in pb.DataPlaneStatus.FromString(body).message
+        with pytest.raises(EOFError):
+            frames.recv_frame(sock, 1 << 16)
+        sock.close()
+        with connect(process.address) as w:
+            assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
+            assert w.transport_info.calls == "unix socket"
+    finally:
+        stop_worker(process)
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 
