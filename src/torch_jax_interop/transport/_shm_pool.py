@@ -182,9 +182,9 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
         wire accepts (64-byte aligned); else None. Memory in a region the pool has already
         dropped (a released region, a closed pool) is not found: the worker no longer maps
         it. The caller keeps the memory's owner alive while the worker may read it."""
-        with self._locked():
-            entries = list(self._state.regions.items())
-        for region_id, entry in entries:
+        # No lock: list() of a dict is atomic under the GIL, and a region dropped meanwhile
+        # is "retired" before it is closed (the caller pins the memory anyway).
+        for region_id, entry in list(self._state.regions.items()):
             if entry.retired:
                 continue
             region = entry.buffer
