@@ -81,6 +81,30 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
+# Note [Tensors born in shared memory]
+# ====================================
+# ``Worker.empty`` hands out torch tensors whose storage is a slice of the session's
+# shared-memory pool (Note [Shared memory ownership] in transport/_shm.py: this process
+# creates and owns every region, the worker maps each one once at registration).
+#
+# * Who creates: ``Worker.empty`` allocates a slice and views it as a tensor; the slice is
+#   released (back to the pool) by a finalizer when the last array or tensor over it dies
+#   (``RegionSlice.release_when_collected``).
+# * Who maps: the worker, already: the region is registered. ``Encoder._in_pool`` finds a
+#   contiguous input lying in an open region of the pool at a 64-byte aligned offset and
+#   sends that region, offset and length as the tensor's descriptor: no copy. Anything else
+#   (an unaligned or strided view, memory of a region the pool has dropped) is copied as
+#   before, so a wrong guess costs a copy, never a wrong result.
+# * Who frees, and when: the worker holds the bytes only during the call, or in the
+#   residuals of a forward until its backward or release. For that long the encoder (then
+#   the ``ResidualHandle``) holds a ``PooledInput``, which keeps the tensor alive, and with
+#   it the slice. The tensor's version counter is noted: a backward after an in-place
+#   change raises instead of differentiating the changed values. At session end the pool
+#   unmaps its regions here only once no tensor views them (``SharedMemoryRegion.close``).
+# * Outputs: they land in the client's arena, slices of the same pool, so an output fed to
+#   the next call is found by ``_in_pool`` too.
+
+
 class PooledInput:
     """Note [Tensors born in shared memory]: an input the worker reads in place, where it
     lies in the session's pool. Held like a pool slice (an encoder lease, then the residual
