@@ -312,13 +312,15 @@ def _plot_latency_floors(suite: Suite, records: list[Record], axes: Any) -> int:
     from ._remote import FLOORS, SMALL
 
     sizes = sorted({r.bytes for r in records})
+    if not sizes:
+        return 0
     drawn = 0
     for r in suite.records:
-        if ((r.group, r.name) != ("remote", SMALL) or r.variant not in FLOORS
-                or r.stats is None or not sizes):
+        if (r.group, r.name) != ("remote", SMALL) or r.variant not in FLOORS or not r.stats:
             continue
+        what = r.variant.removeprefix("floor: ")
         axes.plot(sizes, [size / r.stats.median_s / 1e9 for size in sizes], linestyle=":",
-                  label=f"floor: payload / {r.variant} ({format_seconds(r.stats.median_s)})")
+                  label=f"floor: payload / one {what} ({format_seconds(r.stats.median_s)})")
         drawn += 1
     return drawn
 
@@ -356,13 +358,17 @@ def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
             label += f"; over its limit at {', '.join(over)}"
         axes.plot(xs, ys, label=label, **style)
         drawn += 1
-    drawn += _plot_latency_floors(suite, records, axes)
+    floors = _plot_latency_floors(suite, records, axes)
+    drawn += floors
     if drawn:
         axes.set_xscale("log", base=2)
         sizes = sorted({r.bytes for r in records})
         axes.set_xticks(sizes, [format_bytes(size) for size in sizes])
         axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axes.set_yscale("log")
+        if floors and records:  # the measured lines set the scale; the floors only cross it
+            axes.set_ylim(top=3 * max(r.bytes / r.stats.median_s / 1e9 for r in records
+                                      if r.stats))
         axes.set_xlabel("payload (bytes)")
         axes.set_ylabel("throughput (GB/s, payload / median time)")
         axes.grid(True, which="both", alpha=0.3)
