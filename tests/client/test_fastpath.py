@@ -99,6 +99,16 @@ def test_calls_and_backward_take_the_data_plane_with_the_same_results_as_grpc(
         assert torch.equal(fast, slow)
 
 
+def test_a_tcp_client_on_the_same_host_takes_the_data_plane_too(worker: WorkerProcess) -> None:
+    # The secret travels over the token-authenticated session; the socket stays local.
+    assert worker.tcp_address is not None
+    with connect(worker.tcp_address, token=worker.token) as w:
+        assert w.transport_info.calls == "unix socket"
+        assert torch.equal(w.function("add_one")(torch.zeros(3)), torch.ones(3))
+    with connect(worker.tcp_address, token=worker.token, data_plane="grpc") as w:
+        assert w.transport_info.calls == "grpc"
+
+
 def test_errors_on_the_data_plane_are_the_grpc_errors(worker: WorkerProcess) -> None:
     with connect(worker.address) as w:
         assert w.transport_info.calls == "unix socket"

@@ -64,6 +64,9 @@ class DataPlaneContext:
     def invocation_metadata(self) -> tuple[()]:
         return ()
 
+    def time_remaining(self) -> None:
+        return None  # the client keeps the deadline (Note [Same-host data plane])
+
 
 class _Offer:
     __slots__ = ("secret", "client_pid", "connection", "busy", "ending")
