@@ -7,6 +7,12 @@ training step of the demo model with DDP and with DDP minus its all-reduce, and 
 all-reduce of all gradients alone; the facts (steps/s, the all-reduce's share of a step)
 go to ``latest.json`` and the Markdown. No target: on two cores, two ranks and two workers
 share the CPUs that one rank and one worker had.
+
+The multi-host sketch (docs/scaling.md, "Ranks on one host, workers on another") is one
+more row, on loopback: one training step of the same model in this process, through one
+worker reached two ways, taking turns: its unix socket with shared memory (co-located),
+and TCP with TLS and the token, tensors as inline bytes in the gRPC messages (what a rank
+on another host gets). The certificates are made with ``openssl`` as the tests make them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,10 @@ NO_ALL_REDUCE = "DDP, no all-reduce"
 RANK_COUNTS = (1, 2)
 GLOBAL_BATCH = 256
 FUNCTION = "mlp=torch_jax_interop.examples.mlp:apply"
+REMOTE_STEP = "demo MLP train step, one rank, batch 256 (multi-host sketch, loopback)"
+CO_LOCATED = "unix socket + shared memory"
+ACROSS_HOSTS = "TCP + TLS + token, inline bytes"
+_TOKEN_ENV = "TJI_BENCH_TOKEN"
 
 
 def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
@@ -52,7 +62,75 @@ def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
         work.append((f"distributed: {ranks} rank(s)",
                      lambda ranks=ranks: run_ranks(suite, state, ranks)))
     work.append(("distributed: stop workers", lambda: stop(suite, state)))
+    work.append(("distributed: TCP + TLS vs unix + shm", lambda: across_hosts(suite)))
     return work
+
+
+def across_hosts(suite: Suite) -> None:
+    """One rank's step through one worker: co-located (unix socket, shared memory) against
+    what a rank on another host gets (TCP, TLS, token, inline bytes), on loopback."""
+    import secrets
+
+    import torch
+
+    from torch_jax_interop._launch import WorkerGroup
+    from torch_jax_interop.client import TlsConfig, connect
+    from torch_jax_interop.demo import build_model, synthetic_batch
+    from torch_jax_interop.demo.ddp import train_step
+
+    directory = Path(tempfile.mkdtemp(prefix="tjit-", dir="/tmp"))
+    suite.resources.callback(shutil.rmtree, directory, True)
+    try:
+        sys.path.insert(0, str(REPO_ROOT / "tests"))
+        from support.certs import make_certificates  # the tests' openssl recipe
+
+        certs = make_certificates(str(directory))
+    except (ImportError, FileNotFoundError, subprocess.CalledProcessError) as error:
+        suite.skip(GROUP, REMOTE_STEP, f"skipped: no test certificates ({error})")
+        return
+    finally:
+        sys.path.remove(str(REPO_ROOT / "tests"))
+    token = secrets.token_hex(16)
+    log = (directory / "worker.log").open("wb")
+    suite.resources.callback(log.close)
+    group = WorkerGroup([f"unix://{directory}/w.sock", "127.0.0.1:0"], 1,
+                        ["--function", FUNCTION, "--grace", "5", "--token-env", _TOKEN_ENV,
+                         "--tls-cert", certs.server_cert, "--tls-key", certs.server_key],
+                        env={**os.environ, _TOKEN_ENV: token}, stdout=log, stop_timeout=20)
+    suite.resources.callback(group.stop)
+    group.start()
+    unix, tcp = group.bound[0]
+    batches = [[synthetic_batch(step, GLOBAL_BATCH)] for step in range(8)]
+    steps: dict[str, Callable[[], Any]] = {}
+    workers = {
+        CO_LOCATED: connect(unix, timeout=60.0, transport="shm"),
+        ACROSS_HOSTS: connect(tcp, timeout=60.0, transport="inline", token=token,
+                              tls=TlsConfig(ca_file=certs.ca)),
+    }
+    for variant, worker in workers.items():
+        suite.resources.callback(worker.close)
+        model = build_model(worker.function("mlp"), 0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+        counter = iter(range(1 << 62))
+        steps[variant] = (lambda m=model, o=optimizer, c=counter:
+                          train_step(m, o, batches[next(c) % len(batches)]))
+    # One torch thread, as the ranks run (OMP_NUM_THREADS=1): with two, torch's spinning
+    # threads and the worker fight over the two cores (170 ms a step instead of 18 here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        suite.measure(GROUP, REMOTE_STEP, GLOBAL_BATCH * 8 * 4, steps,
+                      references=(CO_LOCATED,))
+    finally:
+        torch.set_num_threads(threads)
+    suite.compare(GROUP, REMOTE_STEP, GLOBAL_BATCH * 8 * 4, ACROSS_HOSTS, CO_LOCATED)
+    facts = suite.extra.setdefault(GROUP, {"ranks": {}})
+    facts["across_hosts"] = {variant: {"transport": worker.transport,
+                                       "moved": str(worker.stats)}
+                             for variant, worker in workers.items()}
+    for worker in workers.values():
+        worker.close()
+    group.stop()
 
 
 def start(suite: Suite, state: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from torch_jax_interop._names import TRANSPORTS
 from torch_jax_interop._wrapped import WrappedJaxFunction
 from torch_jax_interop.client import connect
 from torch_jax_interop.client._connect import ResidualHandle
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200,
                         help="steps before the 'start' measurement (compiles, pools, caches)")
     parser.add_argument("--report-every", type=int, default=1000)
-    parser.add_argument("--transport", default="shm", choices=["auto", "shm", "inline"])
+    parser.add_argument("--transport", default="shm", choices=TRANSPORTS)
     parser.add_argument("--max-growth-mib", type=float, default=64.0)
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args(argv)

@@ -76,7 +76,8 @@ BASE_MODULES = (
     "torch_jax_interop._layout", "torch_jax_interop._names", "torch_jax_interop._targets",
     "torch_jax_interop._health", "torch_jax_interop._pytree", "torch_jax_interop._wire",
     "torch_jax_interop.proto", "torch_jax_interop.transport", "torch_jax_interop.cli",
-    "torch_jax_interop._ranks", "torch_jax_interop._launch",
+    "torch_jax_interop._ranks", "torch_jax_interop._launch", "torch_jax_interop._cli_args",
+    "torch_jax_interop._logging",
 )
 
 

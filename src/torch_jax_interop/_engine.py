@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._sharding import Placement, Shardings, is_multi_device, shardings_of
+
 __all__ = ["Engine", "Program", "Residuals", "is_float0"]
 
 _FLOAT0 = jax.dtypes.float0
@@ -114,8 +116,10 @@ class Program:
         "out_dtypes",
         "out_float",
         "out_shapes",
+        "out_shardings",
         "out_treedef",
         "passthrough",
+        "placement",
         "plain",
         "res_treedef",
         "result_shapes",
@@ -145,6 +149,10 @@ class Program:
         # the input it merely passes through (or None)
         self.result_shapes: Any = None
         self.passthrough: tuple[int | None, ...] | None = None
+        # a sharded function (Note [Sharded served functions]): where each input goes, and
+        # the outputs' shardings (for the cotangents)
+        self.placement: Placement | None = None
+        self.out_shardings: tuple[Any, ...] = ()
 
     def _run(self, fn: Callable[..., Any], arrays: Sequence[Any]) -> Any:
         args, kwargs = self.build(arrays)
@@ -198,23 +206,33 @@ class Engine:
     gradients too (Note [Scalar outputs]), and residual sets not yet released (residuals a
     caller drops without ``release``, as the worker's residual store does when a session
     ends, are not counted down).
+
+    A function that states shardings (``sharded``) has its inputs placed on its mesh;
+    ``gather`` brings its outputs and gradients back onto the mesh's first device (library
+    mode; the worker writes the shards itself). ``name`` names the function in errors.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, max_programs: int | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], *, max_programs: int | None = None,
+                 name: str | None = None, gather: bool = True) -> None:
         self.fn = fn
         self.max_programs = max_programs
+        # Note [Sharded served functions] (``_sharding.py``)
+        self.shardings: Shardings | None = shardings_of(fn)
+        self.name = name or getattr(fn, "__name__", None) or "the function"
+        self.gather = gather
         self.programs: OrderedDict[Hashable, Program] = OrderedDict()
         self._lock = threading.Lock()
         self.vjp_calls = 0
         self.fused_calls = 0
         self.live_residuals = 0
+        self.evictions = 0  # programs dropped past max_programs (the worker's metrics)
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy (``copy.deepcopy`` of a ``WrappedJaxFunction``) starts with no programs:
         the lock and the compiled functions cannot be copied, and are rebuilt on use."""
         state = self.__dict__.copy()
         state.update(programs=OrderedDict(), _lock=None, vjp_calls=0, fused_calls=0,
-                     live_residuals=0)
+                     live_residuals=0, evictions=0)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -233,6 +251,7 @@ class Engine:
                 self.programs[key] = program
                 if self.max_programs is not None and len(self.programs) > self.max_programs:
                     self.programs.popitem(last=False)
+                    self.evictions += 1
             elif self.max_programs is not None:
                 self.programs.move_to_end(key)
         return program
@@ -251,17 +270,38 @@ class Engine:
             program.result_shapes = shapes
         return program.result_shapes
 
+    # -- sharded functions (Note [Sharded served functions]) ------------------------------
+
+    def _place(self, program: Program, arrays: Sequence[Any]) -> Sequence[Any]:
+        shardings = self.shardings
+        if shardings is None:
+            return arrays
+        if program.placement is None:
+            program.placement = shardings.placement(self.name, program.build, arrays)
+        return program.placement.put(arrays)
+
+    def _gathered(self, leaves: Any) -> Any:
+        """Multi-device arrays among ``leaves`` (a list, or a pytree) onto the mesh's first
+        device, when this engine gathers (library mode: a torch tensor has one device)."""
+        if self.shardings is None or not self.gather:
+            return leaves
+        device = self.shardings.first_device
+        return jax.tree_util.tree_map(
+            lambda leaf: jax.device_put(leaf, device) if is_multi_device(leaf) else leaf,
+            leaves)
+
     def call(self, program: Program, arrays: Sequence[Any], *,
              passthrough: bool = False) -> tuple[list[Any], Any]:
         """Run without residuals: ``(output leaves, aux or None)``; ``program.out_treedef``
         rebuilds the outputs. With ``passthrough`` (after ``describe``), a result made only
         of inputs passed through is returned as those inputs: XLA would copy them."""
+        arrays = self._place(program, arrays)
         forwarded = program.passthrough
         if passthrough and forwarded is not None and all(i is not None for i in forwarded):
             result = _tree_unflatten(jax.tree_util.tree_structure(program.result_shapes),
                                      [arrays[i or 0] for i in forwarded])
             out, aux = split_aux(result) if program.has_aux else (result, None)
-            return program._record(out), aux
+            return self._gathered(program._record(out)), self._gathered(aux)
         if program.plain is None:
             fn, has_aux = self.fn, program.has_aux
 
@@ -272,6 +312,8 @@ class Engine:
 
             program.plain = jax.jit(plain)
         out_leaves, aux = program.plain(list(arrays))
+        if self.shardings is not None:
+            return self._gathered(out_leaves), self._gathered(aux)
         return out_leaves, aux
 
     # -- with residuals ------------------------------------------------------------------
@@ -322,12 +364,16 @@ class Engine:
         if program.forward is None:
             self._build_vjp(program)
         assert program.forward is not None
+        arrays = self._place(program, arrays)
         diff = program.diff
         diff_arrays = [arrays[i] for i in diff]
         const_arrays = list(arrays)
         for i in diff:
             const_arrays[i] = None  # the traced function gets them from `diff_arrays`
         out_leaves, aux, kept = program.forward(diff_arrays, const_arrays)
+        if self.shardings is not None:
+            program.out_shardings = tuple(leaf.sharding for leaf in out_leaves)
+            out_leaves, aux = self._gathered(out_leaves), self._gathered(aux)
         self.vjp_calls += 1
         self.live_residuals += 1
         if program.fused:
@@ -355,6 +401,8 @@ class Engine:
         if grads_kept is not None:
             diff_grads = _scaled(grads_kept, cotangents[0], fresh=retain)
         else:
+            if self.shardings is not None:  # on the outputs' devices, like the residuals
+                cotangents = jax.device_put(list(cotangents), list(program.out_shardings))
             assert kept is not None and program.backward is not None
             if inputs:
                 saved = dict(zip(program.saved_inputs, inputs, strict=True))
@@ -367,6 +415,8 @@ class Engine:
                 )
             ]
             diff_grads = program.backward(kept, cts)
+        if self.shardings is not None:
+            diff_grads = self._gathered(list(diff_grads))
         grads: list[Any] = [None] * program.num_inputs
         for index, grad in zip(program.diff, diff_grads, strict=True):
             grads[index] = None if is_float0(grad) else grad

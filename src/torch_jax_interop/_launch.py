@@ -83,7 +83,8 @@ class WorkerGroup:
             filled for its rank). ``{local_rank}`` tells the workers apart.
         ranks: how many workers (local ranks ``0 .. ranks-1``).
         worker_args: further ``torch-jax-interop worker`` options, the same for every
-            worker (``--function``, ``--grace``, limits, ...).
+            worker (``--function``, ``--grace``, limits, ...) but for ``{local_rank}``,
+            filled per worker (``--metrics-listen 127.0.0.1:910{local_rank}``).
         env: the workers' environment (default: this process's).
         start_timeout: seconds every worker gets to import JAX and serve.
         stop_timeout: seconds the workers get to drain after SIGTERM before SIGKILL.
@@ -132,8 +133,9 @@ class WorkerGroup:
     def argv(self, local_rank: int, ready_file: str) -> list[str]:
         """The command line of one rank's worker."""
         listen = [arg for address in self.addresses[local_rank] for arg in ("--listen", address)]
+        worker_args = [arg.replace("{local_rank}", str(local_rank)) for arg in self.worker_args]
         return [sys.executable, "-m", WORKER_MODULE, *listen, "--ready-file", ready_file,
-                *self.worker_args]
+                *worker_args]
 
     @property
     def pids(self) -> list[int]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,7 @@ import torch
 
 from ._call import Call, VjpBackend, is_tensor
 from ._compat._torch import keep_graph, run_outside_dynamo
-from ._errors import DoubleBackwardError
+from ._errors import DoubleBackwardError, UnsupportedTensorError
 from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
 
 __all__ = ["VjpBackend", "WrappedJaxFunction", "WrappedJaxScalarFunction"]
@@ -78,10 +79,51 @@ class ParameterTree(torch.nn.Module):
     Flax-style ``{"params": {"Dense_0": {"kernel": k}}}`` gives the state_dict key
     ``params.params.Dense_0.kernel``, and a single array gives ``params.0``. ``tree[key]``
     returns a child or a parameter.
+
+    Note [Sharded parameters in library mode]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    FSDP2 (``fully_shard``) swaps each parameter for a ``DTensor`` shard (``setattr`` on
+    the module that holds it), all-gathers the full parameter before forward and frees its
+    storage after (``resize_(0)``). When the JAX function runs in this process, JAX reads
+    the parameters in place (zero-copy) and keeps some for backward (Note [Residuals that
+    are inputs] in ``_engine.py``): it would read freed memory. On CPU the numpy view JAX
+    gets makes torch mark the storage not resizable, so FSDP2 failed at the first step;
+    through DLPack (GPU) nothing stops the free. So the parameter trees of a backend that
+    reads in place refuse a DTensor when it is swapped in, at wrap time. A worker's backend
+    copies the parameters on every call: FSDP2 works there (tests/distributed/test_ddp.py).
     """
+
+    _refuses_dtensors = False  # set on the trees of a backend that reads in place
 
     def __getitem__(self, key: Any) -> Any:
         return getattr(self, _attribute_name(key))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._refuses_dtensors and _is_dtensor(value):
+            _refuse_dtensor(name)
+        super().__setattr__(name, value)
+
+    def register_parameter(self, name: str, param: torch.nn.Parameter | None) -> None:
+        if self._refuses_dtensors and _is_dtensor(param):
+            _refuse_dtensor(name)
+        super().register_parameter(name, param)
+
+
+def _is_dtensor(value: Any) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # none exists before it is imported
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def _refuse_dtensor(name: str) -> None:
+    raise UnsupportedTensorError(
+        f"cannot make the parameter `{name}` of a WrappedJaxFunction a DTensor (FSDP2's "
+        "`fully_shard`, or another torch.distributed.tensor API): its JAX function runs in "
+        "this process and reads the parameters in place, keeping some for backward, while "
+        "FSDP2 frees and re-allocates their storage around every forward. Serve the "
+        "function from a JAX worker (`WrappedJaxFunction(worker.function(name), params)` "
+        "copies the parameters on every call, and FSDP2 works), or use "
+        "DistributedDataParallel, which leaves the parameters in place."
+    )
 
 
 _BAD_CHARS = re.compile(r"[.\s]")
@@ -282,6 +324,10 @@ class WrappedJaxFunction(torch.nn.Module):
         # The dicts are stable: `.to()`, `load_state_dict` and optimisers update their
         # entries (or the tensors in place), so reading through them sees every update.
         self._slots = slots
+        if getattr(self.backend, "reads_in_place", False):  # Note [Sharded parameters in ...]
+            for tree in self.params.modules():
+                if isinstance(tree, ParameterTree):
+                    tree._refuses_dtensors = True
         self._params = template
         self._tensor_args: dict[int, TreeTemplate] = {}
         self._leaf_keys = tuple(leaf_keys)

@@ -1,6 +1,7 @@
 """The `distributed` benchmark group runs end to end (``--quick``): two workers, ``torchrun``
-with 1 and 2 ranks, facts and table written, workers stopped, no segment left. Never
-asserts a time."""
+with 1 and 2 ranks, facts and table written, workers stopped, no segment left; and the
+multi-host sketch's row (one worker over unix + shared memory and over TCP + TLS + inline
+bytes). Never asserts a time."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def test_distributed_group_reports_steps_per_second_and_the_all_reduce_share(
         assert fact["all_reduce_alone_s"] > 0
         assert fact["transport"] == "shared memory"
     assert facts["worker_exit_codes"] == [0, 0]
+    # the multi-host sketch: one worker reached over its unix socket (shared memory) and
+    # over TCP with TLS and the token (inline bytes)
+    sketch = [r for r in records if r["name"].startswith("demo MLP train step, one rank")]
+    assert {r["variant"] for r in sketch} == {"unix socket + shared memory",
+                                              "TCP + TLS + token, inline bytes"}, sketch
+    assert facts["across_hosts"]["unix socket + shared memory"]["transport"] == "shared memory"
+    assert facts["across_hosts"]["TCP + TLS + token, inline bytes"]["transport"] == "inline"
     assert facts["shm_segments_left"] == []
     table = (tmp_path / "latest.md").read_text()
     assert "#### Data-parallel training, a worker per rank (no target)" in table

@@ -9,7 +9,7 @@ the test compares; rank 0 also trains one plain model on the whole global batch.
 3. FSDP2: ``fully_shard`` on the wrapped function and on the whole model;
 
 and records what FSDP2 does with the same model in library mode (``connect("inproc")``: the
-JAX function in this process, reading the parameters in place).
+JAX function in this process, reading the parameters in place): it is refused at wrap time.
 
 A comm hook counts DDP's all-reduces (per bucket), so the test can see that ``no_sync()``
 really skipped the first micro-batch's. Writes ``<out>/<run>-rank<R>.pt`` (state dicts) and

@@ -155,15 +155,16 @@ def test_fsdp2_fully_shard_trains_like_one_process(job: dict[str, Any]) -> None:
         assert worst < TOLERANCE, f"rank {r}: FSDP2 differs from one process by {worst:.2e}"
 
 
-def test_fsdp2_in_library_mode_fails_at_the_first_step(job: dict[str, Any]) -> None:
-    """Known limitation (README, Scaling out): in library mode JAX reads the parameters in
-    place, so their storage is pinned (not resizable) and FSDP2 cannot free the unsharded
-    parameters after forward. Wrapping works; the first step fails. When this changes, the
-    README must change with it."""
+def test_fsdp2_in_library_mode_is_refused_at_wrap_time(job: dict[str, Any]) -> None:
+    """In library mode JAX reads the parameters in place and FSDP2 frees their storage
+    after forward (Note [Sharded parameters in library mode] in ``_wrapped.py``): the
+    ``fully_shard`` call itself raises, saying why and what to use instead."""
     for meta in job["metas"]:
         outcome = meta["fsdp_library_mode"]
-        assert outcome["stage"] == "first step", outcome
-        assert "not resizable" in outcome["error"], outcome
+        assert outcome["stage"] == "wrap", outcome
+        assert outcome["error"].startswith(
+            "UnsupportedTensorError: cannot make the parameter "), outcome
+        assert "Serve the function from a JAX worker" in outcome["error"], outcome
 
 
 def test_nothing_is_left_behind(job: dict[str, Any]) -> None:

@@ -195,7 +195,7 @@ def test_every_worker_option_reaches_the_workers() -> None:
     """``worker --ranks N`` passes each option of ``worker`` on, except those it sets per
     worker; a new option of ``worker`` fails this test until ``_worker_argv`` passes it."""
     parser = build_parser()
-    per_worker = {"listen", "ranks", "local_rank", "ready_file", "help"}
+    per_worker = {"listen", "ranks", "local_rank", "ready_file", "help", "version"}
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     worker_parser = subparsers.choices["worker"]
     values = {"function": ["a=m:f", "b=m:g"], "token_env": "MY_TOKEN", "shm_dir": "/dev/shm/x",
@@ -206,6 +206,8 @@ def test_every_worker_option_reaches_the_workers() -> None:
                   tls_client_ca="ca.pem", insecure=True, max_connections=9,
                   handshake_timeout=1.5, idle_timeout=60.0, max_streams_per_connection=5)
     values.update({"max_residual_bytes": 8901, "max_leaves": 12, "max_compiled_signatures": 34})
+    values.update(app_dir="/srv/app", metrics_listen="127.0.0.1:910{local_rank}",
+                  log_level="warning", log_format="json", debug=True)
     options = {a.dest for a in worker_parser._actions if a.option_strings} - per_worker
     assert options == set(values), "a worker option is not covered: add it to _worker_argv"
     argv = ["worker", "--ranks", "2", "--listen", "unix:///tmp/w-{local_rank}.sock"]

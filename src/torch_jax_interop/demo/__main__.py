@@ -1,4 +1,5 @@
-"""``python -m torch_jax_interop.demo [--steps N] [--transport auto|shm|inline]``."""
+"""``python -m torch_jax_interop.demo [--steps N] [--transport NAME]`` is
+``torch-jax-interop demo ...`` (``--help`` lists the transports)."""
 
 import sys
 

@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .._cli_args import CliParser
 from .._names import TRANSPORTS
-from ..client import connect, rank_address
+from ..client import TlsConfig, connect, rank_address
 from . import BATCH, build_model, synthetic_batch
 
 
@@ -87,13 +88,14 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate: int = 1,
               transport: str = "auto", timeout: float = 60.0, seed: int = 0,
-              backend: str | None = None) -> list[float]:
+              backend: str | None = None, tls: TlsConfig | None = None) -> list[float]:
     """Train the demo model on this rank's share of each global batch; the losses (rank 0's
-    are the global mean). Call in every rank of a ``torchrun`` job."""
+    are the global mean). Call in every rank of a ``torchrun`` job. ``tls``: reach TCP
+    workers over TLS (the token comes from ``TORCH_JAX_INTEROP_TOKEN``)."""
     with process_group(backend) as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         mine = rank_address(address)
-        with connect(mine, timeout=timeout, transport=transport) as worker:
+        with connect(mine, timeout=timeout, transport=transport, tls=tls) as worker:
             print(f"rank {rank}/{world} (pid {os.getpid()}): worker {mine}; transport: "
                   f"{worker.transport}", flush=True)
             model = DistributedDataParallel(build_model(worker.function("mlp"), seed).to(device))
@@ -114,7 +116,7 @@ def train_ddp(address: str, *, steps: int, global_batch: int = BATCH, accumulate
 
 def build_parser() -> argparse.ArgumentParser:
     """The script's options (what follows ``-m torch_jax_interop.demo.ddp``)."""
-    parser = argparse.ArgumentParser(
+    parser = CliParser(  # usage errors: one `error:` line, exit 2, like the CLI's
         prog="torchrun --nproc_per_node=N -m torch_jax_interop.demo.ddp",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
@@ -129,14 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--transport", default="auto", choices=TRANSPORTS)
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--backend", default=None, choices=("gloo", "nccl"))
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="reach TCP workers over TLS, trusting this CA (workers on "
+                             "another host; the token comes from TORCH_JAX_INTEROP_TOKEN)")
+    parser.add_argument("--tls-server-name", default=None,
+                        help="the name the workers' certificate is for, when the address "
+                             "names them otherwise (an IP address)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tls = (TlsConfig(ca_file=args.tls_ca, server_name=args.tls_server_name)
+           if args.tls_ca or args.tls_server_name else None)
     losses = train_ddp(args.address, steps=args.steps, global_batch=args.global_batch,
                        accumulate=args.accumulate, transport=args.transport,
-                       timeout=args.timeout, backend=args.backend)
+                       timeout=args.timeout, backend=args.backend, tls=tls)
     if os.environ.get("RANK") != "0":
         return 0
     k = max(1, len(losses) // 10)

@@ -105,6 +105,8 @@ class LocalJaxBackend:
     counters ``vjp_calls``, ``fused_calls`` and ``live_residuals`` (for tests and debugging).
     """
 
+    reads_in_place = True  # Note [Sharded parameters in library mode] in _wrapped.py
+
     def __init__(self, jax_function: Callable[..., Any]) -> None:
         self.jax_function = jax_function
         self.engine = Engine(jax_function)

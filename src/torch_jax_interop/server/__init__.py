@@ -1,5 +1,6 @@
 """The JAX worker: serves named JAX functions over gRPC. Imports JAX, never torch."""
 
+from .._sharding import sharded as sharded
 from .._tls import TlsConfig as TlsConfig
 from ._compiled import CompiledFunction as CompiledFunction
 from ._server import ConnectionLimits as ConnectionLimits
@@ -11,5 +12,5 @@ from ._servicer import WorkerConfig as WorkerConfig
 
 __all__ = [
     "CompiledFunction", "ConnectionLimits", "TlsConfig", "WorkerConfig", "create_server",
-    "load_function", "serve", "shutdown",
+    "load_function", "serve", "sharded", "shutdown",
 ]

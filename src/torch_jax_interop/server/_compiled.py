@@ -95,8 +95,16 @@ class CompiledFunction:
         self.name = name
         self.fn = fn
         self.target = target
-        self.engine = Engine(fn, max_programs=max_programs)
+        # gather=False: the output writer puts each shard of a sharded output straight into
+        # the client's arena (Note [Sharded served functions] in ``_sharding.py``)
+        self.engine = Engine(fn, max_programs=max_programs, name=name, gather=False)
         self._declared: TreeTemplate | None | bool = False  # False: not looked up yet
+
+    @property
+    def mesh(self) -> str:
+        """The mesh the function states (``sharded``), as ``axis=size, ...``; "" if none."""
+        shardings = self.engine.shardings
+        return "" if shardings is None else shardings.describe()
 
     @property
     def signature(self) -> str:

@@ -33,6 +33,23 @@ _REQUESTS: dict[int, tuple[str, Any]] = {
 }
 
 
+Handler = Callable[[Any, Any], Any]
+
+
+def _mapping_errors(method: Handler, name: str) -> Handler:
+    """``method`` raising :class:`_Aborted` with the status gRPC's StatusInterceptor would
+    have set (Note [Status codes of the worker] in ``_interceptors.py``: the same code)."""
+    def run(request: Any, context: Any) -> Any:
+        try:
+            return method(request, context)
+        except _Aborted:
+            raise
+        except Exception as error:
+            _abort(context, name, error)  # raises _Aborted
+            raise
+    return run
+
+
 class _Aborted(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(details)
@@ -85,10 +102,16 @@ class DataPlaneListener:
     servicer's method by name). Close with :meth:`close` (removes the socket and its
     directory, ends every connection)."""
 
-    def __init__(self, serve: Callable[[str], Callable[[Any, Any], Any]], *,
+    def __init__(self, serve: Callable[[str], Handler], *,
                  near: str | None, max_frame_bytes: int, hello_timeout: float,
-                 max_connections: int) -> None:
-        self._method = serve
+                 max_connections: int,
+                 wrap: Callable[[str, Handler], Handler] | None = None) -> None:
+        # The servicer's methods with the status mapping of gRPC's StatusInterceptor, then
+        # ``wrap`` (the metrics' counting, as MetricsInterceptor wraps the gRPC methods).
+        self._handlers: dict[str, Handler] = {}
+        for name, _ in _REQUESTS.values():
+            handler = _mapping_errors(serve(name), name)
+            self._handlers[name] = wrap(name, handler) if wrap is not None else handler
         self.max_frame_bytes = max_frame_bytes
         # A silent peer holds a thread at most this long (--handshake-timeout) ...
         self.hello_timeout = hello_timeout
@@ -281,13 +304,7 @@ class DataPlaneListener:
             if request.session_id != session_id:
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               "this data-plane connection serves another session")
-            try:
-                response = self._method(name)(request, context)
-            except _Aborted:
-                raise
-            except Exception as error:
-                _abort(context, name, error)  # type: ignore[arg-type]  # raises _Aborted
-                raise
+            response = self._handlers[name](request, context)
         except _Aborted as aborted:
             frames.send_frame(conn, pb.DATA_PLANE_FRAME_KIND_ERROR, request_id,
                               pb.DataPlaneStatus(code=aborted.code.value[0],

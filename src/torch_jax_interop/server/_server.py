@@ -118,7 +118,9 @@ def create_server(
     ``tls`` serves the TCP ports over TLS (``TlsConfig(cert_file, key_file, ca_file=client
     CA for mTLS)``); a non-loopback TCP address without it is refused unless ``insecure``
     (Note [Who may reach a TCP worker] in ``_tls.py``). ``connection_limits``: Note
-    [Unauthenticated peers cost little].
+    [Unauthenticated peers cost little]. ``config.metrics_listen`` (``HOST:PORT``) also
+    serves Prometheus metrics there, stopped by :func:`shutdown` (Note [What the metrics
+    cost and expose] in ``_metrics.py``).
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     config = config or WorkerConfig()
@@ -147,6 +149,8 @@ def create_server(
             _, fn, target = load_function(f"{name}={fn}")
         compiled[name] = CompiledFunction(name, fn, target,
                                           max_programs=config.max_compiled_signatures)
+        if compiled[name].engine.shardings is not None:  # builds the mesh: fails early
+            log.info("`%s` runs sharded over the mesh %s", name, compiled[name].mesh)
     # min_age: pids in names mean nothing across PID namespaces (containers sharing only
     # /dev/shm); a live client unlinks its names within a second of creating them.
     removed = cleanup_orphans(config.shm_dir, min_age=60.0)
@@ -154,8 +158,15 @@ def create_server(
         log.info("removed %d shared-memory segments of dead processes", len(removed))
 
     servicer = JaxWorkerServicer(compiled, config)
-    # The token check runs first: a peer without it learns nothing else.
+    # The token check runs first: a peer without it learns nothing else. Metrics (when on)
+    # sit between it and the status mapping, whose codes they count.
     interceptors: list[grpc.ServerInterceptor] = [StatusInterceptor()]
+    metrics = None
+    if config.metrics_listen is not None:
+        from ._metrics import MetricsInterceptor, WorkerMetrics, start_metrics
+
+        metrics = WorkerMetrics(servicer)
+        interceptors.insert(0, MetricsInterceptor(metrics))
     if token:
         interceptors.insert(0, TokenAuthInterceptor(token))
     message_limit = config.limits.max_inline_bytes + _GRPC_MESSAGE_OVERHEAD
@@ -175,6 +186,8 @@ def create_server(
     health = add_health_service(server)
     _raise_open_file_limit(limits.max_connections * len(addresses) + _FILES_KEPT_FREE)
     bound: list[str] = []
+    if metrics is not None and config.metrics_listen is not None:
+        servicer.metrics_server = start_metrics(metrics, config.metrics_listen)
     old_umask = os.umask(0o177)  # the unix socket file is created 0600
     try:
         for address in addresses:
@@ -198,6 +211,10 @@ def create_server(
             else:
                 bound.append(address)
         server.start()
+    except BaseException:
+        if servicer.metrics_server is not None:
+            servicer.metrics_server.close()
+        raise
     finally:
         os.umask(old_umask)
     for address in bound:
@@ -206,10 +223,17 @@ def create_server(
     if config.fast_path:
         near = next((unix_socket_path(a) for a in bound if unix_socket_path(a)), None)
         try:
+            counting = None
+            if metrics is not None:  # fast-path calls are counted like gRPC ones
+                from ._metrics import _counting
+
+                def counting(name: str, handler: Any, metrics: Any = metrics) -> Any:
+                    return _counting(metrics, name)(handler, False)
             servicer.data_plane = DataPlaneListener(
                 lambda name: getattr(servicer, name), near=near,
                 max_frame_bytes=config.max_frame_bytes,
-                hello_timeout=limits.handshake_timeout, max_connections=limits.max_connections)
+                hello_timeout=limits.handshake_timeout, max_connections=limits.max_connections,
+                wrap=counting)
         except OSError as error:  # calls then use gRPC; each client logs why
             log.warning("no same-host data plane (calls use gRPC): cannot listen on a "
                         "private unix socket (%s)", error)
@@ -264,6 +288,8 @@ def shutdown(server: grpc.Server, servicer: JaxWorkerServicer, grace: float = 30
         servicer.data_plane.close(grace)
     for session_id in list(servicer.sessions):
         servicer.end_session(session_id)
+    if servicer.metrics_server is not None:
+        servicer.metrics_server.close()
 
 
 def serve(
@@ -283,6 +309,14 @@ def serve(
     server, bound, servicer = create_server(functions, addresses, token=token, config=config,
                                             tls=tls, insecure=insecure,
                                             connection_limits=connection_limits)
+    return run_until_stopped(server, bound, servicer, ready_file=ready_file, grace=grace)
+
+
+def run_until_stopped(server: grpc.Server, bound: list[str], servicer: JaxWorkerServicer, *,
+                      ready_file: str | None = None, grace: float = 30.0) -> int:
+    """Serve a worker ``create_server`` built until SIGTERM / SIGINT; then drain and return
+    0. ``ready_file`` gets ``{"addresses", "pid", "metrics"}`` as JSON once serving
+    (``metrics``: the Prometheus endpoint's ``host:port``, or null)."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -291,7 +325,9 @@ def serve(
 
         tmp = f"{ready_file}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"addresses": bound, "pid": os.getpid()}, f)
+            metrics = servicer.metrics_server
+            json.dump({"addresses": bound, "pid": os.getpid(),
+                       "metrics": metrics.address if metrics is not None else None}, f)
         os.replace(tmp, ready_file)
     stop.wait()
     log.info("signal received: draining in-flight calls (grace %.0f s)", grace)

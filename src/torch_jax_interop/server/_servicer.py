@@ -82,9 +82,14 @@ class WorkerConfig:
         inline_threshold: int = 64 << 10,
         shm_dir: str | None = None,
         allow_unsealed_regions: bool = False,
+        metrics_listen: str | None = None,
         fast_path: bool = True,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
+        _check_positive(max_sessions=max_sessions, max_residuals=max_residuals,
+                        max_residual_bytes=max_residual_bytes, max_regions=max_regions,
+                        max_tensor_bytes=max_tensor_bytes, max_inline_bytes=max_inline_bytes,
+                        max_leaves=max_leaves, max_compiled_signatures=max_compiled_signatures)
         self.max_sessions = max_sessions
         self.max_residuals = max_residuals
         self.max_residual_bytes = max_residual_bytes  # per session
@@ -95,11 +100,21 @@ class WorkerConfig:
         self.shm_dir = shm_dir or default_shm_dir()
         # Note [Sealed regions] (transport/_shm.py): off, a peer cannot SIGBUS the worker.
         self.allow_unsealed_regions = allow_unsealed_regions
+        # HOST:PORT of the Prometheus endpoint, or None: off (Note [What the metrics cost
+        # and expose] in _metrics.py).
+        self.metrics_listen = metrics_listen
         # Note [Same-host data plane] (transport/_data_plane.py): offered unless --no-fast-path.
         self.fast_path = fast_path
-        if max_frame_bytes <= 0:
-            raise ValueError(f"max_frame_bytes={max_frame_bytes!r} must be > 0 (bytes)")
+        _check_positive(max_frame_bytes=max_frame_bytes)
         self.max_frame_bytes = max_frame_bytes
+
+
+def _check_positive(**limits: int) -> None:
+    """A limit below 1 would refuse every session or call: refuse the configuration."""
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"WorkerConfig({name}={value!r}): must be a whole number of at "
+                             f"least 1 (the CLI's --{name.replace('_', '-')})")
 
 
 class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
@@ -112,6 +127,7 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self.shutting_down = threading.Event()
+        self.metrics_server: Any = None  # a _metrics.MetricsServer when metrics are on
         self.boot_id = _wire.boot_id()
         self._signatures: dict[str, inspect.Signature | None] = {}
         self._accepted: set[tuple[str, int, tuple[str, ...]]] = set()  # argument shapes bound

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InvalidArgumentError, RegionRejectedError, ResourceExhaustedError
+from .._sharding import is_multi_device, write_sharded
 from ..transport import (
     NAME_PATTERN,
     SharedMemoryRegion,
@@ -101,6 +102,11 @@ class ResidualStore:
                 f"{self.max_bytes}) dropped it"
             )
         return residual
+
+    def peek(self, residual_id: int) -> Residual | None:
+        """The residual under ``residual_id`` if held, without taking it (metrics)."""
+        with self._lock:
+            return self._items.get(residual_id)
 
     def release(self, ids: list[int]) -> int:
         with self._lock:
@@ -245,6 +251,10 @@ class SharedMemoryWorkerRegion(WorkerRegion):
     host = view
 
     def write(self, offset: int, array: Any) -> None:
+        if is_multi_device(array):  # Note [Sharded served functions]: shard by shard
+            write_sharded(numpy_view(self.region.buffer, offset, np.dtype(array.dtype),
+                                     array.shape), array)
+            return
         source = np.asarray(array)
         target = numpy_view(self.region.buffer, offset, source.dtype, source.shape)
         np.copyto(target, source, casting="no")
