@@ -370,6 +370,36 @@ def test_data_plane_argument_is_checked() -> None:
         connect("unix:///nonexistent/w.sock", data_plane="shm")
 
 
+def test_fast_path_calls_are_counted_in_the_metrics_like_grpc_ones(short_tmp: str) -> None:
+    import json
+    import re
+    import urllib.request
+
+    process = start_worker(short_tmp, extra=["--metrics-listen", "127.0.0.1:0"])
+    try:
+        with open(os.path.join(short_tmp, "ready.json")) as f:
+            metrics = json.load(f)["metrics"]
+
+        def calls(code: str) -> float:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=30) as response:
+                text = response.read().decode()
+            pattern = (r'^torch_jax_interop_calls_total\{(?=[^}]*code="' + code + r'")'
+                       r'(?=[^}]*function="add_one")[^}]*\} (\S+)$')
+            found = re.search(pattern, text, re.MULTILINE)
+            return float(found.group(1)) if found else 0.0
+
+        for plane in ("auto", "grpc"):
+            with connect(process.address, data_plane=plane) as w:
+                assert w.transport_info.calls == ("unix socket" if plane == "auto" else "grpc")
+                before = calls("OK")
+                w.function("add_one")(torch.zeros(2))
+                assert calls("OK") == before + 1
+                with pytest.raises(InvalidArgumentError):
+                    w.function("add_one")(torch.zeros(2), torch.zeros(2))
+    finally:
+        assert stop_worker(process) == 0
+
+
 # -- nothing leaked -------------------------------------------------------------------------
 
 
