@@ -325,6 +325,31 @@ def test_a_call_past_its_deadline_raises_and_later_calls_use_grpc(
         assert w.transport_info.calls == "unix socket"
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_never_writes_into_the_parents_connection(worker: WorkerProcess) -> None:
+    from torch_jax_interop.client._data_plane import DataPlaneRefused
+
+    with connect(worker.address) as w:
+        session = w._current()
+        plane = session.data_plane
+        assert plane is not None
+        request = pb.ReleaseRequest(session_id=session.id, residual_ids=[1])
+        pid = os.fork()
+        if pid == 0:  # the child: refused before anything is sent
+            try:
+                plane.request("Release", request, 5, "a release from a fork")
+            except DataPlaneRefused as error:
+                os._exit(0 if "fork of the one that connected" in str(error) else 2)
+            except BaseException:
+                os._exit(3)
+            os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's connection is intact.
+        assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
+        assert w.transport_info.calls == "unix socket"
+
+
 # -- fallback -------------------------------------------------------------------------------
 
 

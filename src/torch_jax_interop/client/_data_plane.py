@@ -46,6 +46,7 @@ class DataPlaneConnection:
         self._lock = threading.Lock()
         self._next_id = 1
         self.closed = False
+        self.pid = os.getpid()  # a forked child must not write into the parent's stream
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -82,7 +83,10 @@ class DataPlaneConnection:
         its response. Raises the exception gRPC's status would have mapped to; on a dead
         worker or a deadline the connection is closed (the caller stops using it).
         Raises :class:`DataPlaneRefused`, sending nothing, for a request over the worker's
-        frame limit (the caller sends that one over gRPC)."""
+        frame limit or from a forked child (the caller sends that one over gRPC)."""
+        if os.getpid() != self.pid:
+            raise DataPlaneRefused("this process is a fork of the one that connected: the "
+                                   "connection belongs to the parent")
         body = request.SerializeToString()
         if len(body) > self.max_frame_bytes:
             raise DataPlaneRefused(f"the request ({len(body)} bytes) is larger than the "
