@@ -1,4 +1,10 @@
-"""Group `remote`: service mode against one memcpy and a bare gRPC echo.
+"""Group `remote`: service mode against one memcpy, a bare gRPC echo and the floors of one
+round trip between two Python processes (an eventfd and a unix socketpair ping-pong).
+
+Variants: ``fast path`` (the same-host data plane, shared memory; Note [Same-host data
+plane] in transport/_data_plane.py), ``fast path, pool input`` (its input allocated in the
+session's pool with ``worker.empty``: no copy on the way in), ``shm`` and ``inline`` (calls
+over gRPC), ``auto`` (what ``connect`` picks: the fast path here) and ``inproc``.
 
 Starts its own JAX worker and echo server as subprocesses on unix sockets in a short
 temporary directory, and stops both when the group ends (or fails). Checks that no
@@ -29,7 +35,12 @@ LIBRARY = "library mode (WrappedJaxFunction)"
 KIB, MIB = 2**10, 2**20
 SIZES = (4 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB)
 QUICK_SIZES = (4 * KIB, 1 * MIB)
-TRANSPORTS = ("inproc", "shm", "inline")  # variants, in plot order
+FAST = "fast path"
+FAST_POOL = "fast path, pool input"
+TRANSPORTS = ("inproc", FAST, "shm", "inline")  # variants, in plot order
+EVENTFD = "floor: eventfd ping-pong"
+SOCKETPAIR = "floor: unix socketpair ping-pong"
+FLOORS = (EVENTFD, SOCKETPAIR)
 TARGET_SIZE = 64 * MIB
 FUNCTIONS = {"identity": "benchmarks._models:identity", "mlp": "benchmarks._models:mlp_apply"}
 
@@ -123,8 +134,9 @@ def start(suite: Suite, state: RemoteState, connect: Any) -> None:
     local_functions = {"identity": _models.identity, "mlp": _models.mlp_apply}
     attempts: dict[str, Callable[[], Any]] = {
         "inproc": lambda: connect("inproc", functions=local_functions),
-        "shm": lambda: connect(address, timeout=60.0, transport="shm"),
-        "inline": lambda: connect(address, timeout=60.0, transport="inline"),
+        FAST: lambda: connect(address, timeout=60.0, transport="shm", data_plane="unix_socket"),
+        "shm": lambda: connect(address, timeout=60.0, transport="shm", data_plane="grpc"),
+        "inline": lambda: connect(address, timeout=60.0, transport="inline", data_plane="grpc"),
         "auto": lambda: connect(address, timeout=60.0),
     }
     for variant, open_connection in attempts.items():
@@ -134,6 +146,8 @@ def start(suite: Suite, state: RemoteState, connect: Any) -> None:
             state.errors[variant] = f"error: connect failed: {type(error).__name__}: {error}"[:400]
     auto = state.workers.get("auto")
     suite.extra.setdefault(GROUP, {})["auto_transport"] = getattr(auto, "transport", None)
+    info = getattr(auto, "transport_info", None)
+    suite.extra[GROUP]["auto_calls"] = getattr(info, "calls", None)
 
 
 def _check_cleanup(suite: Suite, state: RemoteState, worker: ServerProcess) -> None:
@@ -255,6 +269,12 @@ def round_trip(suite: Suite, state: RemoteState, nbytes: int) -> None:
             continue
         if _first_call(suite, ROUND_TRIP, variant, nbytes, _bind1(function, tensor), tensor):
             variants[variant] = _bind1(function, tensor)
+        if variant == FAST:
+            pooled = state.workers[FAST].empty(tensor.shape, dtype=tensor.dtype)
+            pooled.copy_(tensor)
+            if _first_call(suite, ROUND_TRIP, FAST_POOL, nbytes, _bind1(function, pooled),
+                           tensor):
+                variants[FAST_POOL] = _bind1(function, pooled)
     suite.measure(
         GROUP,
         ROUND_TRIP,
@@ -275,6 +295,9 @@ def round_trip(suite: Suite, state: RemoteState, nbytes: int) -> None:
         suite.compare(
             GROUP, ROUND_TRIP, nbytes, "shm", MEMCPY, Target("<=", 4.0, "service-mode issue")
         )
+        suite.compare(GROUP, ROUND_TRIP, nbytes, FAST_POOL, MEMCPY,
+                      Target("<=", 1.5, "issue 16", "input allocated in the pool"))
+        suite.compare(GROUP, ROUND_TRIP, nbytes, FAST, MEMCPY)
 
 
 def _bind1(fn: Callable[[Any], Any], value: Any) -> Callable[[], Any]:
@@ -294,11 +317,14 @@ def small_call(suite: Suite, state: RemoteState) -> None:
     for variant, function in _remote_functions(suite, state, "identity", nbytes, SMALL).items():
         if _first_call(suite, SMALL, variant, nbytes, _bind1(function, tensor), tensor):
             variants[variant] = _bind1(function, tensor)
-    suite.measure(GROUP, SMALL, nbytes, variants, references=(ECHO,))
-    target = Target("<=", 1.5, "service-mode issue")
-    suite.compare(GROUP, SMALL, nbytes, "auto" if "auto" in variants else "shm", ECHO, target)
-    for variant in TRANSPORTS:
-        if variant in variants and variant != "auto":
+    variants.update(floors(suite, state, nbytes))
+    suite.measure(GROUP, SMALL, nbytes, variants, references=(ECHO, *FLOORS))
+    suite.compare(GROUP, SMALL, nbytes, FAST, ECHO, Target("<=", 0.25, "issue 16"))
+    for floor in FLOORS:
+        if floor in variants and FAST in variants:
+            suite.compare(GROUP, SMALL, nbytes, FAST, floor)
+    for variant in (*TRANSPORTS, "auto"):
+        if variant in variants and variant != FAST:
             suite.compare(GROUP, SMALL, nbytes, variant, ECHO)
 
 
@@ -315,7 +341,7 @@ def mlp_step(suite: Suite, state: RemoteState) -> None:
     variants: dict[str, Callable[[], Any]] = {
         LIBRARY: make_torch_training_step(lambda params: wrapper_class(_models.mlp_apply, params))
     }
-    for variant in ("auto", "shm", "inline"):
+    for variant in ("auto", FAST, "shm", "inline"):
         worker = state.workers.get(variant)
         if worker is None:
             note = state.errors.get(variant, "skipped: no connection")
@@ -349,7 +375,57 @@ def mlp_step(suite: Suite, state: RemoteState) -> None:
             continue
         variants[variant] = step
     suite.measure(GROUP, MLP, nbytes, variants, references=(LIBRARY,))
-    suite.compare(GROUP, MLP, nbytes, "auto", LIBRARY, Target("<=", 2.0, "service-mode issue"))
+    suite.compare(GROUP, MLP, nbytes, "auto", LIBRARY, Target("<=", 1.25, "issue 16"))
+    for variant in (FAST, "shm", "inline"):
+        if variant in variants:
+            suite.compare(GROUP, MLP, nbytes, variant, LIBRARY)
+
+
+def floors(suite: Suite, state: RemoteState, nbytes: int) -> dict[str, Callable[[], Any]]:
+    """One round trip between this process and a child Python process that answers at
+    once (``benchmarks/_pingpong.py``): an eventfd pair, and ``nbytes`` over a unix
+    socketpair. Nothing a call across processes does can be cheaper. The children live
+    until the group's servers stop."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    variants: dict[str, Callable[[], Any]] = {}
+
+    def child(*args: str, fds: tuple[int, ...]) -> None:
+        process = subprocess.Popen([sys.executable, "-m", "benchmarks._pingpong", *args],
+                                   pass_fds=fds)
+        state.stack.callback(process.wait)
+        state.stack.callback(process.kill)
+
+    if hasattr(os, "eventfd"):
+        ping, pong = os.eventfd(0), os.eventfd(0)
+        state.stack.callback(os.close, ping)
+        state.stack.callback(os.close, pong)
+        child("eventfd", str(ping), str(pong), fds=(ping, pong))
+
+        def eventfd_round_trip() -> None:
+            os.eventfd_write(ping, 1)
+            os.eventfd_read(pong)
+
+        variants[EVENTFD] = eventfd_round_trip
+    else:
+        suite.skip(GROUP, SMALL, "skipped: os.eventfd needs Linux", EVENTFD, nbytes)
+    mine, theirs = socket.socketpair()
+    state.stack.callback(mine.close)
+    child("socketpair", str(theirs.fileno()), str(nbytes), fds=(theirs.fileno(),))
+    theirs.close()
+    message, answer = b"x" * nbytes, bytearray(nbytes)
+
+    def socketpair_round_trip() -> None:
+        mine.sendall(message)
+        mine.recv_into(answer, nbytes, socket.MSG_WAITALL)
+
+    variants[SOCKETPAIR] = socketpair_round_trip
+    for function in variants.values():
+        function()  # the children answer
+    return variants
 
 
 def remote_module(worker: Any, name: str, jax_params: Any) -> Any:

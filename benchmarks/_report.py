@@ -19,6 +19,8 @@ ROUND_TRIP = ("remote", "identity round trip")
 # plot order and style: the transports, then the two floors
 PLOT_LINES = (
     ("inproc", {"marker": "o"}),
+    ("fast path", {"marker": "D"}),
+    ("fast path, pool input", {"marker": "*"}),
     ("shm", {"marker": "s"}),
     ("inline", {"marker": "^"}),
     ("bare gRPC echo", {"marker": "v", "linestyle": "--"}),
@@ -333,6 +335,25 @@ def _dtype_rows(suite: Suite) -> list[list[str]]:
 # Plot
 
 
+def _plot_latency_floors(suite: Suite, records: list[Record], axes: Any) -> int:
+    """The ping-pong floors as lines: payload / one round trip between two processes, the
+    throughput a call of that size would reach if moving its bytes cost nothing."""
+    from ._remote import FLOORS, SMALL
+
+    sizes = sorted({r.bytes for r in records})
+    if not sizes:
+        return 0
+    drawn = 0
+    for r in suite.records:
+        if (r.group, r.name) != ("remote", SMALL) or r.variant not in FLOORS or not r.stats:
+            continue
+        what = r.variant.removeprefix("floor: ")
+        axes.plot(sizes, [size / r.stats.median_s / 1e9 for size in sizes], linestyle=":",
+                  label=f"floor: payload / one {what} ({format_seconds(r.stats.median_s)})")
+        drawn += 1
+    return drawn
+
+
 def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -354,7 +375,7 @@ def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
         xs, ys = zip(*points, strict=True)
         label = (
             variant
-            if variant not in ("inproc", "shm", "inline")
+            if variant not in ("inproc", "shm", "inline", "fast path", "fast path, pool input")
             else f"{variant} (identity round trip)"
         )
         over = [
@@ -366,12 +387,17 @@ def plot_throughput(suite: Suite, machine: dict[str, Any], path: Path) -> None:
             label += f"; over its limit at {', '.join(over)}"
         axes.plot(xs, ys, label=label, **style)
         drawn += 1
+    floors = _plot_latency_floors(suite, records, axes)
+    drawn += floors
     if drawn:
         axes.set_xscale("log", base=2)
         sizes = sorted({r.bytes for r in records})
         axes.set_xticks(sizes, [format_bytes(size) for size in sizes])
         axes.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axes.set_yscale("log")
+        if floors and records:  # the measured lines set the scale; the floors only cross it
+            axes.set_ylim(top=3 * max(r.bytes / r.stats.median_s / 1e9 for r in records
+                                      if r.stats))
         axes.set_xlabel("payload (bytes)")
         axes.set_ylabel("throughput (GB/s, payload / median time)")
         axes.grid(True, which="both", alpha=0.3)

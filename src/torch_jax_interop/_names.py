@@ -20,6 +20,22 @@ def check_transport(transport: str) -> str:
     return transport
 
 
+DATA_PLANES: tuple[str, ...] = ("auto", "unix_socket", "grpc")
+"""What ``connect(data_plane=...)`` accepts: how calls travel (Note [Same-host data plane]
+in ``transport/_data_plane.py``). ``"auto"``: the worker's same-host unix socket when it
+offers one and this process can use it, else gRPC (one log line says why)."""
+
+
+def check_data_plane(data_plane: str) -> str:
+    """``data_plane`` if it is one of ``DATA_PLANES``, else a ``ValueError`` listing them."""
+    if data_plane not in DATA_PLANES:
+        raise ValueError(
+            f"data_plane must be one of {', '.join(repr(d) for d in DATA_PLANES)}, got "
+            f"{data_plane!r}"
+        )
+    return data_plane
+
+
 # Worker limits whose defaults both ``WorkerConfig`` and the CLI use (docs/reliability.md,
 # "Memory and request bounds", says what memory each bounds).
 DEFAULT_MAX_LEAVES = 4096
@@ -28,3 +44,7 @@ DEFAULT_MAX_COMPILED_SIGNATURES = 256
 """Compiled input signatures kept per served function (``--max-compiled-signatures``)."""
 DEFAULT_MAX_RESIDUAL_BYTES = 4 << 30
 """Bytes of vjp residuals kept per session (``--max-residual-bytes``)."""
+DEFAULT_MAX_FRAME_BYTES = 64 << 20
+"""The largest request frame body the worker reads on the same-host data plane
+(``--max-frame-bytes``): tensors travel in shared memory, so a frame holds descriptors and
+inline tensors up to ``--max-inline-bytes``."""

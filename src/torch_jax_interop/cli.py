@@ -53,6 +53,7 @@ from ._cli_args import (
 from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
 from ._names import (
     DEFAULT_MAX_COMPILED_SIGNATURES,
+    DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_LEAVES,
     DEFAULT_MAX_RESIDUAL_BYTES,
     TOKEN_ENV,
@@ -115,6 +116,9 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--shm-dir", args.shm_dir]
     if args.allow_unsealed_regions:
         argv.append("--allow-unsealed-regions")
+    if args.no_fast_path:
+        argv.append("--no-fast-path")
+    argv += ["--max-frame-bytes", str(args.max_frame_bytes)]
     argv += ["--max-connections", str(args.max_connections),
              "--handshake-timeout", str(args.handshake_timeout),
              "--idle-timeout", str(args.idle_timeout),
@@ -266,6 +270,8 @@ def _worker(args: argparse.Namespace) -> int:
         shm_dir=args.shm_dir,
         allow_unsealed_regions=args.allow_unsealed_regions,
         metrics_listen=args.metrics_listen,
+        fast_path=not args.no_fast_path,
+        max_frame_bytes=args.max_frame_bytes,
     )
     limits = ConnectionLimits(max_connections=args.max_connections,
                               handshake_timeout=args.handshake_timeout,
@@ -412,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also map shared-memory files that are not sealed memfds (clients "
                              "in another PID namespace); a local peer of this user could then "
                              "shrink one and kill the worker with SIGBUS")
+    worker.add_argument("--no-fast-path", action="store_true",
+                        help="serve calls over gRPC only: offer no same-host data plane "
+                             "(a private unix socket; docs/same-host.md)")
+    worker.add_argument("--max-frame-bytes", type=parse_size,
+                        default=format_size(DEFAULT_MAX_FRAME_BYTES), metavar="SIZE",
+                        help="largest request frame read on the same-host data plane; a "
+                             "peer announcing more is cut off (RESOURCE_EXHAUSTED)")
     worker.add_argument("--max-sessions", type=positive_int, default=64, metavar="N",
                         help="client sessions served at once; more are refused "
                              "(RESOURCE_EXHAUSTED)")

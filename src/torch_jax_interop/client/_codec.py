@@ -19,6 +19,7 @@ from .. import _pytree, _wire
 from .._dtypes import DTYPE_NAMES
 from .._dtypes_torch import NAME_TO_TORCH as NAME_TO_TORCH, TORCH_TO_NAME as TORCH_TO_NAME
 from .._errors import InvalidArgumentError, MalformedReplyError, ResourceExhaustedError
+from ..transport import fill_descriptor
 
 _MAX_OUTPUT_BYTES = 1 << 62
 """No output is refused for its size alone (the arena and inline limits bound it); only
@@ -79,6 +80,55 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
 
 
+# Note [Tensors born in shared memory]
+# ====================================
+# ``Worker.empty`` hands out torch tensors whose storage is a slice of the session's
+# shared-memory pool (Note [Shared memory ownership] in transport/_shm.py: this process
+# creates and owns every region, the worker maps each one once at registration).
+#
+# * Who creates: ``Worker.empty`` allocates a slice and views it as a tensor; the slice is
+#   released (back to the pool) by a finalizer when the last array or tensor over it dies
+#   (``RegionSlice.release_when_collected``).
+# * Who maps: the worker, already: the region is registered. ``Encoder._in_pool`` finds a
+#   contiguous input lying in an open region of the pool at a 64-byte aligned offset and
+#   sends that region, offset and length as the tensor's descriptor: no copy. Anything else
+#   (an unaligned or strided view, memory of a region the pool has dropped) is copied as
+#   before, so a wrong guess costs a copy, never a wrong result.
+# * Who frees, and when: the worker holds the bytes only during the call, or in the
+#   residuals of a forward until its backward or release. For that long the encoder (then
+#   the ``ResidualHandle``) holds a ``PooledInput``, which keeps the tensor alive, and with
+#   it the slice. The tensor's version counter is noted: a backward after an in-place
+#   change raises instead of differentiating the changed values. At session end the pool
+#   unmaps its regions here only once no tensor views them (``SharedMemoryRegion.close``).
+# * Outputs: they land in the client's arena, slices of the same pool, so an output fed to
+#   the next call is found by ``_in_pool`` too.
+
+
+class PooledInput:
+    """Note [Tensors born in shared memory]: an input the worker reads in place, where it
+    lies in the session's pool. Held like a pool slice (an encoder lease, then the residual
+    handle's) so that the tensor, and with it its slice, lives while the worker may read it;
+    :meth:`check_unchanged` refuses a backward after the tensor was modified in place, since
+    the worker's residuals may view its bytes."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor: torch.Tensor | None = tensor
+        self.version = tensor._version
+
+    def check_unchanged(self) -> None:
+        if self.tensor is not None and self.tensor._version != self.version:
+            raise InvalidArgumentError(
+                "an input of this forward lives in the worker's shared memory (worker.empty) "
+                "and was modified in place after the forward; the worker's saved values "
+                "view its bytes, so the gradient would be wrong. Modify a copy, or run the "
+                "forward again after the change")
+
+    def release(self) -> None:
+        self.tensor = None
+
+
 class Encoder:
     """Fills ``Tree`` messages; large tensors go to pool slices kept in ``leases``."""
 
@@ -90,6 +140,7 @@ class Encoder:
         self.leases: list[Any] = []
         self.inline_bytes = 0
         self.shm_bytes = 0
+        self.zero_copy_bytes = 0  # inputs already in the pool, sent as they are
         # CUDA IPC (transport/cuda): the session's CudaIpcChannel, or None.
         self.cuda = cuda
         self.cuda_ipc_bytes = 0
@@ -118,6 +169,8 @@ class Encoder:
         message.dtype = _wire.DTYPE_TO_ENUM[TORCH_TO_NAME[t.dtype]]
         message.shape.extend(t.shape)
         nbytes = t.numel() * t.element_size()
+        if self.pool is not None and nbytes and self._in_pool(t, nbytes, message):
+            return 0
         if self.pool is None or nbytes <= self.inline_threshold:
             if nbytes > self.max_inline_bytes:
                 raise ResourceExhaustedError(
@@ -135,6 +188,18 @@ class Encoder:
         lease.fill(message.shm)
         self.shm_bytes += nbytes
         return nbytes
+
+    def _in_pool(self, t: torch.Tensor, nbytes: int, message: Any) -> bool:
+        """Note [Tensors born in shared memory]: a tensor already in one of the session's
+        regions (``Worker.empty``, or an earlier call's output) travels as its descriptor:
+        no copy. It stays pinned (alive, its version noted) while the worker may read it."""
+        located = self.pool.locate(t.data_ptr(), nbytes)
+        if located is None:
+            return False
+        fill_descriptor(message.shm, located[0], located[1], nbytes)
+        self.leases.append(PooledInput(t))
+        self.zero_copy_bytes += nbytes
+        return True
 
     def _cuda_tensor(self, t: torch.Tensor, pool: Any, message: Any) -> int:
         """One device-to-device copy into an exported slice; the worker reads it in place."""

@@ -11,10 +11,11 @@ import os
 import queue
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import grpc
+import numpy as np
 import torch
 
 from .. import _wire
@@ -34,7 +35,7 @@ from .._errors import (
     TransportError,
     WorkerUnavailableError,
 )
-from .._names import TOKEN_ENV, check_transport
+from .._names import TOKEN_ENV, check_data_plane, check_transport
 from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
 from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
@@ -50,10 +51,11 @@ from ..transport import (
     unix_socket_path,
 )
 from ..transport.cuda import CudaIpcChannel
-from ._codec import Decoder, Encoder, align_grads, wire_specs
+from ._codec import TORCH_TO_NAME, Decoder, Encoder, align_grads, wire_specs
+from ._data_plane import DataPlaneConnection, DataPlaneRefused
 from ._errors_map import to_remote_error
 from ._remote import RemoteBackend as RemoteBackend, RemoteFunction as RemoteFunction
-from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, _Session
+from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, TransportInfo, _Session
 
 if TYPE_CHECKING:  # the bridge, imported at run time only by connect("inproc")
     from ..interop_core._inproc import InprocWorker
@@ -98,9 +100,11 @@ class Worker:
                  tls: TlsConfig | None = None, reconnect_timeout: float = 0.0,
                  max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
                  max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
-                 max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS) -> None:
+                 max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
+                 data_plane: str = "auto") -> None:
         check_transport(transport)
         check_async_bounds(max_async_calls, max_queued_calls)
+        check_data_plane(data_plane)
         if token is not None and token_file is not None:
             raise ValueError("give token= or token_file=, not both")
         if tls is not None and not is_tcp(address):
@@ -116,6 +120,7 @@ class Worker:
         self.reconnect_timeout = reconnect_timeout
         self.max_arena_bytes = max_arena_bytes
         self.requested_transport = transport
+        self.requested_data_plane = data_plane
         if token_file is not None:
             token = read_token_file(token_file)
         token = token if token is not None else os.environ.get(TOKEN_ENV)
@@ -124,6 +129,7 @@ class Worker:
             log.warning("sending the token to %s without TLS: anyone on the path can read it "
                         "and every tensor; pass tls=TlsConfig(...) to connect()", address)
         limit = 256 << 20
+        self._max_message_bytes = limit + _MESSAGE_OVERHEAD  # received, either carrier
         options = [
             ("grpc.max_receive_message_length", limit + _MESSAGE_OVERHEAD),
             ("grpc.max_send_message_length", limit + _MESSAGE_OVERHEAD),
@@ -225,9 +231,58 @@ class Worker:
                 same_host=bool(first.boot_id) and first.boot_id == _wire.boot_id(),
                 worker_pid=first.worker_pid,
             )
-        log.info("connected to %s (worker pid %d), transport: %s", self.address,
-                 first.worker_pid, session.transport)
+        self._negotiate_data_plane(session, first)
+        log.info("connected to %s (worker pid %d), transport: %s, calls over %s",
+                 self.address, first.worker_pid, session.transport,
+                 "the same-host unix socket" if session.data_plane else "gRPC")
         return session
+
+    def _negotiate_data_plane(self, session: _Session, event: Any) -> None:
+        """Note [Same-host data plane] (transport/_data_plane.py): connect to the worker's
+        private socket, or say once why calls use gRPC."""
+        same_host = bool(event.boot_id) and event.boot_id == _wire.boot_id()
+        if self.requested_data_plane == "grpc":
+            reason = "connect(data_plane='grpc') asked for it"
+        elif not event.HasField("data_plane"):
+            reason = ("the worker offers no same-host data plane (it runs with "
+                      "--no-fast-path, or could not listen on a private socket)")
+        elif not same_host:
+            reason = "the worker runs on another host (different boot id)"
+        else:
+            try:
+                session.data_plane = DataPlaneConnection(
+                    event.data_plane, session.id, worker_pid=event.worker_pid,
+                    timeout=self.timeout, address=self.address,
+                    max_response_bytes=self._max_message_bytes)
+                return
+            except DataPlaneRefused as error:
+                reason = f"the same-host data plane cannot be used: {error}"
+        session.data_plane_reason = reason
+        if self.requested_data_plane == "unix_socket":
+            raise TransportError(f"data_plane='unix_socket' is not possible: {reason}")
+        log.info("calls to %s use gRPC: %s", self.address, reason)
+
+    def _session_rpc(self, session: _Session, name: str, request: Any, what: str) -> Any:
+        """``Call`` / ``Backward`` / ``Release`` over the session's data plane, or gRPC."""
+        plane = session.data_plane
+        if plane is None:
+            return self._rpc(getattr(self._stub, name), request, what)
+        try:
+            return plane.request(name, request, self.timeout, what)
+        except DataPlaneRefused:  # over the worker's frame limit: this one goes by gRPC
+            return self._rpc(getattr(self._stub, name), request, what)
+        except WorkerUnavailableError:
+            session.alive.clear()  # as for gRPC's UNAVAILABLE: the next call reconnects
+            raise
+        except DeadlineExceededError:
+            # The connection is closed (the worker writes nothing for the call); the
+            # session's later calls use gRPC, whose calls can overlap a stuck one.
+            session.data_plane = None
+            session.data_plane_reason = ("a call ran past its deadline on the same-host "
+                                         "data plane, which then closed")
+            log.warning("calls to %s use gRPC from now on: %s", self.address,
+                        session.data_plane_reason)
+            raise
 
     @staticmethod
     def _watch(stream: Any, events: queue.Queue[Any], alive: threading.Event) -> None:
@@ -331,6 +386,8 @@ class Worker:
 
     def _drop_session(self, session: _Session) -> None:
         self._release_quarantined(session)  # the session's calls end with it
+        if session.data_plane is not None:
+            session.data_plane.close()
         if session.cuda is not None:  # the worker unmaps before this process frees
             session.cuda.close(release_regions=session.alive.is_set())
         session.alive.clear()
@@ -343,6 +400,15 @@ class Worker:
     def transport(self) -> str:
         """``"shared memory"`` or ``"inline"``: what this session moves tensors with."""
         return self._current().transport
+
+    @property
+    def transport_info(self) -> TransportInfo:
+        """How calls travel now: ``calls`` is ``"unix socket"`` (the same-host data plane)
+        or ``"grpc"``, with the ``reason``; ``tensors`` is :attr:`transport`."""
+        session = self._current()
+        if session.data_plane is not None:
+            return TransportInfo("unix socket", session.transport, "")
+        return TransportInfo("grpc", session.transport, session.data_plane_reason)
 
     # -- API ------------------------------------------------------------------------------
 
@@ -389,6 +455,56 @@ class Worker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- tensors born in shared memory ----------------------------------------------------
+
+    def empty(self, *shape: int | Sequence[int], dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+        """An uninitialised CPU tensor allocated in this session's shared-memory pool.
+
+        A call that takes it (contiguous, whole or from its start) copies nothing on the way
+        in: the worker reads these very bytes (Note [Tensors born in shared memory]). The
+        tensor SHARES memory with the worker while a call (or the residuals of a forward)
+        uses it; its pool slice is reserved until the tensor and every view of it are
+        garbage-collected. Views at an unaligned offset, non-contiguous views and tensors
+        from a session that has since ended are copied as usual.
+
+        Args:
+            shape: sizes, as ``empty(2, 3)`` or ``empty((2, 3))``.
+            dtype: any dtype the wire carries (default float32).
+
+        Raises:
+            TransportError: the session moves tensors inline (``transport="inline"``, or
+                the worker cannot map this process's shared memory): there is no pool.
+        """
+        dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        size = torch.Size(dims)  # type: ignore[arg-type]  # checks they are ints
+        if any(d < 0 for d in size):
+            raise ValueError(f"shape {tuple(size)} has a negative size")
+        if dtype not in TORCH_TO_NAME:
+            raise TypeError(f"dtype `{dtype}` cannot be sent; supported: "
+                            f"{', '.join(sorted(map(str, TORCH_TO_NAME)))}")
+        session = self._current()
+        if session.pool is None:
+            raise TransportError(
+                f"this session moves tensors {session.transport}: it has no shared-memory "
+                "pool to allocate in. Connect with transport='auto' or 'shm' on the worker's "
+                "host, or use torch.empty")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = size.numel() * itemsize
+        piece = session.pool.allocate(nbytes)
+        raw = piece.numpy(np.uint8, (nbytes,))
+        piece.release_when_collected(raw)  # the slice lives while any view of it does
+        return torch.from_numpy(raw).view(dtype).view(size)
+
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """``empty(t.shape, dtype=t.dtype)``: see :meth:`empty` (the values are not copied)."""
+        return self.empty(tuple(t.shape), dtype=t.dtype)
+
+    def zeros(self, *shape: int | Sequence[int], dtype: torch.dtype = torch.float32
+              ) -> torch.Tensor:
+        """:meth:`empty`, filled with zeros."""
+        return self.empty(*shape, dtype=dtype).zero_()
+
     # -- calls (used by RemoteFunction / RemoteBackend) -----------------------------------
 
     def _flush_releases(self, session: _Session) -> None:
@@ -397,9 +513,9 @@ class Worker:
         pending, self._pending_release = self._pending_release, []
         ids = [rid for s, rid in pending if s is session]
         if ids:
-            self._rpc(self._stub.Release, pb.ReleaseRequest(session_id=session.id,
-                                                            residual_ids=ids),
-                      "releasing residuals")
+            self._session_rpc(session, "Release",
+                              pb.ReleaseRequest(session_id=session.id, residual_ids=ids),
+                              "releasing residuals")
 
     def call(self, name: str, call: Call, tensors: list[torch.Tensor], *,
              keep_residuals: bool) -> tuple[list[torch.Tensor], Any, Any,
@@ -461,7 +577,7 @@ class Worker:
             )
 
     def _call_rpc(self, session: _Session, decoder: Decoder, request: Any, name: str,
-                  method: Callable[..., Any] | None = None) -> Any:
+                  method: str = "Call") -> Any:
         """``Call`` with the arena in ``decoder``. Note [Arena slices after a deadline]: a
         call that ran past its deadline (or was cancelled) may still be running in the
         worker, which could write its outputs into the arena later. Its slice goes back to
@@ -469,7 +585,7 @@ class Worker:
         writes nothing for a call whose client has gone: ``Call`` checks its context
         before writing), so that a late write never lands in another call's outputs."""
         try:
-            response = self._rpc(method or self._stub.Call, request, name)
+            response = self._session_rpc(session, method, request, name)
         except (DeadlineExceededError, WorkerUnavailableError):
             if decoder.arena is not None:
                 session.quarantined.append(decoder.arena)
@@ -507,6 +623,7 @@ class Worker:
                 "the worker session that ran this forward has ended (worker restarted?); "
                 "its residuals are gone: run the forward again"
             )
+        handle.check_inputs_unchanged()
         encoder = Encoder(session.pool, INLINE_THRESHOLD, session.max_inline_bytes,
                           cuda=session.cuda)
         request = pb.BackwardRequest(session_id=session.id, residual_id=handle.residual_id,
@@ -515,8 +632,7 @@ class Worker:
         try:
             encoder.tree(list(cotangents), handle.out_spec, request.cotangents)
             decoder = self._with_arena(session, request, handle.grad_bytes, encoder)
-            response = self._call_rpc(session, decoder, request, "backward",
-                                      self._stub.Backward)
+            response = self._call_rpc(session, decoder, request, "backward", "Backward")
             grads = [*decoder.gradients(response.grad_args, handle.in_specs[0]),
                      *decoder.gradients(response.grad_kwargs, handle.in_specs[1])]
             decoder.finish()
@@ -563,6 +679,7 @@ def connect(
     max_arena_bytes: int = ...,
     max_async_calls: int = ...,
     max_queued_calls: int = ...,
+    data_plane: str = ...,
 ) -> InprocWorker: ...
 
 
@@ -580,6 +697,7 @@ def connect(
     max_arena_bytes: int = ...,
     max_async_calls: int = ...,
     max_queued_calls: int = ...,
+    data_plane: str = ...,
 ) -> Worker: ...
 
 
@@ -596,6 +714,7 @@ def connect(
     max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
     max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
     max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
+    data_plane: str = "auto",
 ) -> Worker | InprocWorker:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -647,6 +766,12 @@ def connect(
             run at once, each in its own thread (default 1: in submission order).
         max_queued_calls: How many more may wait for a thread (default 64); one more raises
             ``CallQueueFullError`` at once. ``close()`` cancels the waiting ones.
+        data_plane: How calls travel. ``"auto"`` (default): over the worker's private
+            same-host unix socket when it offers one and this process can reach it (same
+            host, same user, same PID namespace), else over gRPC, logging why once;
+            ``"unix_socket"`` raises ``TransportError`` instead of falling back; ``"grpc"``
+            never uses the socket. ``worker.transport_info`` says which path calls take
+            (docs/same-host.md).
 
     Returns:
         A ``Worker`` (an ``InprocWorker`` with the same interface for ``"inproc"``, which
@@ -681,7 +806,7 @@ def connect(
     return Worker(address, timeout=timeout, transport=transport, token=token,
                   token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
                   max_arena_bytes=max_arena_bytes, max_async_calls=max_async_calls,
-                  max_queued_calls=max_queued_calls)
+                  max_queued_calls=max_queued_calls, data_plane=data_plane)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

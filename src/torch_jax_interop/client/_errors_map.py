@@ -49,6 +49,12 @@ def to_remote_error(error: grpc.RpcError, what: str, address: str) -> RemoteErro
     """The project's exception for a failed RPC, with a message that says what to do."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
+    return error_for_status(code, details, what, address)
+
+
+def error_for_status(code: grpc.StatusCode, details: str, what: str,
+                     address: str) -> RemoteError:
+    """The project's exception for a status (from gRPC or the same-host data plane)."""
     cls = _BY_CODE.get(code, RemoteError)
     hint = _UNIMPLEMENTED_HINT if code == grpc.StatusCode.UNIMPLEMENTED else _HINTS.get(cls, "")
     message = f"{what} on worker {address} failed ({code.name}): {details}"

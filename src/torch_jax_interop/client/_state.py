@@ -22,9 +22,12 @@ class TransferStats:
     shared_memory_bytes: int = 0
     inline_bytes: int = 0
     cuda_ipc_bytes: int = 0
+    zero_copy_bytes: int = 0
+    """Input bytes that already lay in the session's pool (``Worker.empty``): not copied."""
 
     def add(self, encoder: Encoder) -> None:
         self.calls += 1
+        self.zero_copy_bytes += encoder.zero_copy_bytes
         self.shared_memory_bytes += encoder.shm_bytes
         self.inline_bytes += encoder.inline_bytes
         self.cuda_ipc_bytes += encoder.cuda_ipc_bytes
@@ -47,6 +50,22 @@ class _Session:
     cuda: Any = None  # a CudaIpcChannel for transport "auto" / "cuda_ipc"
     # Arena slices of calls that ran past their deadline: Note [Arena slices after a deadline]
     quarantined: list[Any] = field(default_factory=list)
+    # The same-host DataPlaneConnection (client/_data_plane.py), or None: calls use gRPC, for
+    # the reason in data_plane_reason (Note [Same-host data plane] in transport/).
+    data_plane: Any = None
+    data_plane_reason: str = ""
+
+
+@dataclass(frozen=True)
+class TransportInfo:
+    """How a connection's calls travel (``Worker.transport_info``)."""
+
+    calls: str
+    """``"unix socket"`` (the same-host data plane) or ``"grpc"``."""
+    tensors: str
+    """``"shared memory"`` or ``"inline"``: where tensor bytes go (CUDA IPC per GPU aside)."""
+    reason: str
+    """Why calls take that path (empty on the data plane)."""
 
 
 class ResidualHandle:
@@ -65,6 +84,13 @@ class ResidualHandle:
         self.layout = [(t.dtype, t.device, t.shape) for t in inputs]
         self.grad_bytes = arena_bytes(inputs, INLINE_THRESHOLD)
         self.done = False
+
+    def check_inputs_unchanged(self) -> None:
+        """Raise if an input the worker read in place was modified since the forward."""
+        for lease in self.leases:
+            check = getattr(lease, "check_unchanged", None)
+            if check is not None:
+                check()
 
     def drop_leases(self) -> None:
         for lease in self.leases:

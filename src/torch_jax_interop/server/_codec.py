@@ -7,6 +7,7 @@ client's output arena (one copy) or sent inline.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -179,7 +180,7 @@ def required_bytes(shapes: Any, max_inline: int) -> int:
     leaves = jax.tree_util.tree_leaves(shapes)
     total = 0
     for leaf in leaves:
-        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
         if nbytes > max_inline:
             total += _wire.align(nbytes)
     return total
@@ -228,7 +229,7 @@ class OutputWriter:
             )
         message.dtype = _wire.DTYPE_TO_ENUM[name]
         message.shape.extend(leaf.shape)
-        nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(leaf.shape) * dtype.itemsize
         if self.region is not None and nbytes > self.inline_threshold:
             offset = _wire.align(self.used)
             if offset + nbytes > self.capacity:

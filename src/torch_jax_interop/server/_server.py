@@ -28,6 +28,7 @@ from ..transport import (
     unix_socket_path,
 )
 from ._compiled import CompiledFunction
+from ._data_plane import DataPlaneListener
 from ._health import add_health_service
 from ._interceptors import StatusInterceptor, TokenAuthInterceptor
 from ._servicer import JaxWorkerServicer, WorkerConfig
@@ -240,6 +241,23 @@ def create_server(
     for address in bound:
         if address.startswith("unix://"):
             os.chmod(address[len("unix://"):], 0o600)
+    if config.fast_path:
+        near = next((unix_socket_path(a) for a in bound if unix_socket_path(a)), None)
+        try:
+            counting = None
+            if metrics is not None:  # fast-path calls are counted like gRPC ones
+                from ._metrics import _counting
+
+                def counting(name: str, handler: Any, metrics: Any = metrics) -> Any:
+                    return _counting(metrics, name)(handler, False)
+            servicer.data_plane = DataPlaneListener(
+                lambda name: getattr(servicer, name), near=near,
+                max_frame_bytes=config.max_frame_bytes,
+                hello_timeout=limits.handshake_timeout, max_connections=limits.max_connections,
+                wrap=counting)
+        except OSError as error:  # calls then use gRPC; each client logs why
+            log.warning("no same-host data plane (calls use gRPC): cannot listen on a "
+                        "private unix socket (%s)", error)
     health.serving()
     # not a declared attribute: shutdown() reads it with getattr to report NOT_SERVING first
     servicer.health = health  # type: ignore[attr-defined]
@@ -288,6 +306,8 @@ def shutdown(server: grpc.Server, servicer: JaxWorkerServicer, grace: float = 30
         health.not_serving()
     servicer.shutting_down.set()
     server.stop(grace).wait(grace + 5)
+    if servicer.data_plane is not None:
+        servicer.data_plane.close(grace)
     for session_id in list(servicer.sessions):
         servicer.end_session(session_id)
     if servicer.metrics_server is not None:

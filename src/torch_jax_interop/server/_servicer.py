@@ -35,7 +35,7 @@ from .._names import (
 )
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
-from ..transport import default_shm_dir
+from ..transport import DEFAULT_MAX_FRAME_BYTES, default_shm_dir
 from ._codec import (
     InlineBudget,
     Limits,
@@ -100,6 +100,8 @@ class WorkerConfig:
         shm_dir: str | None = None,
         allow_unsealed_regions: bool = False,
         metrics_listen: str | None = None,
+        fast_path: bool = True,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         _check_positive(max_sessions=max_sessions, max_residuals=max_residuals,
                         max_residual_bytes=max_residual_bytes, max_regions=max_regions,
@@ -118,6 +120,10 @@ class WorkerConfig:
         # HOST:PORT of the Prometheus endpoint, or None: off (Note [What the metrics cost
         # and expose] in _metrics.py).
         self.metrics_listen = metrics_listen
+        # Note [Same-host data plane] (transport/_data_plane.py): offered unless --no-fast-path.
+        self.fast_path = fast_path
+        _check_positive(max_frame_bytes=max_frame_bytes)
+        self.max_frame_bytes = max_frame_bytes
 
 
 def _check_positive(**limits: int) -> None:
@@ -141,6 +147,9 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         self.metrics_server: Any = None  # a _metrics.MetricsServer when metrics are on
         self.boot_id = _wire.boot_id()
         self._signatures: dict[str, inspect.Signature | None] = {}
+        self._accepted: set[tuple[str, int, tuple[str, ...]]] = set()  # argument shapes bound
+        # A DataPlaneListener (server/_data_plane.py) when create_server started one.
+        self.data_plane: Any = None
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -169,6 +178,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
                 shm_directory=self.config.shm_dir,
                 max_inline_bytes=self.config.limits.max_inline_bytes,
                 protocol_version=_wire.PROTOCOL_VERSION,
+                data_plane=(self.data_plane.offer(session.id, request.client_pid)
+                            if self.data_plane is not None else None),
             )
             while not ended.wait(0.5):
                 if self.shutting_down.is_set():
@@ -179,6 +190,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
     def end_session(self, session_id: str) -> None:
         with self._lock:
             session = self.sessions.pop(session_id, None)
+        if self.data_plane is not None:
+            self.data_plane.forget(session_id)
         if session is not None:
             session.close()
             log.info("session %s ended: residuals and mappings dropped", session_id[:8])
@@ -341,8 +354,13 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
             return
         positional = len(args_spec.children)  # a tuple: ``function.program`` checked it
         keywords = list(kwargs_spec.meta[0]) if kwargs_spec is not None else []
+        accepted = (function.name, positional, tuple(keywords))
+        if accepted in self._accepted:  # bound once already: the same answer (hot path)
+            return
         try:
             signature.bind(*[None] * positional, **dict.fromkeys(keywords))
+            if len(self._accepted) < 4096:
+                self._accepted.add(accepted)
         except TypeError as error:
             raise InvalidArgumentError(
                 f"`{function.name}{signature}` cannot take {positional} positional arguments "

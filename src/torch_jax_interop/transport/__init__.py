@@ -14,9 +14,10 @@ session's channel); see Note [CUDA IPC ownership] there. Imports neither torch n
 
 from .._layout import ALIGNMENT as ALIGNMENT
 from . import cuda as cuda
+from ._data_plane import DEFAULT_MAX_FRAME_BYTES as DEFAULT_MAX_FRAME_BYTES
 from ._janitor import cleanup_orphans as cleanup_orphans
 from ._memfd import sealing_supported as sealing_supported
-from ._pool import Pool as Pool, PoolSlice as PoolSlice
+from ._pool import Pool as Pool, PoolSlice as PoolSlice, fill_descriptor as fill_descriptor
 from ._shm import (
     NAME_PATTERN as NAME_PATTERN,
     SHM_DIR_ENV as SHM_DIR_ENV,

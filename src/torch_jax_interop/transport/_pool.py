@@ -129,6 +129,14 @@ def _close_state(state: _PoolState, kind: BufferKind[Any], creator_pid: int) -> 
         kind.close(entry.buffer)
 
 
+def fill_descriptor(message: Any, region_id: int, offset: int, nbytes: int) -> None:
+    """Write a slice into a descriptor message (``SharedMemorySlice`` / ``CudaIpcSlice``):
+    the one place that spells the descriptor's fields."""
+    message.region_id = region_id
+    message.offset = offset
+    message.nbytes = nbytes
+
+
 class PoolSlice(Generic[BufferT]):
     """An aligned slice of one of a pool's buffers: what a wire descriptor names.
 
@@ -176,9 +184,7 @@ class PoolSlice(Generic[BufferT]):
     def fill(self, message: Any) -> None:
         """Write this slice into a descriptor message (``SharedMemorySlice`` /
         ``CudaIpcSlice``): the one place that spells the descriptor's fields."""
-        message.region_id = self._entry.region_id
-        message.offset = self._offset
-        message.nbytes = self._nbytes
+        fill_descriptor(message, self._entry.region_id, self._offset, self._nbytes)
 
     def _check_live(self) -> None:
         if self._released:

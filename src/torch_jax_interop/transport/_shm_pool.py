@@ -7,6 +7,7 @@ The pool itself (free lists, growth, limits, Note [Releasing from finalizers]) i
 
 from __future__ import annotations
 
+import ctypes
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -173,3 +174,27 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
             _SharedMemoryKind(directory, unlink_after_register, tag, sealed), register,
             min_region_bytes=min_region_bytes, max_total_bytes=max_total_bytes,
         )
+        self._bases: dict[int, int] = {}  # region id -> address of its mapping here
+
+    def locate(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """``(region_id, offset)`` when the ``nbytes`` bytes at ``address`` (a pointer into
+        this process's memory) lie inside one of the pool's open regions at an offset the
+        wire accepts (64-byte aligned); else None. Memory in a region the pool has already
+        dropped (a released region, a closed pool) is not found: the worker no longer maps
+        it. The caller keeps the memory's owner alive while the worker may read it."""
+        # No lock: list() of a dict is atomic under the GIL, and a region dropped meanwhile
+        # is "retired" before it is closed (the caller pins the memory anyway).
+        for region_id, entry in list(self._state.regions.items()):
+            if entry.retired:
+                continue
+            region = entry.buffer
+            base = self._bases.get(region_id)
+            if base is None:
+                probe = ctypes.c_char.from_buffer(region.buffer)  # no copy: the mapping
+                base = ctypes.addressof(probe)
+                del probe  # releases the export, so the region can still be unmapped
+                self._bases[region_id] = base
+            offset = address - base
+            if 0 <= offset and nbytes <= region.size - offset:
+                return (region_id, offset) if offset % self.kind.alignment == 0 else None
+        return None

@@ -14,17 +14,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(torch_jax_interop/proto/v1/interop.proto\x12\x1atorch_jax_interop.proto.v1\"F\n\x11SharedMemorySlice\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"A\n\x0c\x43udaIpcSlice\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\xe8\x01\n\x06Tensor\x12\x30\n\x05\x64type\x18\x01 \x01(\x0e\x32!.torch_jax_interop.proto.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x04\x12<\n\x03shm\x18\x03 \x01(\x0b\x32-.torch_jax_interop.proto.v1.SharedMemorySliceH\x00\x12<\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32(.torch_jax_interop.proto.v1.CudaIpcSliceH\x00\x12\x15\n\x0binline_data\x18\x05 \x01(\x0cH\x00\x42\n\n\x08location\"\xd1\x01\n\x08TreeNode\x12\x37\n\x04kind\x18\x01 \x01(\x0e\x32).torch_jax_interop.proto.v1.TreeNode.Kind\x12\x14\n\x0cnum_children\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x03(\t\"h\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tKIND_LEAF\x10\x01\x12\r\n\tKIND_NONE\x10\x02\x12\x0e\n\nKIND_TUPLE\x10\x03\x12\r\n\tKIND_LIST\x10\x04\x12\r\n\tKIND_DICT\x10\x05\"o\n\x04Tree\x12\x33\n\x05nodes\x18\x01 \x03(\x0b\x32$.torch_jax_interop.proto.v1.TreeNode\x12\x32\n\x06leaves\x18\x02 \x03(\x0b\x32\".torch_jax_interop.proto.v1.Tensor\"\x95\x01\n\x0bOutputArena\x12<\n\x03shm\x18\x01 \x01(\x0b\x32-.torch_jax_interop.proto.v1.SharedMemorySliceH\x00\x12<\n\x08\x63uda_ipc\x18\x02 \x01(\x0b\x32(.torch_jax_interop.proto.v1.CudaIpcSliceH\x00\x42\n\n\x08location\"0\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"B\n\rCudaIpcRegion\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\t\"\x95\x01\n\x12OpenSessionRequest\x12\x12\n\nclient_pid\x18\x01 \x01(\r\x12\x17\n\x0f\x63lient_hostname\x18\x02 \x01(\t\x12\x38\n\ttransport\x18\x03 \x01(\x0e\x32%.torch_jax_interop.proto.v1.Transport\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\"\x99\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nworker_pid\x18\x02 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x15\n\rshm_directory\x18\x04 \x01(\t\x12\x18\n\x10max_inline_bytes\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\"\xbd\x01\n\x15RegisterRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12G\n\rshared_memory\x18\x02 \x01(\x0b\x32..torch_jax_interop.proto.v1.SharedMemoryRegionH\x00\x12=\n\x08\x63uda_ipc\x18\x03 \x01(\x0b\x32).torch_jax_interop.proto.v1.CudaIpcRegionH\x00\x42\x08\n\x06region\"+\n\x16RegisterRegionResponse\x12\x11\n\tregion_id\x18\x01 \x01(\x04\"=\n\x14ReleaseRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\x04\"\x17\n\x15ReleaseRegionResponse\"\x16\n\x14ListFunctionsRequest\"L\n\x0c\x46unctionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\"T\n\x15ListFunctionsResponse\x12;\n\tfunctions\x18\x01 \x03(\x0b\x32(.torch_jax_interop.proto.v1.FunctionInfo\"\x95\x02\n\x0b\x43\x61llRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12.\n\x04\x61rgs\x18\x03 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x30\n\x06kwargs\x18\x04 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x16\n\x0ekeep_residuals\x18\x05 \x01(\x08\x12\x0f\n\x07has_aux\x18\x06 \x01(\x08\x12=\n\x0coutput_arena\x18\x07 \x01(\x0b\x32\'.torch_jax_interop.proto.v1.OutputArena\x12\x16\n\x0eno_grad_leaves\x18\x08 \x03(\r\"\xa4\x01\n\x0c\x43\x61llResponse\x12\x31\n\x07outputs\x18\x01 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12-\n\x03\x61ux\x18\x02 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x13\n\x0bresidual_id\x18\x03 \x01(\x04\x12\x1d\n\x15required_output_bytes\x18\x04 \x01(\x04\"\xc7\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bresidual_id\x18\x02 \x01(\x04\x12\x34\n\ncotangents\x18\x03 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12=\n\x0coutput_arena\x18\x04 \x01(\x0b\x32\'.torch_jax_interop.proto.v1.OutputArena\x12\x16\n\x0ekeep_residuals\x18\x05 \x01(\x08\"~\n\x10\x42\x61\x63kwardResponse\x12\x33\n\tgrad_args\x18\x01 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x35\n\x0bgrad_kwargs\x18\x02 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\":\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresidual_ids\x18\x02 \x03(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r*\x96\x03\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT16\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x10\n\x0c\x44TYPE_UINT16\x10\n\x12\x10\n\x0c\x44TYPE_UINT32\x10\x0b\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0c\x12\x0e\n\nDTYPE_BOOL\x10\r\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x0e\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x0f\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x10\x12\x15\n\x11\x44TYPE_FLOAT8_E5M2\x10\x11\x12\x19\n\x15\x44TYPE_FLOAT8_E4M3FNUZ\x10\x12\x12\x19\n\x15\x44TYPE_FLOAT8_E5M2FNUZ\x10\x13*q\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10TRANSPORT_INLINE\x10\x01\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x02\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x03\x32\x8f\x06\n\x10JaxWorkerService\x12p\n\x0bOpenSession\x12..torch_jax_interop.proto.v1.OpenSessionRequest\x1a/.torch_jax_interop.proto.v1.OpenSessionResponse0\x01\x12w\n\x0eRegisterRegion\x12\x31.torch_jax_interop.proto.v1.RegisterRegionRequest\x1a\x32.torch_jax_interop.proto.v1.RegisterRegionResponse\x12t\n\rReleaseRegion\x12\x30.torch_jax_interop.proto.v1.ReleaseRegionRequest\x1a\x31.torch_jax_interop.proto.v1.ReleaseRegionResponse\x12t\n\rListFunctions\x12\x30.torch_jax_interop.proto.v1.ListFunctionsRequest\x1a\x31.torch_jax_interop.proto.v1.ListFunctionsResponse\x12Y\n\x04\x43\x61ll\x12\'.torch_jax_interop.proto.v1.CallRequest\x1a(.torch_jax_interop.proto.v1.CallResponse\x12\x65\n\x08\x42\x61\x63kward\x12+.torch_jax_interop.proto.v1.BackwardRequest\x1a,.torch_jax_interop.proto.v1.BackwardResponse\x12\x62\n\x07Release\x12*.torch_jax_interop.proto.v1.ReleaseRequest\x1a+.torch_jax_interop.proto.v1.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(torch_jax_interop/proto/v1/interop.proto\x12\x1atorch_jax_interop.proto.v1\"F\n\x11SharedMemorySlice\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"A\n\x0c\x43udaIpcSlice\x12\x11\n\tregion_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"\xe8\x01\n\x06Tensor\x12\x30\n\x05\x64type\x18\x01 \x01(\x0e\x32!.torch_jax_interop.proto.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x04\x12<\n\x03shm\x18\x03 \x01(\x0b\x32-.torch_jax_interop.proto.v1.SharedMemorySliceH\x00\x12<\n\x08\x63uda_ipc\x18\x04 \x01(\x0b\x32(.torch_jax_interop.proto.v1.CudaIpcSliceH\x00\x12\x15\n\x0binline_data\x18\x05 \x01(\x0cH\x00\x42\n\n\x08location\"\xd1\x01\n\x08TreeNode\x12\x37\n\x04kind\x18\x01 \x01(\x0e\x32).torch_jax_interop.proto.v1.TreeNode.Kind\x12\x14\n\x0cnum_children\x18\x02 \x01(\r\x12\x0c\n\x04keys\x18\x03 \x03(\t\"h\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tKIND_LEAF\x10\x01\x12\r\n\tKIND_NONE\x10\x02\x12\x0e\n\nKIND_TUPLE\x10\x03\x12\r\n\tKIND_LIST\x10\x04\x12\r\n\tKIND_DICT\x10\x05\"o\n\x04Tree\x12\x33\n\x05nodes\x18\x01 \x03(\x0b\x32$.torch_jax_interop.proto.v1.TreeNode\x12\x32\n\x06leaves\x18\x02 \x03(\x0b\x32\".torch_jax_interop.proto.v1.Tensor\"\x95\x01\n\x0bOutputArena\x12<\n\x03shm\x18\x01 \x01(\x0b\x32-.torch_jax_interop.proto.v1.SharedMemorySliceH\x00\x12<\n\x08\x63uda_ipc\x18\x02 \x01(\x0b\x32(.torch_jax_interop.proto.v1.CudaIpcSliceH\x00\x42\n\n\x08location\"0\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"B\n\rCudaIpcRegion\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65vice_uuid\x18\x03 \x01(\t\"\x95\x01\n\x12OpenSessionRequest\x12\x12\n\nclient_pid\x18\x01 \x01(\r\x12\x17\n\x0f\x63lient_hostname\x18\x02 \x01(\t\x12\x38\n\ttransport\x18\x03 \x01(\x0e\x32%.torch_jax_interop.proto.v1.Transport\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\"\xd9\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nworker_pid\x18\x02 \x01(\r\x12\x0f\n\x07\x62oot_id\x18\x03 \x01(\t\x12\x15\n\rshm_directory\x18\x04 \x01(\t\x12\x18\n\x10max_inline_bytes\x18\x05 \x01(\x04\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\x12>\n\ndata_plane\x18\x07 \x01(\x0b\x32*.torch_jax_interop.proto.v1.DataPlaneOffer\"N\n\x0e\x44\x61taPlaneOffer\x12\x13\n\x0bsocket_path\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\x04\"4\n\x0e\x44\x61taPlaneHello\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\"0\n\x0f\x44\x61taPlaneStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbd\x01\n\x15RegisterRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12G\n\rshared_memory\x18\x02 \x01(\x0b\x32..torch_jax_interop.proto.v1.SharedMemoryRegionH\x00\x12=\n\x08\x63uda_ipc\x18\x03 \x01(\x0b\x32).torch_jax_interop.proto.v1.CudaIpcRegionH\x00\x42\x08\n\x06region\"+\n\x16RegisterRegionResponse\x12\x11\n\tregion_id\x18\x01 \x01(\x04\"=\n\x14ReleaseRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\x04\"\x17\n\x15ReleaseRegionResponse\"\x16\n\x14ListFunctionsRequest\"L\n\x0c\x46unctionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\"T\n\x15ListFunctionsResponse\x12;\n\tfunctions\x18\x01 \x03(\x0b\x32(.torch_jax_interop.proto.v1.FunctionInfo\"\x95\x02\n\x0b\x43\x61llRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12.\n\x04\x61rgs\x18\x03 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x30\n\x06kwargs\x18\x04 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x16\n\x0ekeep_residuals\x18\x05 \x01(\x08\x12\x0f\n\x07has_aux\x18\x06 \x01(\x08\x12=\n\x0coutput_arena\x18\x07 \x01(\x0b\x32\'.torch_jax_interop.proto.v1.OutputArena\x12\x16\n\x0eno_grad_leaves\x18\x08 \x03(\r\"\xa4\x01\n\x0c\x43\x61llResponse\x12\x31\n\x07outputs\x18\x01 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12-\n\x03\x61ux\x18\x02 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x13\n\x0bresidual_id\x18\x03 \x01(\x04\x12\x1d\n\x15required_output_bytes\x18\x04 \x01(\x04\"\xc7\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bresidual_id\x18\x02 \x01(\x04\x12\x34\n\ncotangents\x18\x03 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12=\n\x0coutput_arena\x18\x04 \x01(\x0b\x32\'.torch_jax_interop.proto.v1.OutputArena\x12\x16\n\x0ekeep_residuals\x18\x05 \x01(\x08\"~\n\x10\x42\x61\x63kwardResponse\x12\x33\n\tgrad_args\x18\x01 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\x12\x35\n\x0bgrad_kwargs\x18\x02 \x01(\x0b\x32 .torch_jax_interop.proto.v1.Tree\":\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresidual_ids\x18\x02 \x03(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\r*\x96\x03\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_INT16\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x10\n\x0c\x44TYPE_UINT16\x10\n\x12\x10\n\x0c\x44TYPE_UINT32\x10\x0b\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0c\x12\x0e\n\nDTYPE_BOOL\x10\r\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x0e\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x0f\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x10\x12\x15\n\x11\x44TYPE_FLOAT8_E5M2\x10\x11\x12\x19\n\x15\x44TYPE_FLOAT8_E4M3FNUZ\x10\x12\x12\x19\n\x15\x44TYPE_FLOAT8_E5M2FNUZ\x10\x13*q\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x14\n\x10TRANSPORT_INLINE\x10\x01\x12\x1b\n\x17TRANSPORT_SHARED_MEMORY\x10\x02\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x03*\x82\x02\n\x12\x44\x61taPlaneFrameKind\x12%\n!DATA_PLANE_FRAME_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x44\x41TA_PLANE_FRAME_KIND_HELLO\x10\x01\x12\x1e\n\x1a\x44\x41TA_PLANE_FRAME_KIND_CALL\x10\x02\x12\"\n\x1e\x44\x41TA_PLANE_FRAME_KIND_BACKWARD\x10\x03\x12!\n\x1d\x44\x41TA_PLANE_FRAME_KIND_RELEASE\x10\x04\x12\x1c\n\x18\x44\x41TA_PLANE_FRAME_KIND_OK\x10\x05\x12\x1f\n\x1b\x44\x41TA_PLANE_FRAME_KIND_ERROR\x10\x06\x32\x8f\x06\n\x10JaxWorkerService\x12p\n\x0bOpenSession\x12..torch_jax_interop.proto.v1.OpenSessionRequest\x1a/.torch_jax_interop.proto.v1.OpenSessionResponse0\x01\x12w\n\x0eRegisterRegion\x12\x31.torch_jax_interop.proto.v1.RegisterRegionRequest\x1a\x32.torch_jax_interop.proto.v1.RegisterRegionResponse\x12t\n\rReleaseRegion\x12\x30.torch_jax_interop.proto.v1.ReleaseRegionRequest\x1a\x31.torch_jax_interop.proto.v1.ReleaseRegionResponse\x12t\n\rListFunctions\x12\x30.torch_jax_interop.proto.v1.ListFunctionsRequest\x1a\x31.torch_jax_interop.proto.v1.ListFunctionsResponse\x12Y\n\x04\x43\x61ll\x12\'.torch_jax_interop.proto.v1.CallRequest\x1a(.torch_jax_interop.proto.v1.CallResponse\x12\x65\n\x08\x42\x61\x63kward\x12+.torch_jax_interop.proto.v1.BackwardRequest\x1a,.torch_jax_interop.proto.v1.BackwardResponse\x12\x62\n\x07Release\x12*.torch_jax_interop.proto.v1.ReleaseRequest\x1a+.torch_jax_interop.proto.v1.ReleaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'torch_jax_interop.proto.v1.interop_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_DTYPE']._serialized_start=2737
-  _globals['_DTYPE']._serialized_end=3143
-  _globals['_TRANSPORT']._serialized_start=3145
-  _globals['_TRANSPORT']._serialized_end=3258
+  _globals['_DTYPE']._serialized_start=2985
+  _globals['_DTYPE']._serialized_end=3391
+  _globals['_TRANSPORT']._serialized_start=3393
+  _globals['_TRANSPORT']._serialized_end=3506
+  _globals['_DATAPLANEFRAMEKIND']._serialized_start=3509
+  _globals['_DATAPLANEFRAMEKIND']._serialized_end=3767
   _globals['_SHAREDMEMORYSLICE']._serialized_start=72
   _globals['_SHAREDMEMORYSLICE']._serialized_end=142
   _globals['_CUDAIPCSLICE']._serialized_start=144
@@ -46,33 +48,39 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_OPENSESSIONREQUEST']._serialized_start=1042
   _globals['_OPENSESSIONREQUEST']._serialized_end=1191
   _globals['_OPENSESSIONRESPONSE']._serialized_start=1194
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1347
-  _globals['_REGISTERREGIONREQUEST']._serialized_start=1350
-  _globals['_REGISTERREGIONREQUEST']._serialized_end=1539
-  _globals['_REGISTERREGIONRESPONSE']._serialized_start=1541
-  _globals['_REGISTERREGIONRESPONSE']._serialized_end=1584
-  _globals['_RELEASEREGIONREQUEST']._serialized_start=1586
-  _globals['_RELEASEREGIONREQUEST']._serialized_end=1647
-  _globals['_RELEASEREGIONRESPONSE']._serialized_start=1649
-  _globals['_RELEASEREGIONRESPONSE']._serialized_end=1672
-  _globals['_LISTFUNCTIONSREQUEST']._serialized_start=1674
-  _globals['_LISTFUNCTIONSREQUEST']._serialized_end=1696
-  _globals['_FUNCTIONINFO']._serialized_start=1698
-  _globals['_FUNCTIONINFO']._serialized_end=1774
-  _globals['_LISTFUNCTIONSRESPONSE']._serialized_start=1776
-  _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=1860
-  _globals['_CALLREQUEST']._serialized_start=1863
-  _globals['_CALLREQUEST']._serialized_end=2140
-  _globals['_CALLRESPONSE']._serialized_start=2143
-  _globals['_CALLRESPONSE']._serialized_end=2307
-  _globals['_BACKWARDREQUEST']._serialized_start=2310
-  _globals['_BACKWARDREQUEST']._serialized_end=2509
-  _globals['_BACKWARDRESPONSE']._serialized_start=2511
-  _globals['_BACKWARDRESPONSE']._serialized_end=2637
-  _globals['_RELEASEREQUEST']._serialized_start=2639
-  _globals['_RELEASEREQUEST']._serialized_end=2697
-  _globals['_RELEASERESPONSE']._serialized_start=2699
-  _globals['_RELEASERESPONSE']._serialized_end=2734
-  _globals['_JAXWORKERSERVICE']._serialized_start=3261
-  _globals['_JAXWORKERSERVICE']._serialized_end=4044
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1411
+  _globals['_DATAPLANEOFFER']._serialized_start=1413
+  _globals['_DATAPLANEOFFER']._serialized_end=1491
+  _globals['_DATAPLANEHELLO']._serialized_start=1493
+  _globals['_DATAPLANEHELLO']._serialized_end=1545
+  _globals['_DATAPLANESTATUS']._serialized_start=1547
+  _globals['_DATAPLANESTATUS']._serialized_end=1595
+  _globals['_REGISTERREGIONREQUEST']._serialized_start=1598
+  _globals['_REGISTERREGIONREQUEST']._serialized_end=1787
+  _globals['_REGISTERREGIONRESPONSE']._serialized_start=1789
+  _globals['_REGISTERREGIONRESPONSE']._serialized_end=1832
+  _globals['_RELEASEREGIONREQUEST']._serialized_start=1834
+  _globals['_RELEASEREGIONREQUEST']._serialized_end=1895
+  _globals['_RELEASEREGIONRESPONSE']._serialized_start=1897
+  _globals['_RELEASEREGIONRESPONSE']._serialized_end=1920
+  _globals['_LISTFUNCTIONSREQUEST']._serialized_start=1922
+  _globals['_LISTFUNCTIONSREQUEST']._serialized_end=1944
+  _globals['_FUNCTIONINFO']._serialized_start=1946
+  _globals['_FUNCTIONINFO']._serialized_end=2022
+  _globals['_LISTFUNCTIONSRESPONSE']._serialized_start=2024
+  _globals['_LISTFUNCTIONSRESPONSE']._serialized_end=2108
+  _globals['_CALLREQUEST']._serialized_start=2111
+  _globals['_CALLREQUEST']._serialized_end=2388
+  _globals['_CALLRESPONSE']._serialized_start=2391
+  _globals['_CALLRESPONSE']._serialized_end=2555
+  _globals['_BACKWARDREQUEST']._serialized_start=2558
+  _globals['_BACKWARDREQUEST']._serialized_end=2757
+  _globals['_BACKWARDRESPONSE']._serialized_start=2759
+  _globals['_BACKWARDRESPONSE']._serialized_end=2885
+  _globals['_RELEASEREQUEST']._serialized_start=2887
+  _globals['_RELEASEREQUEST']._serialized_end=2945
+  _globals['_RELEASERESPONSE']._serialized_start=2947
+  _globals['_RELEASERESPONSE']._serialized_end=2982
+  _globals['_JAXWORKERSERVICE']._serialized_start=3770
+  _globals['_JAXWORKERSERVICE']._serialized_end=4553
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,16 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_INLINE: _ClassVar[Transport]
     TRANSPORT_SHARED_MEMORY: _ClassVar[Transport]
     TRANSPORT_CUDA_IPC: _ClassVar[Transport]
+
+class DataPlaneFrameKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_PLANE_FRAME_KIND_UNSPECIFIED: _ClassVar[DataPlaneFrameKind]
+    DATA_PLANE_FRAME_KIND_HELLO: _ClassVar[DataPlaneFrameKind]
+    DATA_PLANE_FRAME_KIND_CALL: _ClassVar[DataPlaneFrameKind]
+    DATA_PLANE_FRAME_KIND_BACKWARD: _ClassVar[DataPlaneFrameKind]
+    DATA_PLANE_FRAME_KIND_RELEASE: _ClassVar[DataPlaneFrameKind]
+    DATA_PLANE_FRAME_KIND_OK: _ClassVar[DataPlaneFrameKind]
+    DATA_PLANE_FRAME_KIND_ERROR: _ClassVar[DataPlaneFrameKind]
 DTYPE_UNSPECIFIED: Dtype
 DTYPE_FLOAT32: Dtype
 DTYPE_FLOAT64: Dtype
@@ -59,6 +69,13 @@ TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_INLINE: Transport
 TRANSPORT_SHARED_MEMORY: Transport
 TRANSPORT_CUDA_IPC: Transport
+DATA_PLANE_FRAME_KIND_UNSPECIFIED: DataPlaneFrameKind
+DATA_PLANE_FRAME_KIND_HELLO: DataPlaneFrameKind
+DATA_PLANE_FRAME_KIND_CALL: DataPlaneFrameKind
+DATA_PLANE_FRAME_KIND_BACKWARD: DataPlaneFrameKind
+DATA_PLANE_FRAME_KIND_RELEASE: DataPlaneFrameKind
+DATA_PLANE_FRAME_KIND_OK: DataPlaneFrameKind
+DATA_PLANE_FRAME_KIND_ERROR: DataPlaneFrameKind
 
 class SharedMemorySlice(_message.Message):
     __slots__ = ("region_id", "offset", "nbytes")
@@ -165,20 +182,48 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, client_pid: _Optional[int] = ..., client_hostname: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "worker_pid", "boot_id", "shm_directory", "max_inline_bytes", "protocol_version")
+    __slots__ = ("session_id", "worker_pid", "boot_id", "shm_directory", "max_inline_bytes", "protocol_version", "data_plane")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     MAX_INLINE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     worker_pid: int
     boot_id: str
     shm_directory: str
     max_inline_bytes: int
     protocol_version: int
-    def __init__(self, session_id: _Optional[str] = ..., worker_pid: _Optional[int] = ..., boot_id: _Optional[str] = ..., shm_directory: _Optional[str] = ..., max_inline_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ...) -> None: ...
+    data_plane: DataPlaneOffer
+    def __init__(self, session_id: _Optional[str] = ..., worker_pid: _Optional[int] = ..., boot_id: _Optional[str] = ..., shm_directory: _Optional[str] = ..., max_inline_bytes: _Optional[int] = ..., protocol_version: _Optional[int] = ..., data_plane: _Optional[_Union[DataPlaneOffer, _Mapping]] = ...) -> None: ...
+
+class DataPlaneOffer(_message.Message):
+    __slots__ = ("socket_path", "secret", "max_frame_bytes")
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    socket_path: str
+    secret: bytes
+    max_frame_bytes: int
+    def __init__(self, socket_path: _Optional[str] = ..., secret: _Optional[bytes] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
+
+class DataPlaneHello(_message.Message):
+    __slots__ = ("session_id", "secret")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    secret: bytes
+    def __init__(self, session_id: _Optional[str] = ..., secret: _Optional[bytes] = ...) -> None: ...
+
+class DataPlaneStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class RegisterRegionRequest(_message.Message):
     __slots__ = ("session_id", "shared_memory", "cuda_ipc")

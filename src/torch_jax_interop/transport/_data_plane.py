@@ -1,0 +1,146 @@
+"""Frames of the same-host data plane: a private unix socket carrying the protocol's own
+messages. No framework, no protobuf: both ends' halves (``server/_data_plane.py``,
+``client/_data_plane.py``) build on these helpers.
+
+Note [Same-host data plane]
+===========================
+
+gRPC is the control plane (sessions, regions, auth, health) and the path across hosts. On
+one host a Python gRPC unary call costs ~270 us, most of it in the HTTP/2 stack and its
+thread hand-offs, while a unix socketpair ping-pong between two Python processes costs
+~21 us. So a session whose client runs on the worker's host (same boot id) may carry its
+``Call``, ``Backward`` and ``Release`` requests over a private unix socket instead:
+
+* **Offer.** The worker listens on one socket, ``data.sock``, in a directory it creates
+  with mode 0700 (next to its gRPC unix socket, or in the temporary directory); the socket
+  file is 0600. ``OpenSession``'s response carries a ``DataPlaneOffer``: the path, a random
+  32-byte secret for this session, and the largest frame the worker reads.
+* **Hello.** The client connects and sends ``DataPlaneHello(session_id, secret)``. The
+  worker refuses (an ERROR frame, then it closes the connection; the worker stays up)
+  unless the peer's ``SO_PEERCRED`` uid is its own uid, the pid is the one that opened the
+  session (``OpenSessionRequest.client_pid``: a client in another PID namespace is refused
+  and uses gRPC), the secret matches (constant-time compare) and the session has no
+  connection yet. So only the session's own client can use it: another user cannot enter
+  the directory, another process of the same user lacks the secret (it travelled over the
+  session's gRPC stream), and a second connection is refused.
+* **Frames.** A 12-byte header (:data:`HEADER`: kind, request id, body length; little
+  endian) and a body: the serialized request or response message of the protocol, or a
+  ``DataPlaneStatus`` for an error (the gRPC status code and message, mapped to the same
+  client exceptions as over gRPC). Bodies over ``max_frame_bytes`` (worker:
+  ``--max-frame-bytes``) are refused before they are read: the peer is cut off.
+* **Same code.** The worker's connection thread calls the servicer's ``Call`` /
+  ``Backward`` / ``Release`` with a context object standing in for gRPC's, and maps their
+  exceptions with the interceptor's own mapping: every bounds check is the same code.
+* **Faults.** A dead peer on either side is an EOF on the socket, seen at once: the client
+  raises ``WorkerUnavailableError`` as for a dead worker over gRPC; the worker frees the
+  connection and leaves the session to its gRPC stream (the usual grace). The client waits
+  for a response with the call's deadline as the socket timeout; past it the client closes
+  the connection (the worker's ``context.is_active()`` then reads false, so it writes no
+  outputs and keeps no residuals), raises ``DeadlineExceededError``, and the session's
+  later calls use gRPC. A session's end closes its connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import struct
+import tempfile
+
+from .._names import DEFAULT_MAX_FRAME_BYTES as DEFAULT_MAX_FRAME_BYTES
+
+HEADER = struct.Struct("<BxxxII")
+"""Frame header: kind (a ``DataPlaneFrameKind``), 3 pad bytes, request id, body length."""
+HELLO_MAX_BYTES = 4096
+"""A hello frame is a session id and a 32-byte secret: anything longer is refused."""
+SOCKET_NAME = "data.sock"
+_SOCKET_PATH_LIMIT = 107
+
+
+class FrameTooLargeError(OSError):
+    """A peer announced a frame body over the limit; the connection must be dropped."""
+
+    def __init__(self, message: str, request_id: int) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def send_frame(sock: socket.socket, kind: int, request_id: int, body: bytes) -> None:
+    """One frame; small bodies go in one ``send`` with their header."""
+    header = HEADER.pack(kind, request_id, len(body))
+    if len(body) <= 1 << 16:
+        sock.sendall(header + body)
+    else:
+        sock.sendall(header)
+        sock.sendall(body)
+
+
+def _recv_exactly(sock: socket.socket, nbytes: int) -> bytearray:
+    buffer = bytearray(nbytes)
+    view = memoryview(buffer)
+    got = 0
+    while got < nbytes:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise EOFError("the peer closed the data-plane connection")
+        got += n
+    return buffer
+
+
+def recv_frame(sock: socket.socket, max_body: int) -> tuple[int, int, bytes]:
+    """``(kind, request_id, body)`` of the next frame. Raises ``EOFError`` when the peer
+    closed the connection, :class:`FrameTooLargeError` for a body over ``max_body``, and
+    ``TimeoutError`` when the socket's timeout passes."""
+    kind, request_id, length = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+    if length > max_body:
+        raise FrameTooLargeError(
+            f"a data-plane frame of {length} bytes exceeds the limit of {max_body} bytes",
+            request_id)
+    return kind, request_id, bytes(_recv_exactly(sock, length)) if length else b""
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of a unix socket's peer (``SO_PEERCRED``, Linux)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has closed (or reset) the connection; never blocks. Unread bytes
+    (a pipelined request) do not count as closed."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):  # reset, or the socket is closed here
+        return True
+
+
+def private_socket_path(near: str | None) -> str:
+    """A fresh ``data.sock`` path in a new 0700 directory: beside ``near`` (the worker's
+    gRPC unix socket, so that a container sharing that socket's volume reaches it too) when
+    that leaves the path short enough, else in the temporary directory."""
+    parents = [os.path.dirname(near)] if near else []
+    parents.append(tempfile.gettempdir())
+    for parent in parents:
+        # mkdtemp makes the directory 0700: nobody else can reach the socket inside.
+        candidate = os.path.join(parent, "tji-dp-XXXXXXXX", SOCKET_NAME)
+        if len(candidate.encode()) > _SOCKET_PATH_LIMIT:
+            continue
+        with contextlib.suppress(OSError):
+            return os.path.join(tempfile.mkdtemp(prefix="tji-dp-", dir=parent), SOCKET_NAME)
+    raise OSError("no directory with a short enough path for the data-plane socket")
+
+
+def remove_socket_path(path: str) -> None:
+    """Remove the socket file and its private directory (idempotent)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))
