@@ -238,7 +238,7 @@ def add_import_paths(app_dir: str | None) -> None:
         sys.path.insert(0, directory)
 
 
-def _split_spec(spec: str) -> tuple[str, str, str]:
+def split_function_spec(spec: str) -> tuple[str, str, str]:
     name, sep, target = spec.partition("=")
     if not sep:
         name, target = spec.rpartition(":")[2], spec
@@ -257,7 +257,7 @@ def check_function_specs(specs: list[str]) -> None:
                          "--function mlp=torch_jax_interop.examples.mlp:apply")
     seen: set[str] = set()
     for spec in specs:
-        name, module, _attr = _split_spec(spec)
+        name, module, _attr = split_function_spec(spec)
         if name in seen:
             raise UsageError(f"--function names `{name}` twice; give each served function "
                              "its own NAME")
@@ -284,7 +284,7 @@ def load_functions(specs: list[str]) -> dict[str, Callable[..., Any]]:
     check_function_specs(specs)
     functions: dict[str, Callable[..., Any]] = {}
     for spec in specs:
-        name, module_name, attr = _split_spec(spec)
+        name, module_name, attr = split_function_spec(spec)
         try:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as error:

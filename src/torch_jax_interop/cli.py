@@ -49,6 +49,7 @@ from ._cli_args import (
     positive_int,
     positive_seconds,
     require,
+    split_function_spec,
 )
 from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
 from ._names import (
@@ -255,7 +256,10 @@ def _worker(args: argparse.Namespace) -> int:
         return serve_ranks(args.listen, args.ranks, _worker_argv(args),
                            ready_file=args.ready_file, grace=args.grace)
 
-    functions = load_functions(args.function)  # imports the targets (and so JAX)
+    load_functions(args.function)  # imports the targets (and so JAX): user errors exit 2
+    # the worker gets the specs, so each function's `target` reaches FunctionInfo
+    functions = {name: f"{module}:{attr}"
+                 for name, module, attr in map(split_function_spec, args.function)}
     from .server import ConnectionLimits, WorkerConfig, create_server
     from .server._server import run_until_stopped
 
