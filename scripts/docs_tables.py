@@ -14,7 +14,10 @@ and ``reliability()`` while the site builds and puts their Markdown where a page
   snapshot from the last test run (and from ``.cache/soak.json``, written by
   ``scripts/soak.py --json .cache/soak.json``, when present).
 
-``python scripts/docs_tables.py performance`` (or ``reliability``) prints a table.
+``python scripts/docs_tables.py performance`` (or ``reliability``) prints a table;
+``python scripts/docs_tables.py readme`` rewrites the README's block between
+``<!-- begin generated: targets -->`` and ``<!-- end generated: targets -->`` (the remote-call
+targets of the chosen run), which ``tests/test_docs.py`` checks is up to date.
 """
 
 from __future__ import annotations
@@ -70,6 +73,49 @@ def performance() -> str:
     suite, machine, command = _report.from_json(json.loads(source.read_text()))
     tables = _report.to_markdown(suite, machine, command)
     return f"Source: `{_relative(source)}`.\n\n{tables}"
+
+
+README_TARGETS_RUN = RESULTS / "reference.json"  # `python -m benchmarks --reference`
+README_TARGETS_SOURCE = "issue 16"  # the README shows these targets; the docs show them all
+README_BEGIN = "<!-- begin generated: targets -->"
+README_END = "<!-- end generated: targets -->"
+
+
+def readme_targets() -> str:
+    """The README's table: the remote-call and overhead targets of the chosen run, with the
+    machine and the command that measured them, from the committed reference run (so a local
+    benchmark run leaves the README alone)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import _report
+
+    source = README_TARGETS_RUN
+    suite, machine, command = _report.from_json(json.loads(source.read_text()))
+    rows = []
+    for c in suite.comparisons:
+        if c.target is None or c.target.source != README_TARGETS_SOURCE:
+            continue
+        rows.append([c.name if c.group != "remote" else f"remote {c.name}",
+                     _report._named_median(suite, c, c.variant),
+                     _report._named_median(suite, c, c.reference),
+                     _report.format_ratio(c.ratio), c.target.describe(),
+                     c.result if c.ratio is not None else "n/a (not measured)"])
+    lines = _table(["case", "measured", "reference", "ratio", "target", "result"], rows)
+    return "\n".join([
+        f"Measured by `{command}` on {_report.machine_line(machine)} "
+        f"(`{_relative(source)}`):", "", *lines])
+
+
+def write_readme(readme: Path = ROOT / "README.md") -> bool:
+    """Put ``readme_targets()`` between the README's markers; whether the file changed."""
+    text = readme.read_text()
+    head, begin, rest = text.partition(README_BEGIN)
+    _, end, tail = rest.partition(README_END)
+    if not begin or not end:
+        raise ValueError(f"{readme.name} lacks the markers {README_BEGIN} ... {README_END}")
+    new = f"{head}{README_BEGIN}\n{readme_targets()}\n{README_END}{tail}"
+    readme.write_text(new)
+    return new != text
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,9 +240,11 @@ def snapshot() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["performance", "reliability", "snapshot"])
+    parser.add_argument("what", choices=["performance", "reliability", "snapshot", "readme"])
     args = parser.parse_args(argv)
-    if args.what == "snapshot":
+    if args.what == "readme":
+        print("README.md " + ("updated" if write_readme() else "already up to date"))
+    elif args.what == "snapshot":
         print(f"wrote {_relative(snapshot())}")
     else:
         print(performance() if args.what == "performance" else reliability(), end="")

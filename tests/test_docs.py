@@ -158,3 +158,28 @@ def test_the_docs_describe_the_project_not_how_it_was_made(path: Path) -> None:
         if NOT_FOR_USERS.search(line)
     ]
     assert not found, "user docs describe the development process or machine:\n" + "\n".join(found)
+
+
+def test_the_readme_targets_table_is_generated_from_the_committed_run(tmp_path: Path) -> None:
+    """The README's performance table is the chosen run's, rewritten by
+    `python scripts/docs_tables.py readme`, never typed by hand: the committed README holds
+    exactly what the generator writes, and the table lists every issue-16 target of the run."""
+    tables = _load("docs_tables")
+    readme = ROOT / "README.md"
+    copy = tmp_path / "README.md"
+    copy.write_text(readme.read_text())
+    assert not tables.write_readme(copy), (
+        "README.md's targets table is stale: run `python scripts/docs_tables.py readme`")
+    block = tables.readme_targets()
+    run = json.loads(tables.README_TARGETS_RUN.read_text())
+    wanted = [c for c in run["comparisons"]
+              if c["target"] and c["target"]["source"] == tables.README_TARGETS_SOURCE]
+    assert wanted, "the committed run has no issue-16 targets: rerun the benchmarks"
+    rows = [line for line in block.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(wanted)  # the header, then one row per target
+    assert all(row.rstrip(" |").endswith(("PASS", "MISS", "n/a (not measured)"))
+               for row in rows[1:])
+    broken = tmp_path / "broken.md"
+    broken.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        tables.write_readme(broken)
