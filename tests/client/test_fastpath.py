@@ -325,6 +325,9 @@ def test_a_call_past_its_deadline_raises_and_later_calls_use_grpc(
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+# JAX's own at-fork hook warns when JAX is loaded in this process (it is, in a full run); the
+# child here never touches JAX
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_forked_child_never_writes_into_the_parents_connection(worker: WorkerProcess) -> None:
     from torch_jax_interop.client._data_plane import DataPlaneRefused
 
@@ -435,12 +438,16 @@ def test_nothing_is_left_behind(short_tmp: str) -> None:
             w.function("add_one")(torch.zeros(1 << 15))
         fds = len(os.listdir("/proc/self/fd"))
         threads = threading.active_count()
-        for _ in range(5):
+        sessions = 8
+        for _ in range(sessions):
             with connect(process.address) as w:
                 w.function("add_one")(torch.zeros(1 << 15))
                 plane = w._current().data_plane
             assert plane is not None and plane.closed
-        assert len(os.listdir("/proc/self/fd")) <= fds
+        # a leak per session would grow by `sessions`; allow gRPC's or JAX's own background
+        # threads a descriptor or two opened meanwhile (seen in a full run: one)
+        grown = len(os.listdir("/proc/self/fd")) - fds
+        assert grown <= 2, f"{grown} more descriptors after {sessions} sessions"
         deadline = time.monotonic() + 10
         while threading.active_count() > threads:  # the session watchers end with their streams
             assert time.monotonic() < deadline
