@@ -71,7 +71,7 @@ import jax
 import numpy as np
 import torch
 
-from .._compat._torch import version_counter
+from .._compat._torch import set_grad_mode, version_counter
 
 __all__ = [
     "GRAPHS",
@@ -195,7 +195,7 @@ class ModuleCall(TorchFn):
                 break
         # a bare switch rather than `torch.set_grad_enabled(grad)`: this runs per call
         enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(grad)
+        set_grad_mode(grad)
         try:
             if written is None:
                 inputs = [t.clone() for t in leaves]
@@ -209,7 +209,7 @@ class ModuleCall(TorchFn):
                 ]
             outs = self.run(inputs)
         finally:
-            torch._C._set_grad_enabled(enabled)
+            set_grad_mode(enabled)
         if written is None:
             self.written = frozenset(
                 i for i, t in enumerate(inputs) if version_counter(t) != 0  # None: unknown, copy

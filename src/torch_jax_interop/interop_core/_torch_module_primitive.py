@@ -37,7 +37,7 @@ import torch
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from .._compat._torch import from_dlpack_capsule
+from .._compat._torch import from_dlpack_capsule, set_grad_mode
 from ._convert import _array_to_torch
 from ._torch_module_autograd import Aval, KeepGraph, ModuleCall, TorchFn, inexact
 
@@ -197,12 +197,12 @@ class _BufferCallback:
         # outside autograd: the outputs are written in place (a bare switch: this runs per
         # call, and a callback thread starts with grad mode on)
         enabled = torch.is_grad_enabled()
-        torch._C._set_grad_enabled(False)
+        set_grad_mode(False)
         try:
             for out, result in zip(outs, results, strict=True):
                 to_torch(out).copy_(result)
         finally:
-            torch._C._set_grad_enabled(enabled)
+            set_grad_mode(enabled)
 
 
 def _from_cpu_buffer(buffer: Any) -> torch.Tensor:
