@@ -22,6 +22,10 @@ TINY_FLOOR = "minimal autograd.Function around the same jitted calls"
 TINY_ENGINE = "empty autograd.Function fwd+bwd (torch's engine alone)"
 # the torch side of a training step with nothing to compute: zero_grad + SGD step
 MLP_OPTIMIZER = "torch SGD zero_grad + step alone"
+# ours without the optimizer: zero_grad, forward and backward through the wrapper. Against
+# pure JAX (which updates the parameters inside its XLA computation) it shows how much of
+# the step's gap is the wrapper and how much torch's optimizer and its threads
+MLP_NO_OPTIMIZER = "ours without optimizer.step (zero_grad + forward + backward)"
 LINEAR_REFERENCE = "torch forward (no_grad)"
 MLP_REFERENCE = "pure JAX (jit, hand-written SGD)"
 # Where the loss is computed (torch's cross_entropy on the JAX logits, or inside the JAX
@@ -56,6 +60,7 @@ def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
         suite.compare(GROUP, name, MLP_BYTES, "ours", MLP_REFERENCE, Target("<=", 1.3, source))
         if loss_in == "jax":
             suite.compare(GROUP, name, MLP_BYTES, MLP_OPTIMIZER, MLP_REFERENCE)
+            suite.compare(GROUP, name, MLP_BYTES, MLP_NO_OPTIMIZER, MLP_REFERENCE)
     return [
         ("autograd tiny fwd+bwd", lambda: _guard(suite, TINY, lambda: tiny_case(suite))),
         ("autograd torch_module_to_jax", lambda: _guard(suite, LINEAR, lambda: linear_case(suite))),
@@ -255,6 +260,9 @@ def mlp_case(suite: Suite, name: str, loss_in: str, threads: int | None) -> None
     variants = {"ours": ours, MLP_REFERENCE: pure_jax}
     if loss_in == "jax":
         variants[MLP_OPTIMIZER] = make_optimizer_step()
+        variants[MLP_NO_OPTIMIZER] = make_torch_training_step(
+            lambda params: wrapper_class(_models.mlp_loss, params), loss_in_jax=True,
+            optimizer_step=False)
     reference = MLP_REFERENCE
     before = torch.get_num_threads()
     if threads is not None:
@@ -293,11 +301,11 @@ def make_optimizer_step() -> Callable[[], None]:
 
 
 def make_torch_training_step(
-    build: Callable[[Any], Any], *, loss_in_jax: bool = False
+    build: Callable[[Any], Any], *, loss_in_jax: bool = False, optimizer_step: bool = True
 ) -> Callable[[], None]:
     """A torch SGD step through a module built from the MLP's JAX parameters: the module
     returns logits (the loss is torch's ``cross_entropy``) or, with ``loss_in_jax``, the
-    loss itself."""
+    loss itself. ``optimizer_step=False`` (loss in JAX only) stops after backward."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -320,4 +328,10 @@ def make_torch_training_step(
         module(x_torch, y_int32).backward()
         optimizer.step()
 
-    return step_loss_in_jax if loss_in_jax else step
+    def forward_backward_loss_in_jax() -> None:
+        optimizer.zero_grad()
+        module(x_torch, y_int32).backward()
+
+    if not loss_in_jax:
+        return step
+    return step_loss_in_jax if optimizer_step else forward_backward_loss_in_jax

@@ -379,7 +379,8 @@ class Engine:
         if program.forward is None:
             self._build_vjp(program)
         assert program.forward is not None
-        arrays = self._place(program, arrays)
+        if self.shardings is not None:
+            arrays = self._place(program, arrays)
         diff = program.diff
         diff_arrays = [arrays[i] for i in diff]
         const_arrays = list(arrays)

@@ -103,3 +103,15 @@ def test_x64_check_follows_jax_config_and_context() -> None:
     with jax.enable_x64(True):
         assert x64_enabled()
     assert not x64_enabled()
+
+
+@pytest.mark.parametrize("setter", [torch_compat.set_grad_mode, torch.set_grad_enabled],
+                         ids=["private", "public"])
+def test_grad_mode_setter_and_its_fallback_set_the_mode(setter: object) -> None:
+    before = torch.is_grad_enabled()
+    try:
+        for mode in (False, True, False):
+            setter(mode)  # type: ignore[operator]
+            assert torch.is_grad_enabled() is mode
+    finally:
+        torch.set_grad_enabled(before)

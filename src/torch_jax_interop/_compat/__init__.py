@@ -25,6 +25,8 @@ dlpack`` (no per-call Python dispatch)            ``torch.from_dlpack``
 only when first called)                           torch._dynamo at decoration (~1.9 s)
 ``torch._C._autograd._get_current_graph_task_     ``True`` (keep residuals; released
 keep_graph`` (free residuals after backward)      with the graph instead)
+``torch._C._set_grad_enabled`` (no context       ``torch.set_grad_enabled(mode)``,
+object per call)                                  called as a function
 ``torch._subclasses.fake_tensor.FakeTensorMode``  none: shape inference falls back to
 (shape inference without data)                    meta tensors and reports both errors
 ================================================  =====================================

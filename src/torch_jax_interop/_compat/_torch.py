@@ -41,6 +41,12 @@ keep_graph: Callable[[], bool] = getattr(
 """Whether the running backward pass keeps its graph (``retain_graph``); ``True`` when
 unknown, so that residuals are kept until the graph is freed rather than lost."""
 
+set_grad_mode: Callable[[bool], Any] = (
+    getattr(torch._C, "_set_grad_enabled", None) or torch.set_grad_enabled
+)
+"""Set this thread's grad mode, without the context object ``torch.set_grad_enabled``
+builds (for code that runs on every call; restore the old mode in a ``finally``)."""
+
 
 def run_outside_dynamo(fn: F) -> F:
     """``fn`` made opaque to ``torch.compile`` (dynamo graph-breaks around it).

@@ -71,7 +71,7 @@ import jax
 import numpy as np
 import torch
 
-from .._compat._torch import version_counter
+from .._compat._torch import set_grad_mode, version_counter
 
 __all__ = [
     "GRAPHS",
@@ -188,8 +188,15 @@ class ModuleCall(TorchFn):
 
     def evaluate(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         written = self.written
-        grad = any(t.requires_grad for t in leaves)
-        with torch.set_grad_enabled(grad):
+        grad = False
+        for t in leaves:
+            if t.requires_grad:
+                grad = True
+                break
+        # a bare switch rather than `torch.set_grad_enabled(grad)`: this runs per call
+        enabled = torch.is_grad_enabled()
+        set_grad_mode(grad)
+        try:
             if written is None:
                 inputs = [t.clone() for t in leaves]
                 watched: list[tuple[int, torch.Tensor, int | None]] = []
@@ -201,6 +208,8 @@ class ModuleCall(TorchFn):
                     if i not in written
                 ]
             outs = self.run(inputs)
+        finally:
+            set_grad_mode(enabled)
         if written is None:
             self.written = frozenset(
                 i for i, t in enumerate(inputs) if version_counter(t) != 0  # None: unknown, copy
