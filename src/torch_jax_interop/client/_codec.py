@@ -150,7 +150,7 @@ class Encoder:
 
     def tree(self, leaves: list[torch.Tensor], spec: _pytree.TreeSpec, out: Any) -> int:
         """Encode; returns the bytes placed in shared memory."""
-        _wire.encode_spec(spec, out.nodes)
+        _wire.encode_tree_spec(spec, out)
         placed = sum(self.tensor(leaf, out.leaves.add()) for leaf in leaves)
         # Stream ordering (Note [CUDA IPC ownership]): copies done before the request leaves.
         for device in self._unsynced:
