@@ -288,8 +288,9 @@ class Decoder:
                 raise MalformedReplyError(
                     f"the worker sent {len(message.inline_data)} inline bytes for {what} of "
                     f"shape {list(shape)} and dtype {name}, which needs {nbytes}")
-            raw = torch.frombuffer(bytearray(message.inline_data), dtype=torch.uint8)
-            return self._placed(raw.view(dtype).reshape(shape))
+            # nbytes is a whole number of elements (checked above): no byte view needed
+            raw = torch.frombuffer(bytearray(message.inline_data), dtype=dtype)
+            return self._placed(raw if len(shape) == 1 else raw.reshape(shape))
         arena = self.arena
         if arena is not None and location == arena.kind:
             # The worker wrote it into the output arena: the same descriptor as the arena's

@@ -280,8 +280,8 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
                               session, self.config.inline_threshold, limits)
         no_grad = _no_grad_leaves(request)
-        diff = (tuple(i for i in range(len(arrays)) if i not in no_grad)
-                if request.keep_residuals else ())
+        diff = ((tuple(i for i in range(len(arrays)) if i not in no_grad) if no_grad
+                 else tuple(range(len(arrays)))) if request.keep_residuals else ())
         key = signature_key(request.args, request.kwargs, None)
         program = function.program(key, args_spec, kwargs_spec, request.has_aux, diff)
         self._check_arguments(function, args_spec, kwargs_spec)
@@ -411,6 +411,8 @@ class _served:  # noqa: N801 - used as a function: ``with _served(name):``
 
 
 def _no_grad_leaves(request: Any) -> frozenset[int]:
+    if not request.no_grad_leaves:
+        return frozenset()
     no_grad = frozenset(request.no_grad_leaves)
     total = len(request.args.leaves) + len(request.kwargs.leaves)
     if no_grad and max(no_grad) >= total:
