@@ -401,10 +401,10 @@ class _served:  # noqa: N801 - used as a function: ``with _served(name):``
         return None
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: Any) -> bool:
+                 traceback: Any) -> None:
         if error is None or not isinstance(error, Exception) or isinstance(error,
                                                                           InteropError):
-            return False
+            return  # raised on as it is
         log.info("`%s` raised %s: %s", self.name, type(error).__name__, error)
         raise RemoteExecutionError(
             f"`{self.name}` raised {type(error).__name__}: {error}") from None
