@@ -134,8 +134,48 @@ def encode_spec(spec: _pytree.TreeSpec, nodes: Any) -> None:
         encode_spec(child, nodes)
 
 
+_MAX_CACHED_SPECS = 1024
+"""Specs remembered by :func:`encode_tree_spec` and :func:`decode_spec` (each): a call
+repeats its structures, so both sides see a few; a peer sending ever new ones only
+refills the cache (it is cleared when full)."""
+_MAX_CACHED_NODES = 256  # larger structures are rebuilt every time: no cache of big keys
+_encoded: dict[_pytree.TreeSpec, Any] = {}
+_decoded: dict[tuple[tuple[int, int, tuple[str, ...]], ...], _pytree.TreeSpec] = {}
+
+
+def encode_tree_spec(spec: _pytree.TreeSpec, tree: Any) -> None:
+    """``encode_spec(spec, tree.nodes)`` for an empty ``Tree`` message ``tree``, merged
+    from a template encoded once per spec (one C-level merge instead of a Python walk)."""
+    template = _encoded.get(spec)
+    if template is None:
+        template = type(tree)()
+        encode_spec(spec, template.nodes)  # raises for a spec the wire cannot carry
+        if len(_encoded) >= _MAX_CACHED_SPECS:
+            _encoded.clear()
+        _encoded[spec] = template
+    tree.MergeFrom(template)
+
+
 def decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
-    """Rebuild a ``TreeSpec`` from pre-order nodes, validating every count and bound."""
+    """Rebuild a ``TreeSpec`` from pre-order nodes, validating every count and bound.
+
+    A structure seen before (the same nodes and leaf count) is answered from a cache of the
+    specs this function built and validated: the same input, the same checks, one
+    result."""
+    if 0 < len(nodes) <= _MAX_CACHED_NODES:
+        key = tuple((n.kind, n.num_children, tuple(n.keys)) for n in nodes)
+        spec = _decoded.get(key)
+        if spec is not None and spec.num_leaves == num_leaves:
+            return spec
+        spec = _decode_spec(nodes, num_leaves)
+        if len(_decoded) >= _MAX_CACHED_SPECS:
+            _decoded.clear()
+        _decoded[key] = spec
+        return spec
+    return _decode_spec(nodes, num_leaves)
+
+
+def _decode_spec(nodes: Any, num_leaves: int) -> _pytree.TreeSpec:
     if len(nodes) > MAX_TREE_NODES:
         raise InvalidArgumentError(
             f"structure has {len(nodes)} nodes; at most {MAX_TREE_NODES} are accepted"

@@ -109,7 +109,7 @@ def test_several_forwards_in_flight_and_backwards_in_any_order(
             outs[index].sum().backward()
         expected = _x(1) + _x(2) + _x(3)
         torch.testing.assert_close(module.params[0].grad, expected)
-        assert w._pending_release == []  # backward without retain_graph freed each
+        assert not w._pending_release  # backward without retain_graph freed each
 
 
 def test_a_dropped_future_frees_its_residuals(gated_worker: WorkerProcess) -> None:
@@ -131,10 +131,10 @@ def test_a_dropped_future_frees_its_residuals(gated_worker: WorkerProcess) -> No
         gc.collect()
         # the no_grad call sent the first release; the second future's was queued
         # before that call ran (its work item is dropped before the next one starts)
-        assert w._pending_release == []
+        assert not w._pending_release
         with torch.no_grad():
             module(_x(5))
-        assert w._pending_release == []
+        assert not w._pending_release
 
 
 def test_a_worker_error_surfaces_from_result_with_the_sync_type(

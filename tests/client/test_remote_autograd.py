@@ -129,7 +129,7 @@ def test_freed_graphs_release_their_residuals(worker: WorkerProcess) -> None:
         assert len(w._pending_release) == 1
         with torch.no_grad():
             module(torch.tensor([1.0]))  # the next call sends the release
-        assert w._pending_release == []
+        assert not w._pending_release
 
 
 def test_backward_after_the_worker_restarted_says_to_rerun_forward(short_tmp: str) -> None:

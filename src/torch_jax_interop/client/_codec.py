@@ -150,7 +150,7 @@ class Encoder:
 
     def tree(self, leaves: list[torch.Tensor], spec: _pytree.TreeSpec, out: Any) -> int:
         """Encode; returns the bytes placed in shared memory."""
-        _wire.encode_spec(spec, out.nodes)
+        _wire.encode_tree_spec(spec, out)
         placed = sum(self.tensor(leaf, out.leaves.add()) for leaf in leaves)
         # Stream ordering (Note [CUDA IPC ownership]): copies done before the request leaves.
         for device in self._unsynced:
@@ -288,8 +288,9 @@ class Decoder:
                 raise MalformedReplyError(
                     f"the worker sent {len(message.inline_data)} inline bytes for {what} of "
                     f"shape {list(shape)} and dtype {name}, which needs {nbytes}")
-            raw = torch.frombuffer(bytearray(message.inline_data), dtype=torch.uint8)
-            return self._placed(raw.view(dtype).reshape(shape))
+            # nbytes is a whole number of elements (checked above): no byte view needed
+            raw = torch.frombuffer(bytearray(message.inline_data), dtype=dtype)
+            return self._placed(raw if len(shape) == 1 else raw.reshape(shape))
         arena = self.arena
         if arena is not None and location == arena.kind:
             # The worker wrote it into the output arena: the same descriptor as the arena's

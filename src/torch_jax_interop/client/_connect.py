@@ -11,6 +11,7 @@ import os
 import queue
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -143,7 +144,10 @@ class Worker:
         self._stub = pb_grpc.JaxWorkerServiceStub(self._channel)
         self._lock = threading.Lock()
         self._session: _Session | None = None
-        self._pending_release: list[tuple[_Session, int]] = []
+        # Residuals to release, sent with the next call. A deque, appended to (finalizers,
+        # any thread) and drained by popleft (any calling thread): both atomic, so a release
+        # queued while another thread flushes is sent by that flush or the next, never lost.
+        self._pending_release: deque[tuple[_Session, int]] = deque()
         self._arena_sizes: dict[Any, int] = {}
         self._closed = False
         self.stats = TransferStats()
@@ -508,10 +512,15 @@ class Worker:
     # -- calls (used by RemoteFunction / RemoteBackend) -----------------------------------
 
     def _flush_releases(self, session: _Session) -> None:
-        if not self._pending_release:
-            return
-        pending, self._pending_release = self._pending_release, []
-        ids = [rid for s, rid in pending if s is session]
+        pending = self._pending_release
+        ids = []
+        while pending:
+            try:
+                owner, residual_id = pending.popleft()
+            except IndexError:  # another thread took the last one
+                break
+            if owner is session:  # an ended session's residuals went with it
+                ids.append(residual_id)
         if ids:
             self._session_rpc(session, "Release",
                               pb.ReleaseRequest(session_id=session.id, residual_ids=ids),
@@ -596,8 +605,14 @@ class Worker:
 
     @staticmethod
     def _release_quarantined(session: _Session) -> None:
-        while session.quarantined:
-            session.quarantined.pop().release()
+        # Several threads may drain at once (asynchronous calls): each slice is taken once.
+        quarantined = session.quarantined
+        while True:
+            try:
+                arena = quarantined.popleft()
+            except IndexError:
+                return
+            arena.release()
 
     def _with_arena(self, session: _Session, request: Any, nbytes: int,
                     encoder: Encoder | None = None) -> Decoder:

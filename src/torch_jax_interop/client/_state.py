@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,8 @@ class _Session:
     transport: str
     cuda: Any = None  # a CudaIpcChannel for transport "auto" / "cuda_ipc"
     # Arena slices of calls that ran past their deadline: Note [Arena slices after a deadline]
-    quarantined: list[Any] = field(default_factory=list)
+    # (a deque: threads append and drain it at once, each slice released once)
+    quarantined: deque[Any] = field(default_factory=deque)
     # The same-host DataPlaneConnection (client/_data_plane.py), or None: calls use gRPC, for
     # the reason in data_plane_reason (Note [Same-host data plane] in transport/).
     data_plane: Any = None

@@ -213,7 +213,7 @@ class OutputWriter:
             self.capacity = self.arena.nbytes
 
     def write_tree(self, leaves: list[Any], spec: _pytree.TreeSpec, out: Any) -> None:
-        _wire.encode_spec(spec, out.nodes)
+        _wire.encode_tree_spec(spec, out)
         for leaf in leaves:
             self.write(leaf, out.leaves.add())
 

@@ -112,9 +112,13 @@ def peer_closed(sock: socket.socket) -> bool:
     """Whether the peer has closed (or reset) the connection; never blocks. Unread bytes
     (a pipelined request) do not count as closed."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return False
+        # A blocking socket (the worker's connections): one non-blocking peek answers it,
+        # nothing to read raising BlockingIOError. A socket with a timeout would wait for
+        # it in recv (then raise): ask select first.
+        if sock.gettimeout() is not None:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False
