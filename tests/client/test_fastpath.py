@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -469,3 +470,47 @@ def test_data_plane_directory_falls_back_to_the_temporary_directory() -> None:
         assert not os.path.exists(os.path.dirname(path))
     finally:
         os.rmdir(long_dir)
+
+
+def test_a_killed_workers_socket_directory_is_removed_by_the_next_worker(short_tmp: str) -> None:
+    """A SIGKILLed worker cannot remove its data-plane directory; the next worker started
+    beside it does (its socket refuses connections), and never a live worker's."""
+    first = start_worker(short_tmp)
+    try:
+        [live] = _data_sockets(first)
+        assert frames.remove_stale_socket_dirs(os.path.dirname(os.path.dirname(live))) == []
+        assert os.path.exists(live)
+        with connect(first.address) as w:  # the probe left the live worker serving
+            assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
+            assert w.transport_info.calls == "unix socket"
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=30)
+    assert os.path.exists(live), "SIGKILL leaves the directory: the case this test is about"
+    second = start_worker(short_tmp)
+    try:
+        assert not os.path.exists(os.path.dirname(live))
+        [fresh] = _data_sockets(second)
+        assert fresh != live
+        with connect(second.address) as w:
+            assert w.transport_info.calls == "unix socket"
+    finally:
+        assert stop_worker(second) == 0
+    assert _data_sockets(second) == []
+
+
+def test_an_empty_directory_is_left_alone_until_it_is_old(tmp_path: Path) -> None:
+    """A directory without a socket may be a worker between mkdtemp and bind: removed only
+    once older than STALE_EMPTY_DIR_AGE; others' names and plain files are never touched."""
+    young = tmp_path / "tji-dp-young"
+    old = tmp_path / "tji-dp-old"
+    other = tmp_path / "not-ours"
+    plain = tmp_path / "tji-dp-file"
+    for d in (young, old, other):
+        d.mkdir()
+    plain.write_text("x")
+    past = time.time() - frames.STALE_EMPTY_DIR_AGE - 5
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    assert frames.remove_stale_socket_dirs(str(tmp_path)) == [str(old)]
+    assert young.is_dir() and other.is_dir() and plain.is_file() and not old.exists()

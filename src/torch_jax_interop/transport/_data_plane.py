@@ -46,8 +46,10 @@ import contextlib
 import os
 import select
 import socket
+import stat
 import struct
 import tempfile
+import time
 
 from .._names import DEFAULT_MAX_FRAME_BYTES as DEFAULT_MAX_FRAME_BYTES
 
@@ -129,10 +131,12 @@ def peer_closed(sock: socket.socket) -> bool:
 def private_socket_path(near: str | None) -> str:
     """A fresh ``data.sock`` path in a new 0700 directory: beside ``near`` (the worker's
     gRPC unix socket, so that a container sharing that socket's volume reaches it too) when
-    that leaves the path short enough, else in the temporary directory."""
+    that leaves the path short enough, else in the temporary directory. Directories that a
+    killed worker left there are removed first (:func:`remove_stale_socket_dirs`)."""
     parents = [os.path.dirname(near)] if near else []
     parents.append(tempfile.gettempdir())
     for parent in parents:
+        remove_stale_socket_dirs(parent)
         # mkdtemp makes the directory 0700: nobody else can reach the socket inside.
         candidate = os.path.join(parent, "tji-dp-XXXXXXXX", SOCKET_NAME)
         if len(candidate.encode()) > _SOCKET_PATH_LIMIT:
@@ -140,6 +144,65 @@ def private_socket_path(near: str | None) -> str:
         with contextlib.suppress(OSError):
             return os.path.join(tempfile.mkdtemp(prefix="tji-dp-", dir=parent), SOCKET_NAME)
     raise OSError("no directory with a short enough path for the data-plane socket")
+
+
+# A directory without a socket is a worker killed between mkdtemp and bind: left alone this
+# long, so that a worker starting at this moment is never disturbed.
+STALE_EMPTY_DIR_AGE = 60.0
+
+
+def remove_stale_socket_dirs(parent: str) -> list[str]:
+    """Remove the ``tji-dp-*`` directories in ``parent`` that a killed worker left behind;
+    return their paths.
+
+    A clean stop removes its directory; a SIGKILLed worker cannot. Only this user's
+    directories (not links) are considered, and one is stale when connecting to its socket
+    is refused (``ECONNREFUSED``: a socket file with no listener) or when it has no socket
+    and is older than :data:`STALE_EMPTY_DIR_AGE`. Liveness is asked of the socket, not of a
+    pid, so workers in other PID namespaces sharing the directory (compose's socket volume)
+    are never mistaken for dead. A live worker sees one connection that sends nothing and
+    closes at once (it is dropped like any silent peer).
+    """
+    removed: list[str] = []
+    uid = os.getuid()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith("tji-dp-"):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+            continue
+        path = os.path.join(entry.path, SOCKET_NAME)
+        if os.path.lexists(path):
+            if not _refused(path):
+                continue
+        elif time.time() - info.st_mtime < STALE_EMPTY_DIR_AGE:
+            continue
+        remove_socket_path(path)
+        if not os.path.exists(entry.path):
+            removed.append(entry.path)
+    return removed
+
+
+def _refused(path: str) -> bool:
+    """Whether nothing listens on the unix socket at ``path`` (a connection is refused)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False  # not a socket we can judge (a timeout: a busy listener): leave it
+    finally:
+        probe.close()
+    return False
 
 
 def remove_socket_path(path: str) -> None:
