@@ -10,14 +10,18 @@ TRANSPORTS: tuple[str, ...] = ("auto", "cuda_ipc", "shm", "inline")
 """What ``connect(transport=...)`` and the CLI's ``--transport`` accept (see ``connect``)."""
 
 
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them."""
+    if value not in choices:
+        raise ValueError(
+            f"{what} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+    return value
+
+
 def check_transport(transport: str) -> str:
     """``transport`` if it is one of ``TRANSPORTS``, else a ``ValueError`` listing them."""
-    if transport not in TRANSPORTS:
-        raise ValueError(
-            f"transport must be one of {', '.join(repr(t) for t in TRANSPORTS)}, got "
-            f"{transport!r}"
-        )
-    return transport
+    return _check_choice("transport", transport, TRANSPORTS)
 
 
 DATA_PLANES: tuple[str, ...] = ("auto", "unix_socket", "grpc")
@@ -28,12 +32,7 @@ offers one and this process can use it, else gRPC (one log line says why)."""
 
 def check_data_plane(data_plane: str) -> str:
     """``data_plane`` if it is one of ``DATA_PLANES``, else a ``ValueError`` listing them."""
-    if data_plane not in DATA_PLANES:
-        raise ValueError(
-            f"data_plane must be one of {', '.join(repr(d) for d in DATA_PLANES)}, got "
-            f"{data_plane!r}"
-        )
-    return data_plane
+    return _check_choice("data_plane", data_plane, DATA_PLANES)
 
 
 # Worker limits whose defaults both ``WorkerConfig`` and the CLI use (docs/reliability.md,

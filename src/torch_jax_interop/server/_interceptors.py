@@ -189,13 +189,15 @@ class UndecodableRequest:
         )
 
 
-class StatusInterceptor(grpc.ServerInterceptor):
-    """Maps the servicer's exceptions to status codes (Note [Status codes of the worker])
-    and refuses undecodable request bytes with INVALID_ARGUMENT; the worker keeps serving.
-    Wrapped handlers are built once per method."""
+class PerMethodInterceptor(grpc.ServerInterceptor):
+    """Wraps each ``JaxWorkerService`` method's handler once (``_wrap``) and serves the
+    wrapped handler from then on; other services pass through untouched."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -207,17 +209,25 @@ class StatusInterceptor(grpc.ServerInterceptor):
             handler = continuation(handler_call_details)
             if handler is None:
                 return None
-            decode = handler.request_deserializer
-
-            def lenient(data: bytes) -> Any:
-                try:
-                    return decode(data)
-                except Exception as error:  # DecodeError, and anything protobuf adds later
-                    return UndecodableRequest(method, error)
-
-            wrapped = self._wrapped.setdefault(
-                method, _rewrap(handler, _mapping_errors(method), lenient))
+            wrapped = self._wrapped.setdefault(method, self._wrap(method, handler))
         return wrapped
+
+
+class StatusInterceptor(PerMethodInterceptor):
+    """Maps the servicer's exceptions to status codes (Note [Status codes of the worker])
+    and refuses undecodable request bytes with INVALID_ARGUMENT; the worker keeps serving.
+    Wrapped handlers are built once per method."""
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        decode = handler.request_deserializer
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception as error:  # DecodeError, and anything protobuf adds later
+                return UndecodableRequest(method, error)
+
+        return _rewrap(handler, _mapping_errors(method), lenient)
 
 
 def _mapping_errors(method: str) -> Callable[[Behavior, bool], Behavior]:

@@ -33,9 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .. import _wire
 from .._cli_args import parse_metrics_listen
-from ._interceptors import Behavior, _rewrap
+from ._interceptors import Behavior, PerMethodInterceptor, _rewrap
 
 if TYPE_CHECKING:
     from ._servicer import JaxWorkerServicer
@@ -49,7 +48,6 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Seconds: a small call over shared memory takes well under a millisecond."""
 
-_SERVICE_PREFIX = f"/{_wire.SERVICE_NAME}/"
 _REQUEST_TREES = {"Call": ("args", "kwargs"), "Backward": ("cotangents",)}
 _RESPONSE_TREES = {"Call": ("outputs", "aux"), "Backward": ("grad_args", "grad_kwargs")}
 _INLINE = "inline_data"  # Tensor.location's inline field; its label is "inline"
@@ -185,28 +183,17 @@ class _WorkerStateCollector:
         yield evictions
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(PerMethodInterceptor):
     """Counts every ``JaxWorkerService`` RPC into :class:`WorkerMetrics`. Sits between the
     token check and the status interceptor, so it sees the status code the latter set
     (Note [What the metrics cost and expose])."""
 
     def __init__(self, metrics: WorkerMetrics) -> None:
+        super().__init__()
         self.metrics = metrics
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        method = handler_call_details.method
-        if not method.startswith(_SERVICE_PREFIX):
-            return continuation(handler_call_details)
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            handler = continuation(handler_call_details)
-            if handler is None:
-                return None
-            wrapped = self._wrapped.setdefault(
-                method, _rewrap(handler, _counting(self.metrics, method.rsplit("/", 1)[-1])))
-        return wrapped
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return _rewrap(handler, _counting(self.metrics, method.rsplit("/", 1)[-1]))
 
 
 def _code(context: grpc.ServicerContext, failed: bool) -> str:
