@@ -142,7 +142,8 @@ class CallExecutor:
                     raise RuntimeError("this connection is closed: no call can be submitted")
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self.max_async_calls,
-                                                    thread_name_prefix=self._name)
+                                                    thread_name_prefix=self._name,
+                                                    initializer=_mark_thread)
                 future = self._pool.submit(_run, state, fn, args, kwargs, watch, versions)
         except BaseException:
             self._slots.release()
@@ -161,6 +162,18 @@ class CallExecutor:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+_thread = threading.local()
+
+
+def _mark_thread() -> None:
+    _thread.async_call = True
+
+
+def in_async_call() -> bool:
+    """Whether this thread is a :class:`CallExecutor`'s (it runs asynchronous calls)."""
+    return getattr(_thread, "async_call", False)
 
 
 def _run(state: TorchState, fn: Callable[..., Any], args: tuple, kwargs: dict,

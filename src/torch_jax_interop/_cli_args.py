@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ._names import MAX_SPIN_US
+
 UNIX_PATH_MAX = 107
 """Bytes of a unix socket path (``sun_path`` holds 108 with the terminating NUL)."""
 
@@ -109,6 +111,15 @@ def non_negative_int(text: str) -> int:
                                          "least 0, e.g. 0") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def spin_microseconds(text: str) -> int:
+    """``--spin-us``: a whole number of microseconds from 0 to ``MAX_SPIN_US``."""
+    value = non_negative_int(text)
+    if value > MAX_SPIN_US:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SPIN_US} (0.1 s), got "
+                                         f"{value}; e.g. 200, or 0 to sleep at once")
     return value
 
 

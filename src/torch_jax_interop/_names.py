@@ -47,3 +47,18 @@ DEFAULT_MAX_FRAME_BYTES = 64 << 20
 """The largest request frame body the worker reads on the same-host data plane
 (``--max-frame-bytes``): tensors travel in shared memory, so a frame holds descriptors and
 inline tensors up to ``--max-inline-bytes``."""
+DEFAULT_SPIN_US = 200
+"""How long (microseconds) either end of the same-host data plane polls for the other's next
+frame before sleeping in the kernel (worker ``--spin-us``, ``connect(spin_us=)``; Note [Spin,
+then sleep] in ``transport/_data_plane.py``). 0 sleeps at once."""
+MAX_SPIN_US = 100_000
+"""More spin than this (0.1 s) only burns a core: refused."""
+
+
+def check_spin_us(spin_us: int, flag: str = "spin_us") -> int:
+    """``spin_us`` if it is a whole number in ``[0, MAX_SPIN_US]``, else a ``ValueError``."""
+    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not (
+            0 <= spin_us <= MAX_SPIN_US):
+        raise ValueError(f"{flag}={spin_us!r}: must be a whole number of microseconds from 0 "
+                         f"(sleep at once) to {MAX_SPIN_US}")
+    return spin_us

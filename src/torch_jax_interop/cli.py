@@ -49,6 +49,7 @@ from ._cli_args import (
     positive_int,
     positive_seconds,
     require,
+    spin_microseconds,
     split_function_spec,
 )
 from ._logging import LOG_FORMATS, LOG_LEVELS, setup_logging
@@ -57,6 +58,7 @@ from ._names import (
     DEFAULT_MAX_FRAME_BYTES,
     DEFAULT_MAX_LEAVES,
     DEFAULT_MAX_RESIDUAL_BYTES,
+    DEFAULT_SPIN_US,
     TOKEN_ENV,
     TRANSPORTS,
 )
@@ -119,7 +121,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--allow-unsealed-regions")
     if args.no_fast_path:
         argv.append("--no-fast-path")
-    argv += ["--max-frame-bytes", str(args.max_frame_bytes)]
+    argv += ["--max-frame-bytes", str(args.max_frame_bytes), "--spin-us", str(args.spin_us)]
     argv += ["--max-connections", str(args.max_connections),
              "--handshake-timeout", str(args.handshake_timeout),
              "--idle-timeout", str(args.idle_timeout),
@@ -276,6 +278,7 @@ def _worker(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         fast_path=not args.no_fast_path,
         max_frame_bytes=args.max_frame_bytes,
+        spin_us=args.spin_us,
     )
     limits = ConnectionLimits(max_connections=args.max_connections,
                               handshake_timeout=args.handshake_timeout,
@@ -429,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
                         default=format_size(DEFAULT_MAX_FRAME_BYTES), metavar="SIZE",
                         help="largest request frame read on the same-host data plane; a "
                              "peer announcing more is cut off (RESOURCE_EXHAUSTED)")
+    worker.add_argument("--spin-us", type=spin_microseconds, default=DEFAULT_SPIN_US,
+                        metavar="US",
+                        help="on the data plane, how long a session's thread polls for its "
+                             "next request before sleeping (a wake-up costs tens of "
+                             "microseconds; 0: sleep at once, saving CPU)")
     worker.add_argument("--max-sessions", type=positive_int, default=64, metavar="N",
                         help="client sessions served at once; more are refused "
                              "(RESOURCE_EXHAUSTED)")

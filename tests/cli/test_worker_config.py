@@ -26,6 +26,14 @@ def test_limits_below_one_are_refused(name: str, value: object) -> None:
         WorkerConfig(**{name: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [-1, 100_001, 2.5, True, None])
+def test_spin_outside_its_range_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match=r"spin_us=.*: must be a whole number of microseconds "
+                                         r"from 0 \(sleep at once\) to 100000"):
+        WorkerConfig(spin_us=value)  # type: ignore[arg-type]
+    assert WorkerConfig(spin_us=0).spin_us == 0  # 0 is allowed: sleep at once
+
+
 def _scrape(address: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as response:
         return response.read().decode()

@@ -398,6 +398,67 @@ def test_data_plane_argument_is_checked() -> None:
         connect("unix:///nonexistent/w.sock", data_plane="shm")
 
 
+# -- spin, then sleep (Note [Spin, then sleep]) ------------------------------------------------
+
+
+def test_spinner_returns_when_the_socket_is_readable_or_the_spin_is_over() -> None:
+    a, b = socket.socketpair()
+    try:
+        spinner = frames.Spinner(a, 100_000)  # 0.1 s: far longer than the send below
+        ready = threading.Timer(0.01, b.send, args=(b"x",))
+        ready.start()
+        spinner.wait()  # returns once the byte is there, without reading it
+        ready.join()
+        assert a.recv(1, socket.MSG_DONTWAIT) == b"x"
+        frames.Spinner(a, 50).wait()  # nothing to read: back after its 50 us, not blocked
+        b.close()
+        spinner.wait()  # a closed peer ends the spin too
+        assert a.recv(1) == b""
+    finally:
+        a.close()
+        b.close()
+
+
+def test_synchronous_calls_spin_asynchronous_ones_do_not_and_no_spin_gives_the_same_results(
+        short_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spins: list[str] = []
+    original = frames.Spinner.wait
+
+    def spy(self: frames.Spinner, spin: float | None = None) -> None:
+        spins.append(threading.current_thread().name)
+        original(self, spin)
+
+    monkeypatch.setattr(frames.Spinner, "wait", spy)
+    results = {}
+    x = torch.randn(64, dtype=torch.float64)
+    params = torch.randn(64, dtype=torch.float64)
+    for spin_us in (0, 500):
+        process = start_worker(short_tmp, extra=["--spin-us", str(spin_us)])
+        try:
+            with connect(process.address, spin_us=spin_us) as w:
+                assert w.transport_info.calls == "unix socket"
+                p = params.clone().requires_grad_()
+                spins.clear()
+                out = w.function("scale")(p, x)
+                out.sum().backward()
+                assert len(spins) == 2  # the forward's and the backward's response
+                spins.clear()
+                later = w.function("add_one").submit(x).result(timeout=60)
+                assert spins == []  # an asynchronous call's thread never polls
+                results[spin_us] = (out.detach(), p.grad, later)
+        finally:
+            assert stop_worker(process) == 0
+    for spun, slept in zip(results[500], results[0], strict=True):
+        assert torch.equal(spun, slept)
+
+
+def test_spin_argument_is_checked() -> None:
+    for bad in (-1, 100_001, 0.5):
+        with pytest.raises(ValueError, match=r"spin_us=.*: must be a whole number of "
+                                             "microseconds"):
+            connect("unix:///nonexistent/w.sock", spin_us=bad)  # type: ignore[arg-type]
+
+
 def test_fast_path_calls_are_counted_in_the_metrics_like_grpc_ones(short_tmp: str) -> None:
     import json
     import re
@@ -451,7 +512,7 @@ def test_nothing_is_left_behind(short_tmp: str) -> None:
         assert grown <= 2, f"{grown} more descriptors after {sessions} sessions"
         deadline = time.monotonic() + 10
         while threading.active_count() > threads:  # the session watchers end with their streams
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]
             time.sleep(0.05)
     finally:
         assert stop_worker(process) == 0

@@ -21,9 +21,10 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     requests: list[Any] = []
     original = client_data_plane.DataPlaneConnection.request
 
-    def spy(self: Any, name: str, request: Any, timeout: float, what: str) -> Any:
+    def spy(self: Any, name: str, request: Any, timeout: float, what: str,
+            **options: Any) -> Any:
         requests.append(request)
-        return original(self, name, request, timeout, what)
+        return original(self, name, request, timeout, what, **options)
 
     monkeypatch.setattr(client_data_plane.DataPlaneConnection, "request", spy)
     return requests

@@ -206,7 +206,7 @@ def test_every_worker_option_reaches_the_workers() -> None:
                   tls_client_ca="ca.pem", insecure=True, max_connections=9,
                   handshake_timeout=1.5, idle_timeout=60.0, max_streams_per_connection=5)
     values.update({"max_residual_bytes": 8901, "max_leaves": 12, "max_compiled_signatures": 34})
-    values.update(no_fast_path=True, max_frame_bytes=4321)
+    values.update(no_fast_path=True, max_frame_bytes=4321, spin_us=350)
     values.update(app_dir="/srv/app", metrics_listen="127.0.0.1:910{local_rank}",
                   log_level="warning", log_format="json", debug=True)
     options = {a.dest for a in worker_parser._actions if a.option_strings} - per_worker

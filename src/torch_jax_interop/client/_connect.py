@@ -25,6 +25,7 @@ from .._async import (
     DEFAULT_MAX_QUEUED_CALLS,
     CallExecutor,
     check_async_bounds,
+    in_async_call,
 )
 from .._call import Call
 from .._errors import (
@@ -36,7 +37,13 @@ from .._errors import (
     TransportError,
     WorkerUnavailableError,
 )
-from .._names import TOKEN_ENV, check_data_plane, check_transport
+from .._names import (
+    DEFAULT_SPIN_US,
+    TOKEN_ENV,
+    check_data_plane,
+    check_spin_us,
+    check_transport,
+)
 from .._ranks import rank_address
 from .._targets import FunctionInfo as FunctionInfo
 from .._tls import TlsConfig, is_loopback, is_tcp, read_token_file
@@ -102,7 +109,7 @@ class Worker:
                  max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
                  max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
                  max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
-                 data_plane: str = "auto") -> None:
+                 data_plane: str = "auto", spin_us: int = DEFAULT_SPIN_US) -> None:
         check_transport(transport)
         check_async_bounds(max_async_calls, max_queued_calls)
         check_data_plane(data_plane)
@@ -115,6 +122,7 @@ class Worker:
             raise ValueError(f"reconnect_timeout={reconnect_timeout!r} must be >= 0 (seconds)")
         if max_arena_bytes < 0:
             raise ValueError(f"max_arena_bytes={max_arena_bytes!r} must be >= 0")
+        check_spin_us(spin_us)
         _check_unix_peer(address)  # after the arguments: a wrong keyword is the first thing to say
         self.address = address
         self.timeout = timeout
@@ -122,6 +130,7 @@ class Worker:
         self.max_arena_bytes = max_arena_bytes
         self.requested_transport = transport
         self.requested_data_plane = data_plane
+        self.spin_us = spin_us
         if token_file is not None:
             token = read_token_file(token_file)
         token = token if token is not None else os.environ.get(TOKEN_ENV)
@@ -257,7 +266,7 @@ class Worker:
                 session.data_plane = DataPlaneConnection(
                     event.data_plane, session.id, worker_pid=event.worker_pid,
                     timeout=self.timeout, address=self.address,
-                    max_response_bytes=self._max_message_bytes)
+                    max_response_bytes=self._max_message_bytes, spin_us=self.spin_us)
                 return
             except DataPlaneRefused as error:
                 reason = f"the same-host data plane cannot be used: {error}"
@@ -272,7 +281,7 @@ class Worker:
         if plane is None:
             return self._rpc(getattr(self._stub, name), request, what)
         try:
-            return plane.request(name, request, self.timeout, what)
+            return plane.request(name, request, self.timeout, what, spin=not in_async_call())
         except DataPlaneRefused:  # over the worker's frame limit: this one goes by gRPC
             return self._rpc(getattr(self._stub, name), request, what)
         except WorkerUnavailableError:
@@ -695,6 +704,7 @@ def connect(
     max_async_calls: int = ...,
     max_queued_calls: int = ...,
     data_plane: str = ...,
+    spin_us: int = ...,
 ) -> InprocWorker: ...
 
 
@@ -713,6 +723,7 @@ def connect(
     max_async_calls: int = ...,
     max_queued_calls: int = ...,
     data_plane: str = ...,
+    spin_us: int = ...,
 ) -> Worker: ...
 
 
@@ -730,6 +741,7 @@ def connect(
     max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
     max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
     data_plane: str = "auto",
+    spin_us: int = DEFAULT_SPIN_US,
 ) -> Worker | InprocWorker:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -787,6 +799,10 @@ def connect(
             ``"unix_socket"`` raises ``TransportError`` instead of falling back; ``"grpc"``
             never uses the socket. ``worker.transport_info`` says which path calls take
             (docs/same-host.md).
+        spin_us: On the same-host data plane, how long (microseconds) a synchronous call
+            polls for its response before sleeping (default 200): a sleeping process is
+            woken in tens of microseconds, a polling one at once. ``0`` sleeps at once (use
+            it when cores are scarcer than latency matters); asynchronous calls never poll.
 
     Returns:
         A ``Worker`` (an ``InprocWorker`` with the same interface for ``"inproc"``, which
@@ -821,7 +837,7 @@ def connect(
     return Worker(address, timeout=timeout, transport=transport, token=token,
                   token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
                   max_arena_bytes=max_arena_bytes, max_async_calls=max_async_calls,
-                  max_queued_calls=max_queued_calls, data_plane=data_plane)
+                  max_queued_calls=max_queued_calls, data_plane=data_plane, spin_us=spin_us)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

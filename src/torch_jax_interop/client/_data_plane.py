@@ -38,7 +38,7 @@ class DataPlaneConnection:
     """A session's bound connection to the worker's data-plane socket."""
 
     def __init__(self, offer: Any, session_id: str, *, worker_pid: int, timeout: float,
-                 address: str, max_response_bytes: int) -> None:
+                 address: str, max_response_bytes: int, spin_us: int = 0) -> None:
         self.address = address
         self.max_response_bytes = max_response_bytes  # as gRPC's receive limit
         self.path = offer.socket_path
@@ -77,10 +77,13 @@ class DataPlaneConnection:
             sock.close()
             raise
         self._sock = sock
+        self._spinner = frames.Spinner(sock, spin_us)
 
-    def request(self, name: str, request: Any, timeout: float, what: str) -> Any:
+    def request(self, name: str, request: Any, timeout: float, what: str, *,
+                spin: bool = True) -> Any:
         """Send one request and wait (at most ``timeout`` seconds, counted from now) for
-        its response. Raises the exception gRPC's status would have mapped to; on a dead
+        its response, polling first for up to ``spin_us`` when ``spin`` (Note [Spin, then
+        sleep]). Raises the exception gRPC's status would have mapped to; on a dead
         worker or a deadline the connection is closed (the caller stops using it).
         Raises :class:`DataPlaneRefused`, sending nothing, for a request over the worker's
         frame limit or from a forked child (the caller sends that one over gRPC)."""
@@ -107,6 +110,8 @@ class DataPlaneConnection:
             try:
                 self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                 frames.send_frame(self._sock, _KINDS[name], request_id, body)
+                if spin:
+                    self._spinner.wait()
                 self._sock.settimeout(max(deadline - time.monotonic(), 1e-3))
                 kind, answered, body = frames.recv_frame(self._sock, self.max_response_bytes)
             except TimeoutError:

@@ -62,11 +62,11 @@ class DataPlaneContext:
     ``Release``: the client is active while its connection is open; ``abort`` raises."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
+        self._hangup = frames.HangupWatch(sock)
         self._code: grpc.StatusCode | None = None
 
     def is_active(self) -> bool:
-        return not frames.peer_closed(self._sock)
+        return not self._hangup.closed()
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self._code = code
@@ -104,7 +104,7 @@ class DataPlaneListener:
 
     def __init__(self, serve: Callable[[str], Handler], *,
                  near: str | None, max_frame_bytes: int, hello_timeout: float,
-                 max_connections: int,
+                 max_connections: int, spin_us: int = 0,
                  wrap: Callable[[str, Handler], Handler] | None = None) -> None:
         # The servicer's methods with the status mapping of gRPC's StatusInterceptor, then
         # ``wrap`` (the metrics' counting, as MetricsInterceptor wraps the gRPC methods).
@@ -117,6 +117,8 @@ class DataPlaneListener:
         self.hello_timeout = hello_timeout
         # ... and at most this many connections have a thread (--max-connections).
         self.max_connections = max_connections
+        # Polls this long for a session's next request before sleeping (--spin-us).
+        self.spin_us = spin_us
         self.path = frames.private_socket_path(near)
         self._offers: dict[str, _Offer] = {}
         self._lock = threading.Lock()
@@ -262,7 +264,9 @@ class DataPlaneListener:
 
     def _serve(self, conn: socket.socket, session_id: str, offer: _Offer) -> None:
         context = DataPlaneContext(conn)
+        spinner = frames.Spinner(conn, self.spin_us)
         while True:
+            spinner.wait()  # Note [Spin, then sleep]
             try:
                 kind, request_id, body = frames.recv_frame(conn, self.max_frame_bytes)
             except frames.FrameTooLargeError as error:

@@ -252,7 +252,7 @@ def create_server(
                     return _counting(metrics, name)(handler, False)
             servicer.data_plane = DataPlaneListener(
                 lambda name: getattr(servicer, name), near=near,
-                max_frame_bytes=config.max_frame_bytes,
+                max_frame_bytes=config.max_frame_bytes, spin_us=config.spin_us,
                 hello_timeout=limits.handshake_timeout, max_connections=limits.max_connections,
                 wrap=counting)
         except OSError as error:  # calls then use gRPC; each client logs why

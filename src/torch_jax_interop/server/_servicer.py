@@ -31,6 +31,8 @@ from .._names import (
     DEFAULT_MAX_COMPILED_SIGNATURES,
     DEFAULT_MAX_LEAVES,
     DEFAULT_MAX_RESIDUAL_BYTES,
+    DEFAULT_SPIN_US,
+    check_spin_us,
 )
 from .._version import __version__
 from ..proto.v1 import interop_pb2 as pb, interop_pb2_grpc as pb_grpc
@@ -102,6 +104,7 @@ class WorkerConfig:
         metrics_listen: str | None = None,
         fast_path: bool = True,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        spin_us: int = DEFAULT_SPIN_US,
     ) -> None:
         _check_positive(max_sessions=max_sessions, max_residuals=max_residuals,
                         max_residual_bytes=max_residual_bytes, max_regions=max_regions,
@@ -124,6 +127,8 @@ class WorkerConfig:
         self.fast_path = fast_path
         _check_positive(max_frame_bytes=max_frame_bytes)
         self.max_frame_bytes = max_frame_bytes
+        # Note [Spin, then sleep]: a connection polls this long for its next request.
+        self.spin_us = check_spin_us(spin_us)
 
 
 def _check_positive(**limits: int) -> None:
