@@ -71,9 +71,14 @@ class InlineBudget:
 
 
 def decode_tensor(message: Any, session: Session, limits: Limits,
-                  budget: InlineBudget | None = None) -> jax.Array | np.ndarray:
+                  budget: InlineBudget | None = None,
+                  signature: list[Any] | None = None) -> jax.Array | np.ndarray:
+    """One ``Tensor`` message as an array (validated); ``signature`` (if given) gets the
+    tensor's ``(dtype, shape)`` appended."""
     name = _wire.dtype_name(message.dtype)
     shape = tuple(message.shape)
+    if signature is not None:
+        signature.append((message.dtype, shape))
     nbytes = _wire.tensor_nbytes(name, shape, limit=limits.max_tensor_bytes)
     location = message.WhichOneof("location")
     narrow = _NARROW.get(name)
@@ -149,14 +154,18 @@ def _narrowed(array: np.ndarray, name: str, narrow: str) -> np.ndarray:
 
 
 def decode_leaves(tree: Any, session: Session, limits: Limits,
-                  budget: InlineBudget | None = None) -> tuple[_pytree.TreeSpec, list[Any]]:
+                  budget: InlineBudget | None = None,
+                  signature: list[Any] | None = None) -> tuple[_pytree.TreeSpec, list[Any]]:
     """A ``Tree`` message as its validated structure and its arrays, in leaf order.
-    ``budget`` counts inline bytes across the trees of one request (a fresh one if None)."""
+    ``budget`` counts inline bytes across the trees of one request (a fresh one if None);
+    ``signature`` (if given) gets each leaf's ``(dtype, shape)`` appended: with the
+    structures, the key of the call's compiled program."""
     limits.check_leaves(len(tree.leaves), "the request")
     spec = _wire.decode_spec(tree.nodes, len(tree.leaves))
     if budget is None:
         budget = InlineBudget(limits.max_inline_bytes)
-    return spec, [decode_tensor(leaf, session, limits, budget) for leaf in tree.leaves]
+    return spec, [decode_tensor(leaf, session, limits, budget, signature)
+                  for leaf in tree.leaves]
 
 
 def _is_array(value: Any) -> bool:
@@ -252,17 +261,6 @@ class OutputWriter:
                 "shared-memory transport (same host) for large tensors"
             )
         message.inline_data = np.ascontiguousarray(leaf).tobytes()
-
-
-def signature_key(request_args: Any, request_kwargs: Any, extra: Any) -> Any:
-    """Hashable key of a call's input signature, straight from the request messages."""
-    return (
-        tuple((n.kind, n.num_children, tuple(n.keys)) for n in request_args.nodes),
-        tuple((n.kind, n.num_children, tuple(n.keys)) for n in request_kwargs.nodes),
-        tuple((t.dtype, tuple(t.shape)) for t in request_args.leaves),
-        tuple((t.dtype, tuple(t.shape)) for t in request_kwargs.leaves),
-        extra,
-    )
 
 
 __all__ = ["InlineBudget", "Limits", "OutputWriter", "decode_leaves", "flatten_outputs", "pb",

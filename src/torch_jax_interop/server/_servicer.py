@@ -44,7 +44,6 @@ from ._codec import (
     decode_leaves,
     flatten_outputs,
     required_bytes,
-    signature_key,
 )
 from ._compiled import CompiledFunction
 from ._session import (
@@ -276,10 +275,12 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         # Bounds first: nothing is decoded or compiled for a request over them.
         limits.check_leaves(len(request.args.leaves) + len(request.kwargs.leaves), "the call")
         budget = InlineBudget(limits.max_inline_bytes)
-        args_spec, arrays = decode_leaves(request.args, session, limits, budget)
+        leaves: list[Any] = []  # (dtype, shape) of each leaf, in order
+        args_spec, arrays = decode_leaves(request.args, session, limits, budget, leaves)
         kwargs_spec = None
         if request.kwargs.nodes:
-            kwargs_spec, kwargs_arrays = decode_leaves(request.kwargs, session, limits, budget)
+            kwargs_spec, kwargs_arrays = decode_leaves(request.kwargs, session, limits, budget,
+                                                       leaves)
             arrays.extend(kwargs_arrays)
         response = pb.CallResponse()
         writer = OutputWriter(request.output_arena if request.HasField("output_arena") else None,
@@ -287,7 +288,9 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
         no_grad = _no_grad_leaves(request)
         diff = ((tuple(i for i in range(len(arrays)) if i not in no_grad) if no_grad
                  else tuple(range(len(arrays)))) if request.keep_residuals else ())
-        key = signature_key(request.args, request.kwargs, None)
+        # The input signature: the validated structures (decode_spec answers a structure
+        # seen before with the same spec; a spec's hash is computed once) and the leaves'.
+        key = (args_spec, kwargs_spec, tuple(leaves))
         program = function.program(key, args_spec, kwargs_spec, request.has_aux, diff)
         self._check_arguments(function, args_spec, kwargs_spec)
         with _served(request.function):

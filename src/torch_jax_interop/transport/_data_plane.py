@@ -141,10 +141,12 @@ class Spinner:
         spin = self.spin if spin is None else spin
         if spin <= 0:
             return
-        poll, clock, pause = self._poll.poll, time.perf_counter, os.sched_yield
+        poll, clock = self._poll.poll, time.perf_counter
         end = clock() + spin
+        # No sched_yield in the loop: on a loaded machine it hands the core to another
+        # process for a whole time slice (milliseconds), far longer than the spin.
         while not poll(0) and clock() < end:
-            pause()  # a runnable thread waiting for this core (the peer's?) goes first
+            pass
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
