@@ -37,6 +37,7 @@ SIZES = (4 * KIB, 64 * KIB, 1 * MIB, 16 * MIB, 64 * MIB, 256 * MIB)
 QUICK_SIZES = (4 * KIB, 1 * MIB)
 FAST = "fast path"
 FAST_POOL = "fast path, pool input"
+FAST_POOL_MLP = "fast path, parameters and batch in the pool"
 TRANSPORTS = ("inproc", FAST, "shm", "inline")  # variants, in plot order
 EVENTFD = "floor: eventfd ping-pong"
 SOCKETPAIR = "floor: unix socketpair ping-pong"
@@ -378,11 +379,52 @@ def mlp_step(suite: Suite, state: RemoteState) -> None:
             )
             continue
         variants[variant] = step
+    pooled = state.workers.get(FAST)
+    if pooled is not None:
+        try:
+            step = pool_resident_training_step(pooled)
+            step()
+            variants[FAST_POOL_MLP] = step
+        except Exception as error:
+            suite.add(Record(GROUP, MLP, FAST_POOL_MLP, nbytes, status=ERROR,
+                             note=f"{type(error).__name__}: {error}"[:300]))
     suite.measure(GROUP, MLP, nbytes, variants, references=(LIBRARY,), blocks=BLOCKS)
     suite.compare(GROUP, MLP, nbytes, "auto", LIBRARY, Target("<=", 1.25, "issue 16"))
-    for variant in (FAST, "shm", "inline"):
+    for variant in (FAST, FAST_POOL_MLP, "shm", "inline"):
         if variant in variants:
             suite.compare(GROUP, MLP, nbytes, variant, LIBRARY)
+
+
+def pool_resident_training_step(worker: Any) -> Callable[[], None]:
+    """The MLP step of ``make_torch_training_step`` with its parameters and its batch
+    allocated in the session's pool (``worker.empty_like``, docs/same-host.md): the worker
+    reads them in place, so a call copies nothing on the way in; the optimizer updates the
+    parameters where they lie."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from ._autograd import wrapped_jax_function
+
+    params = {}
+    for key, value in jax.tree.map(jnp.asarray, _models.mlp_params()).items():
+        host = torch.tensor(np.asarray(value))
+        params[key] = worker.empty_like(host).copy_(host)
+    module = wrapped_jax_function()(worker.function("mlp"), params)  # shares `params`
+    optimizer = torch.optim.SGD(module.parameters(), lr=_models.LEARNING_RATE)
+    x_np, y_np = _models.mlp_batch()
+    x = torch.from_numpy(x_np)
+    x_pool = worker.empty_like(x).copy_(x)
+    y = torch.from_numpy(y_np).long()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(module(x_pool), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def floors(suite: Suite, state: RemoteState, nbytes: int) -> dict[str, Callable[[], Any]]:

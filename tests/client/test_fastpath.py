@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -419,6 +420,45 @@ def test_spinner_returns_when_the_socket_is_readable_or_the_spin_is_over() -> No
         b.close()
 
 
+class _CountingPoll:
+    """A ``select.poll`` that counts its calls."""
+
+    def __init__(self, poll: Any) -> None:
+        self.inner = poll
+        self.calls = 0
+
+    def poll(self, timeout: float) -> Any:
+        self.calls += 1
+        return self.inner.poll(timeout)
+
+
+def test_spinner_backs_off_after_missing_and_spins_again_after_the_backoff() -> None:
+    a, b = socket.socketpair()
+    try:
+        spinner = frames.Spinner(a, 20)
+        polls = _CountingPoll(spinner._poll)
+        spinner._poll = polls
+        for _ in range(frames.Spinner.MISSES_BEFORE_BACKOFF - 1):
+            spinner.wait()  # nothing arrives: each spin misses
+        assert not spinner.backing_off
+        spinner.wait()
+        assert spinner.backing_off
+        polls.calls = 0
+        for _ in range(frames.Spinner.BACKOFF_WAITS):
+            spinner.wait()
+        assert polls.calls == 0  # backing off: every wait returned without polling
+        assert not spinner.backing_off
+        b.send(b"x")
+        spinner.wait()  # spins again, and finds the byte at once
+        assert polls.calls == 1
+        for _ in range(frames.Spinner.MISSES_BEFORE_BACKOFF - 1):
+            spinner.wait()  # a hit reset the count of misses
+        assert not spinner.backing_off
+    finally:
+        a.close()
+        b.close()
+
+
 def test_synchronous_calls_spin_asynchronous_ones_do_not_and_no_spin_gives_the_same_results(
         short_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spins: list[str] = []
@@ -492,13 +532,24 @@ def test_fast_path_calls_are_counted_in_the_metrics_like_grpc_ones(short_tmp: st
 # -- nothing leaked -------------------------------------------------------------------------
 
 
+def _open_descriptors() -> dict[str, str]:
+    """This process's open descriptors: number -> what it points at."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    return found
+
+
 def test_nothing_is_left_behind(short_tmp: str) -> None:
     process = start_worker(short_tmp)
     try:
         [path] = _data_sockets(process)
         with connect(process.address) as w:  # gRPC's own first-use files and threads
             w.function("add_one")(torch.zeros(1 << 15))
-        fds = len(os.listdir("/proc/self/fd"))
+        fds = _open_descriptors()
         threads = threading.active_count()
         sessions = 8
         for _ in range(sessions):
@@ -508,8 +559,17 @@ def test_nothing_is_left_behind(short_tmp: str) -> None:
             assert plane is not None and plane.closed
         # a leak per session would grow by `sessions`; allow gRPC's or JAX's own background
         # threads a descriptor or two opened meanwhile (seen in a full run: one)
-        grown = len(os.listdir("/proc/self/fd")) - fds
-        assert grown <= 2, f"{grown} more descriptors after {sessions} sessions"
+        # (gRPC closes a channel's epoll, eventfd and socket from its own threads, a moment
+        # after close() on a loaded machine: a leak stays, those go)
+        deadline = time.monotonic() + 10
+        while True:
+            now = _open_descriptors()
+            grown = len(now) - len(fds)
+            if grown <= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert grown <= 2, (f"{grown} more descriptors after {sessions} sessions: "
+                            f"{sorted(set(now.items()) - set(fds.items()))}")
         deadline = time.monotonic() + 10
         while threading.active_count() > threads:  # the session watchers end with their streams
             assert time.monotonic() < deadline, [t.name for t in threading.enumerate()]

@@ -57,8 +57,14 @@ VM exit on a hypervisor). So both ends spin for a bounded time before they block
   to milliseconds).
 
 A wait longer than the spin costs what it cost before plus the spin (bounded: 200 us by
-default, one core's worth at most); ``0`` on either side turns it off. Deadlines and the
-dead-peer checks are unchanged: a peer's close makes ``poll`` return at once.
+default); ``0`` on either side turns it off. The spin adapts: after
+``Spinner.MISSES_BEFORE_BACKOFF`` spins in a row that end without the peer's frame (the
+worker computes for milliseconds, or the machine's cores are busy with other processes, so
+that spinning takes the very CPU the peer needs), the next ``Spinner.BACKOFF_WAITS`` waits
+sleep at once; then it tries again. A training step whose forward takes milliseconds thus
+spins a few times per hundred calls, and a loaded machine sees the sleeping behaviour.
+Deadlines and the dead-peer checks are unchanged: a peer's close makes ``poll`` return at
+once.
 """
 
 from __future__ import annotations
@@ -125,15 +131,27 @@ def recv_frame(sock: socket.socket, max_body: int) -> tuple[int, int, bytes]:
 
 
 class Spinner:
-    """Polls one socket for readability without sleeping, for a bounded time (Note [Spin,
-    then sleep])."""
+    """Polls one socket for readability without sleeping, for a bounded time, and stops
+    polling for a while when polling keeps failing (Note [Spin, then sleep])."""
 
-    __slots__ = ("_poll", "spin")
+    MISSES_BEFORE_BACKOFF = 4
+    """Spins in a row that end without the peer's frame before the spinner backs off ..."""
+    BACKOFF_WAITS = 64
+    """... for this many waits (each returns at once: the caller sleeps in ``recv``)."""
+
+    __slots__ = ("_misses", "_poll", "_skip", "spin")
 
     def __init__(self, sock: socket.socket, spin_us: int) -> None:
         self.spin = spin_us * 1e-6
         self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
+        self._misses = 0
+        self._skip = 0
+
+    @property
+    def backing_off(self) -> bool:
+        """Whether the next waits return at once because the last spins all missed."""
+        return self._skip > 0
 
     def wait(self, spin: float | None = None) -> None:
         """Return once the socket is readable (data, EOF or an error) or after ``spin``
@@ -141,12 +159,24 @@ class Spinner:
         spin = self.spin if spin is None else spin
         if spin <= 0:
             return
+        if self._skip:
+            self._skip -= 1
+            return
         poll, clock = self._poll.poll, time.perf_counter
         end = clock() + spin
         # No sched_yield in the loop: on a loaded machine it hands the core to another
         # process for a whole time slice (milliseconds), far longer than the spin.
-        while not poll(0) and clock() < end:
-            pass
+        while not poll(0):
+            if clock() >= end:
+                # The peer is slower than the spin (a long computation), or this machine's
+                # cores are busy and the spin takes the peer's CPU: after a few such misses
+                # in a row, sleep at once for a while, then try again.
+                self._misses += 1
+                if self._misses >= self.MISSES_BEFORE_BACKOFF:
+                    self._misses = 0
+                    self._skip = self.BACKOFF_WAITS
+                return
+        self._misses = 0
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
