@@ -23,9 +23,10 @@ import jax
 import torch
 
 from .._async import CallExecutor, library_executor
-from .._compat._jax import ARRAY_TYPE
+from .._compat._jax import ARRAY_TYPE, DLPackFastPath, is_single_cpu_buffer
+from .._compat._torch import from_dlpack_capsule
 from .._engine import Engine, Program, Residuals
-from ._convert import _array_to_torch, _tensor_to_jax
+from ._convert import _SUPPORTED_TORCH, _array_to_torch, _tensor_to_jax
 
 if TYPE_CHECKING:
     from .._call import Call
@@ -84,6 +85,89 @@ def _to_jax(t: torch.Tensor) -> Any:
                 except (RuntimeError, TypeError):
                     pass
     return _tensor_to_jax(t.detach() if t.requires_grad else t)
+
+
+class _Plan:
+    """How one program's tensors cross the bridge, decided once per signature (the
+    dtypes, devices and shardings of its inputs and outputs are fixed by it).
+
+    ``numpy_inputs``: every input's dtype has an exact numpy view and jit takes numpy
+    arguments (``_to_jax``'s first case), so the arguments are ``[t.numpy() ...]``: one
+    C call each, the rare refusal falling back to ``_to_jax``. ``export_outputs`` /
+    ``export_grads`` (``None`` until the first run shows them): every output (gradient)
+    is one CPU buffer of a dtype torch has, so ``_array_to_torch``'s per-array checks,
+    which would pass, are skipped; any error still falls back to it.
+    """
+
+    __slots__ = ("export_grads", "export_outputs", "numpy_inputs")
+
+    def __init__(self, dtypes: Sequence[torch.dtype]) -> None:
+        self.numpy_inputs = all(dtype in _NUMPY_DTYPES for dtype in dtypes) and (
+            _Platform.numpy_args if _Platform.numpy_args is not None else _Platform.probe())
+        self.export_outputs: bool | None = None
+        self.export_grads: bool | None = None
+
+
+def _plan_of(program: Program, tensors: Sequence[torch.Tensor]) -> _Plan:
+    plan = program.bridge
+    if plan is None:
+        plan = program.bridge = _Plan([t.dtype for t in tensors])
+    return plan
+
+
+def _arrays(plan: _Plan, tensors: Sequence[torch.Tensor]) -> list[Any]:
+    if plan.numpy_inputs:
+        try:
+            return [t.numpy() for t in tensors]
+        except (RuntimeError, TypeError):  # e.g. requires_grad under grad mode: _to_jax
+            pass
+    return [_to_jax(t) for t in tensors]
+
+
+def _exportable(leaves: Sequence[Any]) -> bool:
+    """Whether each leaf is a live single-buffer CPU array (what a program gives on every
+    run once it gave it on one)."""
+    return DLPackFastPath.export_capsule is not None and all(
+        type(leaf) is ARRAY_TYPE and is_single_cpu_buffer(leaf) for leaf in leaves)
+
+
+def _exported(leaves: Sequence[Any]) -> list[torch.Tensor] | None:
+    """``_array_to_torch`` of fresh outputs already known to be exportable; ``None`` (the
+    caller takes the checked path) if one is not after all."""
+    export = DLPackFastPath.export_capsule
+    assert export is not None  # _exportable said so
+    try:
+        tensors = [from_dlpack_capsule(export(leaf)) for leaf in leaves]
+    except Exception:
+        return None
+    for tensor in tensors:
+        if tensor.dtype not in _SUPPORTED_TORCH:
+            return None
+    return tensors
+
+
+def _outputs_to_torch(plan: _Plan, leaves: list[Any]) -> list[Any]:
+    if plan.export_outputs:
+        tensors = _exported(leaves)
+        if tensors is not None:
+            return tensors
+    elif plan.export_outputs is None:
+        plan.export_outputs = _exportable(leaves)
+    return [_leaf_to_torch(leaf) for leaf in leaves]
+
+
+def _grads_to_torch(plan: _Plan | None, grads: list[Any]) -> list[Any]:
+    if plan is not None and plan.export_grads:
+        real = [g for g in grads if g is not None]
+        tensors = _exported(real)
+        if tensors is not None:
+            if len(real) == len(grads):
+                return tensors
+            it = iter(tensors)
+            return [None if g is None else next(it) for g in grads]
+    elif plan is not None and plan.export_grads is None:
+        plan.export_grads = _exportable([g for g in grads if g is not None])
+    return [None if g is None else _array_to_torch(g) for g in grads]
 
 
 class VjpHandle:
@@ -151,8 +235,9 @@ class LocalJaxBackend:
     def flat_call(self, call: Call, tensors: Sequence[torch.Tensor]) -> tuple[list, Any, Any]:
         """Run without keeping residuals: ``(output tensors, output treedef, aux)``."""
         program = self._program(call, tensors, False)
-        out_leaves, aux = self.engine.call(program, [_to_jax(t) for t in tensors])
-        outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+        plan = program.bridge or _plan_of(program, tensors)
+        out_leaves, aux = self.engine.call(program, _arrays(plan, tensors))
+        outputs = _outputs_to_torch(plan, out_leaves)
         return outputs, program.out_treedef, (_to_torch_tree(aux) if call.has_aux else None)
 
     def flat_forward(
@@ -160,12 +245,11 @@ class LocalJaxBackend:
     ) -> tuple[list, Any, Any, VjpHandle]:
         """Run and keep residuals: ``(output tensors, output treedef, aux, handle)``."""
         program = self._program(call, tensors, True)
-        out_leaves, aux, residuals = self.engine.forward(
-            program, [_to_jax(t) for t in tensors]
-        )
+        plan = program.bridge or _plan_of(program, tensors)
+        out_leaves, aux, residuals = self.engine.forward(program, _arrays(plan, tensors))
         saved = residuals.saved_inputs
         versions = [(tensors[i], tensors[i]._version) for i in saved] if saved else []
-        outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+        outputs = _outputs_to_torch(plan, out_leaves)
         aux = _to_torch_tree(aux) if call.has_aux else None
         return outputs, program.out_treedef, aux, VjpHandle(residuals, versions)
 
@@ -174,12 +258,13 @@ class LocalJaxBackend:
     ) -> list[torch.Tensor | None]:
         """Cotangents (one per output leaf) -> one gradient per tensor (``None`` where
         the tensor was not differentiated)."""
-        if handle.versions and handle.residuals.live:
+        residuals = handle.residuals
+        if handle.versions and residuals.live:
             _check_versions(handle.versions)
         # `.sum()` gives an expanded (stride 0) cotangent, `.t()` a strided one
         cts = [_to_jax(ct if ct.is_contiguous() else ct.contiguous()) for ct in cotangents]
-        grads = self.engine.backward(handle.residuals, cts, retain=retain)
-        return [None if g is None else _array_to_torch(g) for g in grads]
+        plan = residuals.program.bridge
+        return _grads_to_torch(plan, self.engine.backward(residuals, cts, retain=retain))
 
     def release(self, handle: VjpHandle) -> None:
         """Drop the residuals of ``handle`` (idempotent, cheap, safe from a finalizer)."""
