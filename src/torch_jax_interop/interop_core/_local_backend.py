@@ -127,14 +127,15 @@ def _arrays(plan: _Plan, tensors: Sequence[torch.Tensor]) -> list[Any]:
 def _exportable(leaves: Sequence[Any]) -> bool:
     """Whether each leaf is a live single-buffer CPU array (what a program gives on every
     run once it gave it on one)."""
-    return DLPackFastPath.export_capsule is not None and all(
+    return DLPackFastPath.export_owned is not None and all(
         type(leaf) is ARRAY_TYPE and is_single_cpu_buffer(leaf) for leaf in leaves)
 
 
 def _exported(leaves: Sequence[Any]) -> list[torch.Tensor] | None:
-    """``_array_to_torch`` of fresh outputs already known to be exportable; ``None`` (the
+    """``_array_to_torch`` of fresh outputs of the engine's own jitted calls, already
+    known to be exportable (only this module holds them: ``export_owned``); ``None`` (the
     caller takes the checked path) if one is not after all."""
-    export = DLPackFastPath.export_capsule
+    export = DLPackFastPath.export_owned
     assert export is not None  # _exportable said so
     try:
         tensors = [from_dlpack_capsule(export(leaf)) for leaf in leaves]
