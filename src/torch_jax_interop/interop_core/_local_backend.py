@@ -26,7 +26,7 @@ from .._async import CallExecutor, library_executor
 from .._compat._jax import ARRAY_TYPE, DLPackFastPath, is_single_cpu_buffer
 from .._compat._torch import from_dlpack_capsule
 from .._engine import Engine, Program, Residuals
-from ._convert import _SUPPORTED_TORCH, _array_to_torch, _tensor_to_jax
+from ._convert import _array_to_torch, _tensor_to_jax
 
 if TYPE_CHECKING:
     from .._call import Call
@@ -93,19 +93,33 @@ class _Plan:
 
     ``numpy_inputs``: every input's dtype has an exact numpy view and jit takes numpy
     arguments (``_to_jax``'s first case), so the arguments are ``[t.numpy() ...]``: one
-    C call each, the rare refusal falling back to ``_to_jax``. ``export_outputs`` /
-    ``export_grads`` (``None`` until the first run shows them): every output (gradient)
-    is one CPU buffer of a dtype torch has, so ``_array_to_torch``'s per-array checks,
-    which would pass, are skipped; any error still falls back to it.
+    C call each, the rare refusal falling back to ``_to_jax``. After the first run (until
+    then ``None``): ``export_outputs`` / ``export_grads``, every output (gradient) is one
+    CPU buffer and ``_array_to_torch`` accepted its dtype, so later runs export without
+    its per-array checks (any error falls back to it); ``numpy_cotangents``, the
+    cotangents (the outputs' dtypes) take the numpy path too.
     """
 
-    __slots__ = ("export_grads", "export_outputs", "numpy_inputs")
+    __slots__ = ("export_grads", "export_outputs", "numpy_cotangents", "numpy_inputs")
 
     def __init__(self, dtypes: Sequence[torch.dtype]) -> None:
-        self.numpy_inputs = all(dtype in _NUMPY_DTYPES for dtype in dtypes) and (
-            _Platform.numpy_args if _Platform.numpy_args is not None else _Platform.probe())
+        self.numpy_inputs = _numpy_dtypes(dtypes)
         self.export_outputs: bool | None = None
         self.export_grads: bool | None = None
+        self.numpy_cotangents = False
+
+    def learn_outputs(self, leaves: Sequence[Any], outputs: Sequence[Any]) -> None:
+        self.numpy_cotangents = all(isinstance(t, _Tensor) for t in outputs) and \
+            _numpy_dtypes([t.dtype for t in outputs])
+        self.export_outputs = _exportable(leaves)
+
+    def learn_grads(self, grads: Sequence[Any]) -> None:
+        self.export_grads = _exportable([g for g in grads if g is not None])
+
+
+def _numpy_dtypes(dtypes: Sequence[torch.dtype]) -> bool:
+    return all(dtype in _NUMPY_DTYPES for dtype in dtypes) and (
+        _Platform.numpy_args if _Platform.numpy_args is not None else _Platform.probe())
 
 
 def _plan_of(program: Program, tensors: Sequence[torch.Tensor]) -> _Plan:
@@ -131,44 +145,16 @@ def _exportable(leaves: Sequence[Any]) -> bool:
         type(leaf) is ARRAY_TYPE and is_single_cpu_buffer(leaf) for leaf in leaves)
 
 
-def _exported(leaves: Sequence[Any]) -> list[torch.Tensor] | None:
-    """``_array_to_torch`` of fresh outputs of the engine's own jitted calls, already
-    known to be exportable (only this module holds them: ``export_owned``); ``None`` (the
-    caller takes the checked path) if one is not after all."""
+def _exported(leaves: Sequence[Any]) -> list[Any] | None:
+    """``_array_to_torch`` of fresh results of the engine's own jitted calls (only this
+    module holds them: ``export_owned``), known exportable from the program's first run
+    (``_Plan``); ``None`` (the caller takes the checked path) if one is not after all."""
     export = DLPackFastPath.export_owned
-    assert export is not None  # _exportable said so
     try:
-        tensors = [from_dlpack_capsule(export(leaf)) for leaf in leaves]
+        return [None if leaf is None else from_dlpack_capsule(export(leaf))  # type: ignore[misc]
+                for leaf in leaves]
     except Exception:
         return None
-    for tensor in tensors:
-        if tensor.dtype not in _SUPPORTED_TORCH:
-            return None
-    return tensors
-
-
-def _outputs_to_torch(plan: _Plan, leaves: list[Any]) -> list[Any]:
-    if plan.export_outputs:
-        tensors = _exported(leaves)
-        if tensors is not None:
-            return tensors
-    elif plan.export_outputs is None:
-        plan.export_outputs = _exportable(leaves)
-    return [_leaf_to_torch(leaf) for leaf in leaves]
-
-
-def _grads_to_torch(plan: _Plan | None, grads: list[Any]) -> list[Any]:
-    if plan is not None and plan.export_grads:
-        real = [g for g in grads if g is not None]
-        tensors = _exported(real)
-        if tensors is not None:
-            if len(real) == len(grads):
-                return tensors
-            it = iter(tensors)
-            return [None if g is None else next(it) for g in grads]
-    elif plan is not None and plan.export_grads is None:
-        plan.export_grads = _exportable([g for g in grads if g is not None])
-    return [None if g is None else _array_to_torch(g) for g in grads]
 
 
 class VjpHandle:
@@ -238,7 +224,11 @@ class LocalJaxBackend:
         program = self._program(call, tensors, False)
         plan = program.bridge or _plan_of(program, tensors)
         out_leaves, aux = self.engine.call(program, _arrays(plan, tensors))
-        outputs = _outputs_to_torch(plan, out_leaves)
+        outputs = _exported(out_leaves) if plan.export_outputs else None
+        if outputs is None:
+            outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+            if plan.export_outputs is None:
+                plan.learn_outputs(out_leaves, outputs)
         return outputs, program.out_treedef, (_to_torch_tree(aux) if call.has_aux else None)
 
     def flat_forward(
@@ -250,7 +240,11 @@ class LocalJaxBackend:
         out_leaves, aux, residuals = self.engine.forward(program, _arrays(plan, tensors))
         saved = residuals.saved_inputs
         versions = [(tensors[i], tensors[i]._version) for i in saved] if saved else []
-        outputs = _outputs_to_torch(plan, out_leaves)
+        outputs = _exported(out_leaves) if plan.export_outputs else None
+        if outputs is None:
+            outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+            if plan.export_outputs is None:
+                plan.learn_outputs(out_leaves, outputs)
         aux = _to_torch_tree(aux) if call.has_aux else None
         return outputs, program.out_treedef, aux, VjpHandle(residuals, versions)
 
@@ -262,10 +256,25 @@ class LocalJaxBackend:
         residuals = handle.residuals
         if handle.versions and residuals.live:
             _check_versions(handle.versions)
-        # `.sum()` gives an expanded (stride 0) cotangent, `.t()` a strided one
-        cts = [_to_jax(ct if ct.is_contiguous() else ct.contiguous()) for ct in cotangents]
-        plan = residuals.program.bridge
-        return _grads_to_torch(plan, self.engine.backward(residuals, cts, retain=retain))
+        plan: _Plan = residuals.program.bridge
+        cts = None
+        if plan.numpy_cotangents:
+            try:  # `.sum()` gives an expanded (stride 0) cotangent, `.t()` a strided one
+                cts = [(ct if ct.is_contiguous() else ct.contiguous()).numpy()
+                       for ct in cotangents]
+            except (AttributeError, RuntimeError, TypeError):
+                pass
+        if cts is None:
+            cts = [_to_jax(ct if ct.is_contiguous() else ct.contiguous()) for ct in cotangents]
+        grads = self.engine.backward(residuals, cts, retain=retain)
+        if plan.export_grads:
+            exported = _exported(grads)
+            if exported is not None:
+                return exported
+        result = [None if g is None else _array_to_torch(g) for g in grads]
+        if plan.export_grads is None:
+            plan.learn_grads(grads)
+        return result
 
     def release(self, handle: VjpHandle) -> None:
         """Drop the residuals of ``handle`` (idempotent, cheap, safe from a finalizer)."""
