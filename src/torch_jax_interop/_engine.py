@@ -183,12 +183,15 @@ class Residuals:
     output the gradients themselves (Note [Scalar outputs]). ``live`` is false once
     released."""
 
-    __slots__ = ("grads", "inputs", "kept", "live", "program")
+    __slots__ = ("grads", "inputs", "kept", "live", "program", "versions")
 
     def __init__(self, program: Program, kept: list[Any] | None, inputs: list[Any] | None,
                  grads: list[Any] | None) -> None:
         self.program, self.kept, self.inputs, self.grads = program, kept, inputs, grads
         self.live = True
+        # the caller's record of the inputs kept by reference (the local backend's
+        # version counters); the engine never reads it
+        self.versions: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -421,8 +424,9 @@ class Engine:
             )
         program = residuals.program
         grads_kept, kept, inputs = residuals.grads, residuals.kept, residuals.inputs
-        if not retain:  # `release`, inlined: this runs once per backward
-            residuals.drop()
+        if not retain:  # `release` and `drop`, inlined: this runs once per backward
+            residuals.live = False
+            residuals.kept = residuals.inputs = residuals.grads = None
             self.live_residuals -= 1
         sharded = self.shardings is not None
         if grads_kept is not None:

@@ -157,21 +157,6 @@ def _exported(leaves: Sequence[Any]) -> list[Any] | None:
         return None
 
 
-class VjpHandle:
-    """The engine's residuals of one forward pass, with the versions of the tensors kept
-    by reference (to detect in-place changes before backward)."""
-
-    __slots__ = ("residuals", "versions")
-
-    def __init__(self, residuals: Residuals, versions: list[tuple[torch.Tensor, int]]) -> None:
-        self.residuals = residuals
-        self.versions = versions
-
-    @property
-    def live(self) -> bool:
-        return self.residuals.live
-
-
 class LocalJaxBackend:
     """Runs ``jax_function(*args, **kwargs)`` in this process (the ``VjpBackend`` protocol).
 
@@ -233,29 +218,39 @@ class LocalJaxBackend:
 
     def flat_forward(
         self, call: Call, tensors: Sequence[torch.Tensor]
-    ) -> tuple[list, Any, Any, VjpHandle]:
+    ) -> tuple[list, Any, Any, Residuals]:
         """Run and keep residuals: ``(output tensors, output treedef, aux, handle)``."""
         program = self._program(call, tensors, True)
         plan = program.bridge or _plan_of(program, tensors)
-        out_leaves, aux, residuals = self.engine.forward(program, _arrays(plan, tensors))
-        saved = residuals.saved_inputs
-        versions = [(tensors[i], tensors[i]._version) for i in saved] if saved else []
+        arrays = None
+        if plan.numpy_inputs:  # `_arrays`, inlined: the hot path
+            try:
+                arrays = [t.numpy() for t in tensors]
+            except (RuntimeError, TypeError):
+                pass
+        out_leaves, aux, residuals = self.engine.forward(
+            program, arrays if arrays is not None else [_to_jax(t) for t in tensors])
+        if residuals.inputs:  # the handle is the engine's residuals, with versions to check
+            residuals.versions = [(tensors[i], tensors[i]._version)
+                                  for i in program.saved_inputs]
         outputs = _exported(out_leaves) if plan.export_outputs else None
         if outputs is None:
             outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
             if plan.export_outputs is None:
                 plan.learn_outputs(out_leaves, outputs)
         aux = _to_torch_tree(aux) if call.has_aux else None
-        return outputs, program.out_treedef, aux, VjpHandle(residuals, versions)
+        return outputs, program.out_treedef, aux, residuals
 
     def flat_backward(
-        self, handle: VjpHandle, cotangents: Sequence[torch.Tensor], *, retain: bool
+        self, residuals: Residuals, cotangents: Sequence[torch.Tensor], *, retain: bool
     ) -> list[torch.Tensor | None]:
         """Cotangents (one per output leaf) -> one gradient per tensor (``None`` where
         the tensor was not differentiated)."""
-        residuals = handle.residuals
-        if handle.versions and residuals.live:
-            _check_versions(handle.versions)
+        versions = residuals.versions
+        if versions and residuals.live:
+            for tensor, version in versions:
+                if tensor._version != version:
+                    _check_versions(versions)  # raises, naming the tensor
         plan: _Plan = residuals.program.bridge
         cts = None
         if plan.numpy_cotangents:
@@ -276,9 +271,9 @@ class LocalJaxBackend:
             plan.learn_grads(grads)
         return result
 
-    def release(self, handle: VjpHandle) -> None:
-        """Drop the residuals of ``handle`` (idempotent, cheap, safe from a finalizer)."""
-        self.engine.release(handle.residuals)
+    def release(self, residuals: Residuals) -> None:
+        """Drop the residuals of a forward pass (idempotent, cheap, safe from a finalizer)."""
+        self.engine.release(residuals)
 
 
 def _check_versions(versions: list[tuple[torch.Tensor, int]]) -> None:
