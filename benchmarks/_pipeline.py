@@ -6,9 +6,10 @@ JAX, ``jax_stage`` below). Each stage keeps about one core busy (torch with one 
 worker's XLA without its multi-threaded Eigen, whose CPU runtime still runs the chain on
 its own pool of threads, but one step after the other: its threads' CPU time adds up to
 the call's wall time), so that on a small machine the two can really run side by side;
-the records of the stages alone show that they take about the same time ``T``. Sequential: ``N`` batches cost ``2 N T``. Overlapped with ``fn.submit``: batch
-``i``'s JAX stage runs while the torch stage prepares batch ``i + 1``, so ``(N + 1) T``:
-the ratio tends to 0.5 (0.53 for 16 batches).
+the records of the stages alone show that they take about the same time ``T``.
+Sequential: ``N`` batches cost ``2 N T``. Overlapped with ``fn.submit``: batch ``i``'s JAX
+stage runs while the torch stage prepares batch ``i + 1``, so ``(N + 1) T``: the ratio
+tends to 0.5 (0.53 for 16 batches).
 
 The worker loads ``jax_stage`` from this module: it imports JAX at call time only, and
 torch nowhere at import time.
