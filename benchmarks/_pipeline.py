@@ -2,12 +2,14 @@
 
 Each of ``BATCHES`` batches goes through a torch stage (``STEPS`` rounds of
 ``tanh(x @ w)`` in torch) and then a JAX stage in a real worker (the same computation in
-JAX, ``jax_stage`` below). Both stages run on one core each (torch with one thread, the
-worker's XLA without its multi-threaded Eigen), so that on a small machine the two can
-really run side by side; the records of the stages alone show that they take about the same
-time ``T``. Sequential: ``N`` batches cost ``2 N T``. Overlapped with ``fn.submit``: batch
-``i``'s JAX stage runs while the torch stage prepares batch ``i + 1``, so ``(N + 1) T``:
-the ratio tends to 0.5 (0.53 for 16 batches).
+JAX, ``jax_stage`` below). Each stage keeps about one core busy (torch with one thread; the
+worker's XLA without its multi-threaded Eigen, whose CPU runtime still runs the chain on
+its own pool of threads, but one step after the other: its threads' CPU time adds up to
+the call's wall time), so that on a small machine the two can really run side by side;
+the records of the stages alone show that they take about the same time ``T``.
+Sequential: ``N`` batches cost ``2 N T``. Overlapped with ``fn.submit``: batch ``i``'s JAX
+stage runs while the torch stage prepares batch ``i + 1``, so ``(N + 1) T``: the ratio
+tends to 0.5 (0.53 for 16 batches).
 
 The worker loads ``jax_stage`` from this module: it imports JAX at call time only, and
 torch nowhere at import time.
@@ -41,7 +43,7 @@ BATCHES = 16
 QUICK_BATCHES = 4
 SHAPE = (64, 256)
 STEPS = 24  # rounds of tanh(x @ w) per stage: about 5 ms per stage on one core here
-SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
 
 
 def _weights(np: Any) -> Any:

@@ -106,12 +106,14 @@ class Program:
 
     __slots__ = (
         "backward",
+        "bridge",
         "build",
         "diff",
         "float0_grads",
         "forward",
         "forwarded",
         "fused",
+        "grad_slots",
         "has_aux",
         "num_inputs",
         "out_dtypes",
@@ -147,8 +149,13 @@ class Program:
         self.forwarded: tuple[int, ...] = ()
         self.saved_inputs: tuple[int, ...] = ()  # the distinct inputs among them
         # per differentiated input: whether its gradient is float0 (an integer input),
-        # found by the first backward
+        # found by the first backward; then `grad_slots`: (position among the gradients,
+        # input index) of each real gradient, so that backward scatters without a test
         self.float0_grads: tuple[bool, ...] | None = None
+        self.grad_slots: tuple[tuple[int, int], ...] = ()
+        # whatever the caller caches per signature beside the engine's (the local
+        # backend's conversion plan); the engine never reads it
+        self.bridge: Any = None
         # from `describe`: shapes of the whole result (aux included), and per result leaf
         # the input it merely passes through (or None)
         self.result_shapes: Any = None
@@ -176,12 +183,15 @@ class Residuals:
     output the gradients themselves (Note [Scalar outputs]). ``live`` is false once
     released."""
 
-    __slots__ = ("grads", "inputs", "kept", "live", "program")
+    __slots__ = ("grads", "inputs", "kept", "live", "program", "versions")
 
     def __init__(self, program: Program, kept: list[Any] | None, inputs: list[Any] | None,
                  grads: list[Any] | None) -> None:
         self.program, self.kept, self.inputs, self.grads = program, kept, inputs, grads
         self.live = True
+        # the caller's record of the inputs kept by reference (the local backend's
+        # version counters); the engine never reads it
+        self.versions: Any = None
 
     @property
     def nbytes(self) -> int:
@@ -376,29 +386,31 @@ class Engine:
 
     def forward(self, program: Program, arrays: Sequence[Any]) -> tuple[list[Any], Any, Residuals]:
         """Run and keep residuals: ``(output leaves, aux or None, residuals)``."""
-        if program.forward is None:
+        forward = program.forward
+        if forward is None:
             self._build_vjp(program)
-        assert program.forward is not None
-        if self.shardings is not None:
+            forward = program.forward
+            assert forward is not None
+        sharded = self.shardings is not None
+        if sharded:
             arrays = self._place(program, arrays)
         diff = program.diff
         diff_arrays = [arrays[i] for i in diff]
         const_arrays = list(arrays)
         for i in diff:
             const_arrays[i] = None  # the traced function gets them from `diff_arrays`
-        out_leaves, aux, kept = program.forward(diff_arrays, const_arrays)
-        if self.shardings is not None:
+        out_leaves, aux, kept = forward(diff_arrays, const_arrays)
+        if sharded:
             program.out_shardings = tuple(leaf.sharding for leaf in out_leaves)
             out_leaves, aux = self._gathered(out_leaves), self._gathered(aux)
         self.vjp_calls += 1
         self.live_residuals += 1
         if program.fused:
             self.fused_calls += 1
-            residuals = Residuals(program, None, None, kept)
-        else:
-            saved = program.saved_inputs
-            residuals = Residuals(program, kept, [arrays[i] for i in saved] or None, None)
-        return out_leaves, aux, residuals
+            return out_leaves, aux, Residuals(program, None, None, kept)
+        saved = program.saved_inputs
+        inputs = [arrays[i] for i in saved] if saved else None
+        return out_leaves, aux, Residuals(program, kept, inputs, None)
 
     def backward(self, residuals: Residuals, cotangents: Sequence[Any], *,
                  retain: bool) -> list[Any]:
@@ -412,24 +424,30 @@ class Engine:
             )
         program = residuals.program
         grads_kept, kept, inputs = residuals.grads, residuals.kept, residuals.inputs
-        if not retain:
-            self.release(residuals)
+        if not retain:  # `release` and `drop`, inlined: this runs once per backward
+            residuals.live = False
+            residuals.kept = residuals.inputs = residuals.grads = None
+            self.live_residuals -= 1
+        sharded = self.shardings is not None
         if grads_kept is not None:
             diff_grads = _scaled(grads_kept, cotangents[0], fresh=retain)
         else:
-            if self.shardings is not None:  # on the outputs' devices, like the residuals
+            if sharded:  # on the outputs' devices, like the residuals
                 cotangents = jax.device_put(list(cotangents), list(program.out_shardings))
             assert kept is not None and program.backward is not None
             diff_grads = program.backward(kept, inputs or [], list(cotangents))
-        if self.shardings is not None:
+        if sharded:
             diff_grads = self._gathered(list(diff_grads))
-        no_grad = program.float0_grads  # which gradients are float0: fixed per program
-        if no_grad is None:
-            no_grad = program.float0_grads = tuple(is_float0(g) for g in diff_grads)
+        if program.float0_grads is None:  # which gradients are float0: fixed per program
+            float0 = tuple(is_float0(g) for g in diff_grads)
+            program.grad_slots = tuple(
+                (position, index)
+                for position, (index, none) in enumerate(zip(program.diff, float0, strict=True))
+                if not none)
+            program.float0_grads = float0
         grads: list[Any] = [None] * program.num_inputs
-        for index, grad, none in zip(program.diff, diff_grads, no_grad, strict=True):
-            if not none:
-                grads[index] = grad
+        for position, index in program.grad_slots:
+            grads[index] = diff_grads[position]
         return grads
 
     def release(self, residuals: Residuals) -> None:

@@ -675,3 +675,42 @@ def test_importing_wrapped_does_not_import_jax(run_python: Any) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_repeated_calls_take_the_plan_and_stay_exact(dtype: torch.dtype) -> None:
+    """The first run of a signature decides how its tensors cross (numpy views or DLPack
+    in, checked or direct exports out); later runs take that plan: same values, same
+    gradients, integer outputs still without gradient, odd cotangent layouts still fine."""
+
+    def fn(p: dict[str, jax.Array], x: jax.Array) -> Any:
+        h = x @ p["w"] + p["b"]
+        return jnp.tanh(h), (h > 0).astype(jnp.int32)
+
+    module = WrappedJaxFunction(fn, make_params(jnp.dtype(str(dtype).split(".")[1])))
+    backend = module.backend
+    assert isinstance(backend, LocalJaxBackend)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype != torch.float32 else {}
+    for step in range(3):
+        reference = torch_copies(module)
+        x = torch.randn(5, 4).to(dtype)
+        out, positive = module(x)
+        assert positive.dtype == torch.int32 and not positive.requires_grad
+        expected = torch_linear_tanh(reference, x)
+        torch.testing.assert_close(out, expected, **tolerance)
+        cotangent = torch.randn(3, 5).to(dtype).t() if step == 1 else None  # strided
+        if cotangent is None:
+            out.sum().backward()  # an expanded (stride 0) cotangent
+            expected.sum().backward()
+        else:
+            out.backward(cotangent)
+            expected.backward(cotangent)
+        for name in ("w", "b"):
+            torch.testing.assert_close(module.params[name].grad, reference[name].grad,
+                                       **tolerance)
+        module.zero_grad()
+    (program,) = backend.engine.programs.values()
+    plan = program.bridge
+    assert plan.numpy_inputs == (dtype != torch.bfloat16)  # bfloat16 has no numpy view
+    assert plan.export_outputs and plan.export_grads
+    assert backend.engine.live_residuals == 0

@@ -49,23 +49,25 @@ class DLPackFastPath:
     """The private jaxlib CPU DLPack entry points, where they work (probed once, on first use).
 
     ``import_capsule(capsule) -> jax.Array`` imports a CPU DLPack capsule without a copy;
-    ``export_capsule(array) -> capsule`` exports a CPU array. Each is ``None`` when the
-    private entry point is missing or failed its probe; callers then use the public
-    ``jax.dlpack.from_dlpack`` / ``torch.from_dlpack``, which are zero-copy too (slower by
-    ~25 us of Python per call).
+    ``export_capsule(array) -> capsule`` exports a CPU array; ``export_owned(array) ->
+    capsule`` exports a single-buffer CPU array that only the caller holds (Note
+    [Exporting a shard, not the array]). Each is ``None`` when the private entry point
+    is missing or failed its probe; callers then use the public ``jax.dlpack.from_dlpack``
+    / ``torch.from_dlpack``, which are zero-copy too (slower by ~25 us of Python per call).
     """
 
     probed: bool = False
     cpu_device: Any = None
     import_capsule: Callable[[Any], jax.Array] | None = None
     export_capsule: Callable[[Any], Any] | None = None
+    export_owned: Callable[[Any], Any] | None = None
 
     @classmethod
     def probe(cls, *, private: bool = True) -> None:
         """Decide which fast paths to use. ``private=False`` forces the public fallbacks
         (tests use it to check that they stay zero-copy)."""
         cls.probed = True
-        cls.import_capsule = cls.export_capsule = None
+        cls.import_capsule = cls.export_capsule = cls.export_owned = None
         try:
             cls.cpu_device = jax.devices("cpu")[0]
         except RuntimeError:  # pragma: no cover - a jax without a CPU backend
@@ -91,6 +93,15 @@ class DLPackFastPath:
             # the buffer alive until it dies.
             return _buffer_to_dlpack(array.addressable_data(0), stream=None)
 
+        def export_owned(array: Any) -> Any:
+            # Note [Exporting a shard, not the array], for an array that nobody else
+            # holds, so that nobody can delete() it: a fresh output of the caller's own
+            # jitted call (jit returns new array objects, also for an input or a constant
+            # it passes through). The capsule holds `array` itself, alive as long as the
+            # torch tensor; `addressable_data(0)` would build the same new array with ~1 us
+            # of Python.
+            return _buffer_to_dlpack(array, stream=None)
+
         sample = aligned_empty(16, np.dtype(np.float32))
         sample[:] = np.arange(16, dtype=np.float32)
         try:
@@ -109,6 +120,7 @@ class DLPackFastPath:
             if (back.ctypes.data == source.unsafe_buffer_pointer()
                     and back.tolist() == [0.0, 1.0, 2.0, 3.0]):
                 cls.export_capsule = export_capsule
+                cls.export_owned = export_owned
         except Exception:
             pass
 

@@ -23,7 +23,8 @@ import jax
 import torch
 
 from .._async import CallExecutor, library_executor
-from .._compat._jax import ARRAY_TYPE
+from .._compat._jax import ARRAY_TYPE, DLPackFastPath, is_single_cpu_buffer
+from .._compat._torch import from_dlpack_capsule
 from .._engine import Engine, Program, Residuals
 from ._convert import _array_to_torch, _tensor_to_jax
 
@@ -86,19 +87,74 @@ def _to_jax(t: torch.Tensor) -> Any:
     return _tensor_to_jax(t.detach() if t.requires_grad else t)
 
 
-class VjpHandle:
-    """The engine's residuals of one forward pass, with the versions of the tensors kept
-    by reference (to detect in-place changes before backward)."""
+class _Plan:
+    """How one program's tensors cross the bridge, decided once per signature (the
+    dtypes, devices and shardings of its inputs and outputs are fixed by it).
 
-    __slots__ = ("residuals", "versions")
+    ``numpy_inputs``: every input's dtype has an exact numpy view and jit takes numpy
+    arguments (``_to_jax``'s first case), so the arguments are ``[t.numpy() ...]``: one
+    C call each, the rare refusal falling back to ``_to_jax``. After the first run (until
+    then ``None``): ``export_outputs`` / ``export_grads``, every output (gradient) is one
+    CPU buffer and ``_array_to_torch`` accepted its dtype, so later runs export without
+    its per-array checks (any error falls back to it); ``numpy_cotangents``, the
+    cotangents (the outputs' dtypes) take the numpy path too.
+    """
 
-    def __init__(self, residuals: Residuals, versions: list[tuple[torch.Tensor, int]]) -> None:
-        self.residuals = residuals
-        self.versions = versions
+    __slots__ = ("export_grads", "export_outputs", "numpy_cotangents", "numpy_inputs")
 
-    @property
-    def live(self) -> bool:
-        return self.residuals.live
+    def __init__(self, dtypes: Sequence[torch.dtype]) -> None:
+        self.numpy_inputs = _numpy_dtypes(dtypes)
+        self.export_outputs: bool | None = None
+        self.export_grads: bool | None = None
+        self.numpy_cotangents = False
+
+    def learn_outputs(self, leaves: Sequence[Any], outputs: Sequence[Any]) -> None:
+        self.numpy_cotangents = all(isinstance(t, _Tensor) for t in outputs) and \
+            _numpy_dtypes([t.dtype for t in outputs])
+        self.export_outputs = _exportable(leaves)
+
+    def learn_grads(self, grads: Sequence[Any]) -> None:
+        self.export_grads = _exportable([g for g in grads if g is not None])
+
+
+def _numpy_dtypes(dtypes: Sequence[torch.dtype]) -> bool:
+    return all(dtype in _NUMPY_DTYPES for dtype in dtypes) and (
+        _Platform.numpy_args if _Platform.numpy_args is not None else _Platform.probe())
+
+
+def _plan_of(program: Program, tensors: Sequence[torch.Tensor]) -> _Plan:
+    plan = program.bridge
+    if plan is None:
+        plan = program.bridge = _Plan([t.dtype for t in tensors])
+    return plan
+
+
+def _arrays(plan: _Plan, tensors: Sequence[torch.Tensor]) -> list[Any]:
+    if plan.numpy_inputs:
+        try:
+            return [t.numpy() for t in tensors]
+        except (RuntimeError, TypeError):  # e.g. requires_grad under grad mode: _to_jax
+            pass
+    return [_to_jax(t) for t in tensors]
+
+
+def _exportable(leaves: Sequence[Any]) -> bool:
+    """Whether each leaf is a live single-buffer CPU array (what a program gives on every
+    run once it gave it on one)."""
+    return DLPackFastPath.export_owned is not None and all(
+        type(leaf) is ARRAY_TYPE and is_single_cpu_buffer(leaf) for leaf in leaves)
+
+
+def _exported(leaves: Sequence[Any]) -> list[Any] | None:
+    """``_array_to_torch`` of fresh results of the engine's own jitted calls (only this
+    module holds them: ``export_owned``), known exportable from the program's first run
+    (``_Plan``); ``None`` (the caller takes the checked path) if one is not after all."""
+    export = DLPackFastPath.export_owned
+    try:
+        return [None if leaf is None else from_dlpack_capsule(export(leaf))  # type: ignore[misc]
+                for leaf in leaves]
+    except Exception:
+        return None
 
 
 class LocalJaxBackend:
@@ -151,39 +207,73 @@ class LocalJaxBackend:
     def flat_call(self, call: Call, tensors: Sequence[torch.Tensor]) -> tuple[list, Any, Any]:
         """Run without keeping residuals: ``(output tensors, output treedef, aux)``."""
         program = self._program(call, tensors, False)
-        out_leaves, aux = self.engine.call(program, [_to_jax(t) for t in tensors])
-        outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+        plan = program.bridge or _plan_of(program, tensors)
+        out_leaves, aux = self.engine.call(program, _arrays(plan, tensors))
+        outputs = _exported(out_leaves) if plan.export_outputs else None
+        if outputs is None:
+            outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+            if plan.export_outputs is None:
+                plan.learn_outputs(out_leaves, outputs)
         return outputs, program.out_treedef, (_to_torch_tree(aux) if call.has_aux else None)
 
     def flat_forward(
         self, call: Call, tensors: Sequence[torch.Tensor]
-    ) -> tuple[list, Any, Any, VjpHandle]:
+    ) -> tuple[list, Any, Any, Residuals]:
         """Run and keep residuals: ``(output tensors, output treedef, aux, handle)``."""
         program = self._program(call, tensors, True)
+        plan = program.bridge or _plan_of(program, tensors)
+        arrays = None
+        if plan.numpy_inputs:  # `_arrays`, inlined: the hot path
+            try:
+                arrays = [t.numpy() for t in tensors]
+            except (RuntimeError, TypeError):
+                pass
         out_leaves, aux, residuals = self.engine.forward(
-            program, [_to_jax(t) for t in tensors]
-        )
-        saved = residuals.saved_inputs
-        versions = [(tensors[i], tensors[i]._version) for i in saved] if saved else []
-        outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+            program, arrays if arrays is not None else [_to_jax(t) for t in tensors])
+        if residuals.inputs:  # the handle is the engine's residuals, with versions to check
+            residuals.versions = [(tensors[i], tensors[i]._version)
+                                  for i in program.saved_inputs]
+        outputs = _exported(out_leaves) if plan.export_outputs else None
+        if outputs is None:
+            outputs = [_leaf_to_torch(leaf) for leaf in out_leaves]
+            if plan.export_outputs is None:
+                plan.learn_outputs(out_leaves, outputs)
         aux = _to_torch_tree(aux) if call.has_aux else None
-        return outputs, program.out_treedef, aux, VjpHandle(residuals, versions)
+        return outputs, program.out_treedef, aux, residuals
 
     def flat_backward(
-        self, handle: VjpHandle, cotangents: Sequence[torch.Tensor], *, retain: bool
+        self, residuals: Residuals, cotangents: Sequence[torch.Tensor], *, retain: bool
     ) -> list[torch.Tensor | None]:
         """Cotangents (one per output leaf) -> one gradient per tensor (``None`` where
         the tensor was not differentiated)."""
-        if handle.versions and handle.residuals.live:
-            _check_versions(handle.versions)
-        # `.sum()` gives an expanded (stride 0) cotangent, `.t()` a strided one
-        cts = [_to_jax(ct if ct.is_contiguous() else ct.contiguous()) for ct in cotangents]
-        grads = self.engine.backward(handle.residuals, cts, retain=retain)
-        return [None if g is None else _array_to_torch(g) for g in grads]
+        versions = residuals.versions
+        if versions and residuals.live:
+            for tensor, version in versions:
+                if tensor._version != version:
+                    _check_versions(versions)  # raises, naming the tensor
+        plan: _Plan = residuals.program.bridge
+        cts = None
+        if plan.numpy_cotangents:
+            try:  # `.sum()` gives an expanded (stride 0) cotangent, `.t()` a strided one
+                cts = [(ct if ct.is_contiguous() else ct.contiguous()).numpy()
+                       for ct in cotangents]
+            except (AttributeError, RuntimeError, TypeError):
+                pass
+        if cts is None:
+            cts = [_to_jax(ct if ct.is_contiguous() else ct.contiguous()) for ct in cotangents]
+        grads = self.engine.backward(residuals, cts, retain=retain)
+        if plan.export_grads:
+            exported = _exported(grads)
+            if exported is not None:
+                return exported
+        result = [None if g is None else _array_to_torch(g) for g in grads]
+        if plan.export_grads is None:
+            plan.learn_grads(grads)
+        return result
 
-    def release(self, handle: VjpHandle) -> None:
-        """Drop the residuals of ``handle`` (idempotent, cheap, safe from a finalizer)."""
-        self.engine.release(handle.residuals)
+    def release(self, residuals: Residuals) -> None:
+        """Drop the residuals of a forward pass (idempotent, cheap, safe from a finalizer)."""
+        self.engine.release(residuals)
 
 
 def _check_versions(versions: list[tuple[torch.Tensor, int]]) -> None:
