@@ -100,7 +100,13 @@ def test_several_forwards_in_flight_and_backwards_in_any_order(
     with connect(gated_worker.address, timeout=60, max_async_calls=3) as w:
         module = WrappedJaxFunction(w.function("gated_scale"), torch.tensor([1.0, 1.0, 1.0]))
         futures = [module.submit(_x(key)) for key in (1, 2, 3)]
-        _wait_started(gated_worker, 1)  # (JAX on the worker's CPU runs one at a time)
+        # The session's calls take turns on its data-plane connection, in whichever order
+        # their threads get it (and JAX on the worker's CPU runs one at a time): wait for
+        # one of them to be inside the worker, whichever it is.
+        deadline = time.monotonic() + 60
+        while not any(_started(gated_worker, key) for key in (1, 2, 3)):
+            assert time.monotonic() < deadline, "the worker never started any of the calls"
+            time.sleep(0.01)
         assert not any(f.done() for f in futures)
         for key in (3, 2, 1):
             _open(gated_worker, key)
