@@ -55,10 +55,10 @@ MAX_SPIN_US = 100_000
 """More spin than this (0.1 s) only burns a core: refused."""
 
 
-def check_spin_us(spin_us: int, flag: str = "spin_us") -> int:
+def check_spin_us(spin_us: int) -> int:
     """``spin_us`` if it is a whole number in ``[0, MAX_SPIN_US]``, else a ``ValueError``."""
     if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not (
             0 <= spin_us <= MAX_SPIN_US):
-        raise ValueError(f"{flag}={spin_us!r}: must be a whole number of microseconds from 0 "
+        raise ValueError(f"spin_us={spin_us!r}: must be a whole number of microseconds from 0 "
                          f"(sleep at once) to {MAX_SPIN_US}")
     return spin_us

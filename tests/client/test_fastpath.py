@@ -464,9 +464,9 @@ def test_synchronous_calls_spin_asynchronous_ones_do_not_and_no_spin_gives_the_s
     spins: list[str] = []
     original = frames.Spinner.wait
 
-    def spy(self: frames.Spinner, spin: float | None = None) -> None:
+    def spy(self: frames.Spinner) -> None:
         spins.append(threading.current_thread().name)
-        original(self, spin)
+        original(self)
 
     monkeypatch.setattr(frames.Spinner, "wait", spy)
     results = {}

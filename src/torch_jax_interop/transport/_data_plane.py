@@ -153,10 +153,10 @@ class Spinner:
         """Whether the next waits return at once because the last spins all missed."""
         return self._skip > 0
 
-    def wait(self, spin: float | None = None) -> None:
-        """Return once the socket is readable (data, EOF or an error) or after ``spin``
-        seconds (default: this spinner's), whichever comes first; never blocks."""
-        spin = self.spin if spin is None else spin
+    def wait(self) -> None:
+        """Return once the socket is readable (data, EOF or an error) or after this
+        spinner's ``spin`` seconds, whichever comes first; never blocks."""
+        spin = self.spin
         if spin <= 0:
             return
         if self._skip:
