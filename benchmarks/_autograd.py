@@ -31,6 +31,12 @@ MLP_TORCH_SHARE = "torch's share of the step (zero_grad + empty autograd.Functio
 # pure JAX (which updates the parameters inside its XLA computation) it shows how much of
 # the step's gap is the wrapper and how much torch's optimizer and its threads
 MLP_NO_OPTIMIZER = "ours without optimizer.step (zero_grad + forward + backward)"
+# the smallest torch + JAX step with the loss in JAX, hand-written for this one model: one
+# jitted jax.value_and_grad on numpy views of torch's parameters, its gradients handed to
+# torch by DLPack as `.grad`, torch's SGD step. No autograd.Function, no wrapper: what any
+# loss-in-JAX step that updates torch parameters pays at least, torch's OpenMP threads
+# included ("Torch's threads slow JAX down" in docs/performance.md)
+MLP_CROSS_FLOOR = "floor: jitted value_and_grad + torch SGD step (no wrapper)"
 LINEAR_REFERENCE = "torch forward (no_grad)"
 MLP_REFERENCE = "pure JAX (jit, hand-written SGD)"
 # Where the loss is computed (torch's cross_entropy on the JAX logits, or inside the JAX
@@ -43,6 +49,11 @@ MLP_CASES = {
     f"{MLP}, loss in torch, torch.set_num_threads(1)": ("torch", 1),
     f"{MLP}, loss in JAX, torch.set_num_threads(1)": ("jax", 1),
 }
+# The loss-in-JAX case again in a child process whose torch reads OMP_WAIT_POLICY=PASSIVE
+# (libgomp reads it once, when torch loads): torch's OpenMP threads then sleep after each
+# parallel op instead of spinning on the cores XLA's next computation needs.
+MLP_PASSIVE = f"{MLP}, loss in JAX, OMP_WAIT_POLICY=PASSIVE"
+PASSIVE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
@@ -67,6 +78,12 @@ def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
             suite.compare(GROUP, name, MLP_BYTES, MLP_OPTIMIZER, MLP_REFERENCE)
             suite.compare(GROUP, name, MLP_BYTES, MLP_TORCH_SHARE, MLP_REFERENCE)
             suite.compare(GROUP, name, MLP_BYTES, MLP_NO_OPTIMIZER, MLP_REFERENCE)
+            suite.compare(GROUP, name, MLP_BYTES, MLP_CROSS_FLOOR, MLP_REFERENCE)
+            suite.compare(GROUP, name, MLP_BYTES, "ours", MLP_CROSS_FLOOR)
+    suite.compare(GROUP, MLP_PASSIVE, MLP_BYTES, "ours", MLP_REFERENCE,
+                  Target("<=", 1.3, "issue 16", "torch's OpenMP threads sleep when idle"))
+    suite.compare(GROUP, MLP_PASSIVE, MLP_BYTES, MLP_CROSS_FLOOR, MLP_REFERENCE)
+    suite.compare(GROUP, MLP_PASSIVE, MLP_BYTES, "ours", MLP_CROSS_FLOOR)
     return [
         ("autograd tiny fwd+bwd", lambda: _guard(suite, TINY, lambda: tiny_case(suite))),
         ("autograd torch_module_to_jax", lambda: _guard(suite, LINEAR, lambda: linear_case(suite))),
@@ -74,6 +91,8 @@ def tasks(suite: Suite) -> list[tuple[str, Callable[[], None]]]:
             (f"autograd {name[len(MLP) + 2:]}", _mlp_task(suite, name))
             for name in MLP_CASES
         ),
+        (f"autograd {MLP_PASSIVE[len(MLP) + 2:]} (child process)",
+         lambda: _guard(suite, MLP_PASSIVE, lambda: passive_mlp_case(suite))),
     ]
 
 
@@ -285,6 +304,7 @@ def mlp_case(suite: Suite, name: str, loss_in: str, threads: int | None) -> None
         variants[MLP_NO_OPTIMIZER] = make_torch_training_step(
             lambda params: wrapper_class(_models.mlp_loss, params), loss_in_jax=True,
             optimizer_step=False)
+        variants[MLP_CROSS_FLOOR] = make_cross_framework_floor()
     reference = MLP_REFERENCE
     before = torch.get_num_threads()
     if threads is not None:
@@ -302,6 +322,85 @@ def mlp_case(suite: Suite, name: str, loss_in: str, threads: int | None) -> None
         )
     finally:
         torch.set_num_threads(before)
+
+
+def passive_mlp_case(suite: Suite) -> None:
+    """``MLP_PASSIVE``: the loss-in-JAX case (default torch threads) measured by
+    ``_autograd_child`` in a process started with ``PASSIVE_ENV``; its records join ours."""
+    records, environment = run_child(suite, MLP_PASSIVE, PASSIVE_ENV)
+    for record in records:
+        suite.add(record)
+    suite.extra.setdefault(GROUP, {})["passive_child_environment"] = environment
+
+
+def run_child(suite: Suite, name: str, env: dict[str, str]
+              ) -> tuple[list[Record], dict[str, Any]]:
+    """Runs ``_autograd_child`` for case ``name`` with ``env`` added to this process's
+    environment: its records and the environment it reports."""
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    config = json.dumps(dataclasses.asdict(suite.config))
+    argv = [sys.executable, "-m", "benchmarks._autograd_child", name, config,
+            "--quick" if suite.quick else "--full"]
+    child_env = {**os.environ, **env}
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=root,
+                            env=child_env)
+    if result.returncode != 0:
+        raise RuntimeError(f"the child process failed: {result.stderr.strip()[-300:]}")
+    document = json.loads(result.stdout.strip().splitlines()[-1])
+    return [record_from_dict(row) for row in document["records"]], document["environment"]
+
+
+def record_from_dict(row: dict[str, Any]) -> Record:
+    from ._timing import Stats
+
+    stats = None if row["median_s"] is None else Stats(
+        row["median_s"], row["p10_s"], row["p90_s"], row["repetitions"], row["loops"])
+    return Record(row["group"], row["name"], row["variant"], row["bytes"],
+                  reference=row["reference"], status=row["status"], note=row["note"],
+                  stats=stats)
+
+
+def make_cross_framework_floor() -> Callable[[], None]:
+    """``MLP_CROSS_FLOOR``: ``zero_grad``, one jitted ``value_and_grad`` of the loss on numpy
+    views of torch's parameters and batch, the gradients as ``.grad`` (DLPack, no copy),
+    ``SGD.step``."""
+    import jax
+    import torch
+
+    from torch_jax_interop._compat._jax import DLPackFastPath
+    from torch_jax_interop._compat._torch import from_dlpack_capsule
+
+    if not DLPackFastPath.probed:
+        DLPackFastPath.probe()
+    export = DLPackFastPath.export_owned
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in _models.mlp_params().items()}
+    optimizer = torch.optim.SGD(params.values(), lr=_models.LEARNING_RATE)
+    value_and_grad = jax.jit(jax.value_and_grad(_models.mlp_loss))
+    x_np, y_np = _models.mlp_batch()
+    x, y = torch.tensor(x_np), torch.tensor(y_np)
+
+    def to_torch(a: Any) -> Any:
+        return from_dlpack_capsule(export(a)) if export is not None else torch.from_dlpack(a)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss, grads = value_and_grad({k: p.detach().numpy() for k, p in params.items()},
+                                     x.numpy(), y.numpy())
+        for k, p in params.items():
+            p.grad = to_torch(grads[k])
+        to_torch(loss)
+        optimizer.step()
+
+    return step
 
 
 def make_optimizer_step() -> Callable[[], None]:

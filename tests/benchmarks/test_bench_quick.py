@@ -107,6 +107,26 @@ def test_json_schema_and_medians(quick_run: tuple[Path, list[str], str]) -> None
             assert math.isfinite(comparison["ratio"]) and comparison["ratio"] > 0
 
 
+def test_mlp_case_with_passive_openmp_runs_in_a_child_process(
+    quick_run: tuple[Path, list[str], str],
+) -> None:
+    """The loss-in-JAX MLP case measured again in a child whose torch read
+    OMP_WAIT_POLICY=PASSIVE: its variants join the run, next to the no-wrapper floor."""
+    out, _, _ = quick_run
+    document = json.loads((out / "latest.json").read_text())
+    assert document["facts"]["autograd"]["passive_child_environment"] == {
+        "OMP_WAIT_POLICY": "PASSIVE"}
+    name = "MLP 784-256-10 train step, batch 256, loss in JAX, OMP_WAIT_POLICY=PASSIVE"
+    variants = {r["variant"] for r in document["records"]
+                if r["name"] == name and r["status"] == "ok"}
+    assert {"ours", "pure JAX (jit, hand-written SGD)",
+            "floor: jitted value_and_grad + torch SGD step (no wrapper)"} <= variants
+    ratios = {(c["variant"], c["reference"]): c for c in document["comparisons"]
+              if c["name"] == name}
+    target = ratios[("ours", "pure JAX (jit, hand-written SGD)")]
+    assert target["target"]["value"] == 1.3 and target["result"] in ("PASS", "MISS")
+
+
 def test_remote_group_cleans_up(quick_run: tuple[Path, list[str], str]) -> None:
     out, groups, _ = quick_run
     if "remote" not in groups:
