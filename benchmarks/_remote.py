@@ -30,10 +30,8 @@ ROUND_TRIP = "identity round trip"
 SMALL = "small call, 16 floats"
 MLP = "MLP 784-256-10 train step, batch 256"
 MEMCPY = "memcpy (np.copyto)"
-# The same copy between two shared mappings: the pages the pool and the arena are made of.
-# numpy asks for transparent huge pages for large arrays (THP "madvise"), which shared memory
-# gets only where /sys/kernel/mm/transparent_hugepage/shmem_enabled allows them: with 4 KiB
-# pages, a copy of 64 MiB takes ~1.3x longer here (more TLB misses).
+# The same copy between two shared anonymous mappings, the kind of memory the pool and the
+# arena are: what a round trip whose input is already in the pool copies at least, once.
 MEMCPY_SHARED = "memcpy between shared mappings (np.copyto, shared-memory pages)"
 ECHO = "bare gRPC echo"
 LIBRARY = "library mode (WrappedJaxFunction)"
@@ -268,7 +266,6 @@ def round_trip(suite: Suite, state: RemoteState, nbytes: int) -> None:
     variants: dict[str, Callable[[], Any]] = {MEMCPY: lambda: np.copyto(destination, source)}
     if nbytes == TARGET_SIZE:
         variants[MEMCPY_SHARED] = _shared_memcpy(source)
-        suite.extra.setdefault(GROUP, {})["transparent_hugepages"] = _hugepage_settings()
     if state.echo is not None:
         echo = state.echo
         variants[ECHO] = lambda: echo(payload)
@@ -327,20 +324,6 @@ def _shared_memcpy(source: Any) -> Callable[[], Any]:
         views.append(view)
     shared_source, shared_destination = views
     return lambda: np.copyto(shared_destination, shared_source)
-
-
-def _hugepage_settings() -> dict[str, str | None]:
-    """The transparent-huge-page policies (the selected one of each), for the JSON's facts."""
-    settings: dict[str, str | None] = {}
-    for name in ("enabled", "shmem_enabled"):
-        try:
-            text = Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text()
-        except OSError:
-            settings[name] = None
-            continue
-        chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
-        settings[name] = chosen[0] if chosen else text.strip()
-    return settings
 
 
 def _bind1(fn: Callable[[Any], Any], value: Any) -> Callable[[], Any]:
