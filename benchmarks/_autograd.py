@@ -358,17 +358,7 @@ def run_child(suite: Suite, name: str, env: dict[str, str]
     if result.returncode != 0:
         raise RuntimeError(f"the child process failed: {result.stderr.strip()[-300:]}")
     document = json.loads(result.stdout.strip().splitlines()[-1])
-    return [record_from_dict(row) for row in document["records"]], document["environment"]
-
-
-def record_from_dict(row: dict[str, Any]) -> Record:
-    from ._timing import Stats
-
-    stats = None if row["median_s"] is None else Stats(
-        row["median_s"], row["p10_s"], row["p90_s"], row["repetitions"], row["loops"])
-    return Record(row["group"], row["name"], row["variant"], row["bytes"],
-                  reference=row["reference"], status=row["status"], note=row["note"],
-                  stats=stats)
+    return [Record.from_dict(row) for row in document["records"]], document["environment"]
 
 
 def make_cross_framework_floor() -> Callable[[], None]:

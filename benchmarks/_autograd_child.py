@@ -2,9 +2,8 @@
 
 ``python -m benchmarks._autograd_child NAME TIMING_JSON --quick|--full``: the parent
 (``_autograd.run_child``) starts it with the environment the case is about, which torch
-reads only once, when it loads (``OMP_WAIT_POLICY``); the records go back on the last line
-of stdout (with the environment
-the child saw) and join the parent's suite under ``NAME``.
+reads only once, when it loads (``OMP_WAIT_POLICY``). The records, with the environment
+the child saw, go back on the last line of stdout and join the parent's suite.
 """
 
 from __future__ import annotations

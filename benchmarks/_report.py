@@ -9,7 +9,7 @@ from typing import Any
 
 from . import _distributed
 from ._suite import OK, OVER_LIMIT, Comparison, Record, Suite, Target
-from ._timing import Stats, TimingConfig
+from ._timing import TimingConfig
 
 SCHEMA_VERSION = 1
 JSON_NAME = "latest.json"
@@ -95,15 +95,7 @@ def from_json(document: dict[str, Any]) -> tuple[Suite, dict[str, Any], str]:
         )
     suite = Suite(config=TimingConfig(**document["timing"]), quick=bool(document["quick"]))
     for row in document["records"]:
-        stats = (
-            None
-            if row["median_s"] is None
-            else Stats(row["median_s"], row["p10_s"], row["p90_s"], row["repetitions"],
-                       row["loops"])
-        )
-        suite.add(Record(row["group"], row["name"], row["variant"], row["bytes"],
-                         reference=row["reference"], status=row["status"], note=row["note"],
-                         stats=stats))
+        suite.add(Record.from_dict(row))
     for row in document["comparisons"]:
         target = None if row["target"] is None else Target(**row["target"])
         suite.compare(row["group"], row["name"], row["bytes"], row["variant"], row["reference"],

@@ -49,6 +49,15 @@ class Record:
             **timing,
         }
 
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Record:
+        """The record ``as_dict`` wrote (a saved run, or a child process's records)."""
+        stats = None if row["median_s"] is None else Stats(
+            row["median_s"], row["p10_s"], row["p90_s"], row["repetitions"], row["loops"])
+        return cls(row["group"], row["name"], row["variant"], row["bytes"],
+                   reference=row["reference"], status=row["status"], note=row["note"],
+                   stats=stats)
+
 
 @dataclass(frozen=True)
 class Target:
