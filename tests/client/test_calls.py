@@ -238,3 +238,24 @@ def test_x64_worker_round_trips_64_bit_values_exactly(short_tmp: str, transport:
             assert _same_bits(out[key], sent), key
     finally:
         assert stop_worker(process) == 0
+
+
+def test_one_function_object_takes_every_argument_structure_in_turn(
+        worker: WorkerProcess) -> None:
+    """A ``RemoteFunction`` remembers the plan of tensor-only calls by their count: calls of
+    other counts, with keywords or with pytrees, in any order, each get their own."""
+    with connect(worker.address, timeout=60) as w:
+        scale = w.function("scale")
+        identity = w.function("identity")
+        p, x = torch.tensor(3.0), torch.arange(4.0)
+        for _ in range(2):
+            assert torch.equal(scale(p, x), 3 * x)
+            assert torch.equal(scale(p, x=x), 3 * x)
+            out = identity({"a": x, "b": (p, x)})
+            assert torch.equal(out["a"], x) and torch.equal(out["b"][0], p)
+            assert torch.equal(identity(x), x)
+            # the structure sent is this call's own (one argument), not the last one's
+            with pytest.raises(InvalidArgumentError, match="cannot take 1 positional"):
+                scale(p)
+            with pytest.raises(TypeError, match="wrap numbers with torch.tensor"):
+                scale(3.0, x)
