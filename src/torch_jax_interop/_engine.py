@@ -60,6 +60,7 @@ __all__ = ["Engine", "Program", "Residuals", "is_float0"]
 _FLOAT0 = jax.dtypes.float0
 _tree_flatten: Callable[..., Any] = jax.tree_util.tree_flatten
 _tree_unflatten = jax.tree_util.tree_unflatten
+_tree_leaves: Callable[..., list[Any]] = jax.tree_util.tree_leaves
 
 
 def is_float0(value: Any) -> bool:
@@ -121,6 +122,7 @@ class Program:
         "out_shapes",
         "out_shardings",
         "out_treedef",
+        "pass_plan",
         "passthrough",
         "placement",
         "plain",
@@ -160,6 +162,9 @@ class Program:
         # the input it merely passes through (or None)
         self.result_shapes: Any = None
         self.passthrough: tuple[int | None, ...] | None = None
+        # from the first `call(passthrough=True)`: (the result's treedef, the input each
+        # result leaf is) when every leaf is an input passed through, else False
+        self.pass_plan: tuple[Any, tuple[int, ...]] | bool | None = None
         # a sharded function (Note [Sharded served functions]): where each input goes, and
         # the outputs' shardings (for the cotangents)
         self.placement: Placement | None = None
@@ -310,12 +315,22 @@ class Engine:
         rebuilds the outputs. With ``passthrough`` (after ``describe``), a result made only
         of inputs passed through is returned as those inputs: XLA would copy them."""
         arrays = self._place(program, arrays)
-        forwarded = program.passthrough
-        if passthrough and forwarded is not None and all(i is not None for i in forwarded):
-            result = _tree_unflatten(jax.tree_util.tree_structure(program.result_shapes),
-                                     [arrays[i or 0] for i in forwarded])
-            out, aux = split_aux(result) if program.has_aux else (result, None)
-            return self._gathered(program._record(out)), self._gathered(aux)
+        if passthrough:
+            plan = program.pass_plan
+            if plan is None and program.passthrough is not None:  # once per program
+                forwarded = program.passthrough
+                plan = program.pass_plan = (
+                    (jax.tree_util.tree_structure(program.result_shapes),
+                     tuple(i or 0 for i in forwarded))
+                    if all(i is not None for i in forwarded) else False)
+            if plan:
+                treedef, inputs = plan  # type: ignore[misc]
+                result = _tree_unflatten(treedef, [arrays[i] for i in inputs])
+                out, aux = split_aux(result) if program.has_aux else (result, None)
+                # what `_record` finds is fixed by the program: found once
+                leaves = (program._record(out) if program.out_treedef is None
+                          else _tree_leaves(out))
+                return self._gathered(leaves), self._gathered(aux)
         if program.plain is None:
             fn, has_aux = self.fn, program.has_aux
 

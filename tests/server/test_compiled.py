@@ -121,3 +121,33 @@ def test_the_compile_cache_is_bounded() -> None:
     assert len(function.engine.programs) == 2
     # (2,) stayed cached; (1,) was the least recently used when (3,) came: traced again
     assert traces == [(1,), (2,), (3,), (1,)]
+
+
+def test_a_result_of_inputs_passed_through_is_those_inputs_on_every_call() -> None:
+    """Outputs that are inputs passed through (in any structure, aux too) come back as the
+    input arrays themselves, call after call; a result with a computed leaf runs XLA."""
+    def regroup(x: jax.Array, y: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+        return {"b": y, "a": x}, x
+
+    def partly_computed(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return x, y * 2
+
+    x, y = np.arange(3, dtype=np.float32), np.ones((2, 2), np.float32)
+    function = CompiledFunction("regroup", regroup)
+    program, arrays = _program(function, (x, y), (), has_aux=True)
+    function.describe(program, arrays)
+    for _ in range(3):
+        out, aux = function.call(program, arrays)
+        assert out["a"] is arrays[0] and out["b"] is arrays[1] and aux is arrays[0]
+        assert program.out_treedef == jax.tree_util.tree_structure({"a": 0, "b": 0})
+        assert program.out_float == (True, True)
+        assert program.out_shapes == ((3,), (2, 2))
+    function = CompiledFunction("partly_computed", partly_computed)
+    program, arrays = _program(function, (x, y), ())
+    function.describe(program, arrays)
+    for _ in range(2):
+        (first, second), aux = function.call(program, arrays)
+        assert aux is None
+        assert first is not arrays[0]  # XLA's copy: the result was computed
+        np.testing.assert_array_equal(first, x)
+        np.testing.assert_array_equal(second, 2 * y)
