@@ -258,6 +258,14 @@ class Engine:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+    def cached(self, key: Hashable) -> Program | None:
+        """The program of ``key`` if there is one (counted as used), else None."""
+        with self._lock:
+            program = self.programs.get(key)
+            if program is not None and self.max_programs is not None:
+                self.programs.move_to_end(key)
+        return program
+
     def program(self, key: Hashable, build: Callable[[Sequence[Any]], tuple[tuple, dict]],
                 num_inputs: int, diff: tuple[int, ...], has_aux: bool) -> Program:
         """The program of ``key`` (made with ``build`` the first time). ``key`` must

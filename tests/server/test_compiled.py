@@ -121,6 +121,9 @@ def test_the_compile_cache_is_bounded() -> None:
     assert len(function.engine.programs) == 2
     # (2,) stayed cached; (1,) was the least recently used when (3,) came: traced again
     assert traces == [(1,), (2,), (3,), (1,)]
+    # a hit counts as a use: (2,) (used after (3,)) is still there, (3,) went for (1,)
+    function.call(*_program(function, (np.ones(2, np.float32),), ()))
+    assert traces == [(1,), (2,), (3,), (1,)]
 
 
 def test_a_result_of_inputs_passed_through_is_those_inputs_on_every_call() -> None:

@@ -131,6 +131,10 @@ class CompiledFunction:
                 has_aux: bool, diff: tuple[int, ...]) -> Program:
         """The engine's program for a call with these wire structures. ``key`` identifies
         the structures, shapes and dtypes; ``diff`` the leaves to differentiate."""
+        # `key` holds the structures: a program made for it passed the checks below
+        program = self.engine.cached((key, has_aux, diff))
+        if program is not None:
+            return program
         if kwargs_spec is None:
             kwargs_spec = _pytree.flatten({})[1]
         if args_spec.kind != _pytree.TUPLE or kwargs_spec.kind != _pytree.DICT:
