@@ -80,15 +80,20 @@ def percentile(sorted_values: list[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(sorted_values) - 1)
     fraction = position - low
-    return sorted_values[low] * (1.0 - fraction) + sorted_values[high] * fraction
+    below = sorted_values[low]
+    # `a + (b - a) * f`, not `a * (1 - f) + b * f`: equal neighbours give exactly their value
+    # (the latter can land an ulp off, so that p10 came out above an equal median)
+    return below + (sorted_values[high] - below) * fraction
 
 
 def summarize(samples: list[float], loops: int) -> Stats:
     ordered = sorted(samples)
+    median = percentile(ordered, 50)
     return Stats(
-        median_s=percentile(ordered, 50),
-        p10_s=percentile(ordered, 10),
-        p90_s=percentile(ordered, 90),
+        median_s=median,
+        # ordered as percentiles are, whatever the rounding between distant neighbours
+        p10_s=min(percentile(ordered, 10), median),
+        p90_s=max(percentile(ordered, 90), median),
         repetitions=len(ordered),
         loops=loops,
     )
