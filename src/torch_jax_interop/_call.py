@@ -15,13 +15,29 @@ import torch
 
 from ._pytree import LEAF_SPEC, TreeTemplate
 
-__all__ = ["Call", "VjpBackend", "is_tensor"]
+__all__ = ["Call", "VjpBackend", "is_tensor", "tensor_args_template"]
 
 _Tensor = torch.Tensor
 
 
 def is_tensor(value: Any) -> bool:
     return isinstance(value, _Tensor)
+
+
+def tensor_args_template(cache: dict[int, TreeTemplate], args: tuple,
+                         kwargs: dict) -> TreeTemplate | None:
+    """The template of ``(args, kwargs)`` when they are positional tensors only (the hot
+    path of a call): its structure depends on their number alone, so it is made once per
+    number and kept in ``cache``. ``None`` for any other arguments (``Call.of`` then)."""
+    if kwargs:
+        return None
+    for a in args:
+        if not isinstance(a, _Tensor):
+            return None
+    inputs = cache.get(len(args))
+    if inputs is None:
+        inputs = cache[len(args)] = TreeTemplate.of((args, {}), is_tensor)[0]
+    return inputs
 
 
 class Call:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ._async import CallExecutor, library_executor
-from ._call import Call, VjpBackend, is_tensor
+from ._call import Call, VjpBackend, tensor_args_template
 from ._compat._torch import keep_graph, run_outside_dynamo
 from ._errors import DoubleBackwardError, UnsupportedTensorError
 from ._pytree import LEAF, NONE, TreeSpec, TreeTemplate, is_array_leaf
@@ -377,19 +377,9 @@ class WrappedJaxFunction(torch.nn.Module):
     def _run(self, args: tuple, kwargs: dict) -> Any:
         # The hot path of library mode: loops rather than generators, one pass each.
         tensors = [d[name] for d, name in self._slots]
-        inputs = None
-        if not kwargs:
-            # fast path: only tensor arguments, whose template depends on their number only
-            for a in args:
-                if not isinstance(a, _Tensor):
-                    break
-            else:
-                inputs = self._tensor_args.get(len(args))
-                if inputs is None:
-                    inputs = TreeTemplate.of((args, {}), is_tensor)[0]
-                    self._tensor_args[len(args)] = inputs
-                tensors += args
+        inputs = tensor_args_template(self._tensor_args, args, kwargs)
         if inputs is not None:
+            tensors += args
             call = Call(self.backend, self.has_aux, self._params, inputs)
         else:
             call, user_tensors = Call.of(self.backend, self.has_aux, args, kwargs, self._params)

@@ -8,10 +8,8 @@ from typing import Any, Protocol
 import torch
 
 from .._async import AsyncCallable, CallExecutor
-from .._call import Call, is_tensor
+from .._call import Call, tensor_args_template
 from .._pytree import TreeTemplate
-
-_Tensor = torch.Tensor
 
 
 class Worker(Protocol):
@@ -93,24 +91,16 @@ class RemoteFunction(AsyncCallable):
         self.name = name
         self.__name__ = name
         self._backend = RemoteBackend(worker, name)  # stateless: one serves every call
-        # call templates of `fn(t1, ..., tn)` with tensors only, by n: their structure
-        # depends on n alone, so the hot path skips flattening (~7 us a call)
+        # templates of tensor-only calls, by their number (`tensor_args_template`): the hot
+        # path skips flattening (~7 us a call)
         self._tensor_args: dict[int, TreeTemplate] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         backend = self._backend
-        call = None
-        if not kwargs:
-            for a in args:
-                if not isinstance(a, _Tensor):
-                    break
-            else:
-                inputs = self._tensor_args.get(len(args))
-                if inputs is None:
-                    inputs = self._tensor_args[len(args)] = TreeTemplate.of((args, {}),
-                                                                           is_tensor)[0]
-                call, tensors = Call(backend, False, None, inputs), list(args)
-        if call is None:
+        inputs = tensor_args_template(self._tensor_args, args, kwargs)
+        if inputs is not None:
+            call, tensors = Call(backend, False, None, inputs), list(args)
+        else:
             call, tensors = Call.of(backend, False, args, kwargs)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             from .._wrapped import apply_backend
