@@ -459,6 +459,37 @@ def test_spinner_backs_off_after_missing_and_spins_again_after_the_backoff() -> 
         b.close()
 
 
+def test_near_misses_do_not_back_off_but_far_misses_do() -> None:
+    """A frame that comes just after the spin (within NEAR_MISS_MS) is a near miss: it
+    never counts towards backing off; silence past that window is a miss."""
+    a, b = socket.socketpair()
+    try:
+        spinner = frames.Spinner(a, 20)
+        late_in_a_row = 0  # waits the sender's thread missed the window by (a busy CI)
+        for _ in range(3 * frames.Spinner.MISSES_BEFORE_BACKOFF):
+            ready = threading.Timer(0.0003, b.send, args=(b"x",))  # after the 20 us spin
+            ready.start()
+            started = time.perf_counter()
+            spinner.wait()
+            waited = time.perf_counter() - started
+            ready.join()
+            assert a.recv(1) == b"x"
+            late_in_a_row = late_in_a_row + 1 if waited > 0.0015 else 0
+            if spinner.backing_off:  # only a run of real misses may cause it
+                assert late_in_a_row >= frames.Spinner.MISSES_BEFORE_BACKOFF
+                spinner._skip = 0
+        spinner = frames.Spinner(a, 20)
+        for _ in range(frames.Spinner.MISSES_BEFORE_BACKOFF):
+            assert not spinner.backing_off
+            started = time.perf_counter()
+            spinner.wait()  # nothing comes: the spin, then the near-miss window, then back
+            assert time.perf_counter() - started < 1.0
+        assert spinner.backing_off
+    finally:
+        a.close()
+        b.close()
+
+
 def test_synchronous_calls_spin_asynchronous_ones_do_not_and_no_spin_gives_the_same_results(
         short_tmp: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spins: list[str] = []

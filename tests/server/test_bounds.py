@@ -341,3 +341,41 @@ def test_decoding_a_structure_leaves_no_reference_cycle() -> None:
     finally:
         gc.enable()
     assert spec.num_leaves == 4
+
+
+def test_structures_seen_before_are_answered_by_content_not_by_counts() -> None:
+    """``decode_spec`` answers a structure seen before from its cache, matched by the
+    nodes' content: two structures with the same node and leaf counts (dict keys differ)
+    never get each other's spec, however many share those counts."""
+    from torch_jax_interop import _pytree, _wire
+
+    def nodes_of(tree: Any) -> Any:
+        message = pb.Tree()
+        _wire.encode_tree_spec(_pytree.flatten(tree)[1], message)
+        return message.nodes
+
+    trees = [{f"k{i}": 0, "z": 0} for i in range(2 * _wire._MAX_CANDIDATES + 1)]
+    expected = [_pytree.flatten(tree)[1] for tree in trees]
+    for _ in range(2):  # the second round finds some in the cache, the rest rebuilt
+        for tree, spec in zip(trees, expected, strict=True):
+            decoded = _wire.decode_spec(nodes_of(tree), 2)
+            assert decoded == spec
+            assert decoded.unflatten([1, 2]) == spec.unflatten([1, 2])
+    again = _wire.decode_spec(nodes_of(trees[-1]), 2)
+    assert again is _wire.decode_spec(nodes_of(trees[-1]), 2)  # a hit: the same object
+    with pytest.raises(Exception, match="2 leaves but 3 tensors"):
+        _wire.decode_spec(nodes_of(trees[-1]), 3)  # the leaf count is checked on a hit too
+
+
+def test_byte_sizes_seen_before_are_checked_against_each_callers_limit() -> None:
+    from torch_jax_interop import _wire
+    from torch_jax_interop.errors import InvalidArgumentError, ResourceExhaustedError
+
+    assert _wire.tensor_nbytes("float32", (256, 4), limit=1 << 20) == 4096
+    with pytest.raises(ResourceExhaustedError, match="4096 bytes"):
+        _wire.tensor_nbytes("float32", (256, 4), limit=4095)  # cached, the limit still holds
+    assert _wire.tensor_nbytes("float32", (256, 4), limit=4096) == 4096
+    for _ in range(2):  # refused shapes are never cached
+        with pytest.raises(InvalidArgumentError, match="negative"):
+            _wire.tensor_nbytes("float32", (4, -1), limit=1 << 20)
+    assert _wire.tensor_nbytes("float32", [256, 4], limit=1 << 20) == 4096  # any sequence

@@ -62,10 +62,13 @@ def prepare(t: torch.Tensor, *, keep_device: bool = False) -> torch.Tensor:
         raise TypeError(f"dtype `{t.dtype}` cannot be sent; supported: {', '.join(DTYPE_NAMES)}")
     if t.layout is not torch.strided:
         raise TypeError(f"cannot send a tensor with layout `{t.layout}`; call .to_dense()")
-    t = t.detach()
+    if t.requires_grad:  # each step only where needed: the hot path is a plain tensor
+        t = t.detach()
     if not t.is_cpu and not keep_device:
         t = t.cpu()  # the host path for CUDA tensors (no CUDA IPC with this worker)
-    return t.resolve_conj().resolve_neg().contiguous()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -314,7 +314,7 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
                 out, aux = function.call(program, arrays)
         out_leaves, out_spec = flatten_outputs(out)
         with _served(request.function):  # errors of an asynchronous run surface here
-            jax.block_until_ready(out_leaves)
+            _wait_for(out_leaves)
         if not context.is_active():
             # The client gave up (deadline, cancel): keep no residual for it and write
             # nothing into its arena (Note [Arena slices after a deadline] in the client).
@@ -345,7 +345,7 @@ class JaxWorkerServicer(pb_grpc.JaxWorkerServiceServicer):
                               session, self.config.inline_threshold, self.config.limits)
         for grads, out in ((grad_args, response.grad_args), (grad_kwargs, response.grad_kwargs)):
             leaves, spec = flatten_outputs(grads)  # inputs without gradient: None
-            jax.block_until_ready(leaves)
+            _wait_for(leaves)
             if not context.is_active():  # the client gave up: write nothing into its arena
                 context.abort(grpc.StatusCode.CANCELLED, "the client gave up on this call")
             writer.write_tree(leaves, spec, out)
@@ -416,6 +416,14 @@ class _served:  # noqa: N801 - used as a function: ``with _served(name):``
         log.info("`%s` raised %s: %s", self.name, type(error).__name__, error)
         raise RemoteExecutionError(
             f"`{self.name}` raised {type(error).__name__}: {error}") from None
+
+
+def _wait_for(leaves: list[Any]) -> None:
+    """``jax.block_until_ready`` of the JAX arrays among ``leaves``, without its tree walk:
+    numpy inputs passed through need no wait (~2 us a call saved on small calls)."""
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            leaf.block_until_ready()
 
 
 def _no_grad_leaves(request: Any) -> frozenset[int]:
