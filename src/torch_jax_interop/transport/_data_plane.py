@@ -141,7 +141,8 @@ class Spinner:
     polling for a while when polling keeps failing (Note [Spin, then sleep])."""
 
     MISSES_BEFORE_BACKOFF = 4
-    """Spins in a row that end without the peer's frame before the spinner backs off ..."""
+    """Spins that end without the peer's frame (near misses aside), with no hit in between,
+    before the spinner backs off ..."""
     BACKOFF_WAITS = 64
     """... for this many waits (each returns at once: the caller sleeps in ``recv``)."""
     NEAR_MISS_MS = 1
