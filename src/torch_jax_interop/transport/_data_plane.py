@@ -58,17 +58,17 @@ VM exit on a hypervisor). So both ends spin for a bounded time before they block
 
 A wait longer than the spin costs what it cost before plus the spin (bounded: 200 us by
 default); ``0`` on either side turns it off. The spin adapts: after
-``Spinner.MISSES_BEFORE_BACKOFF`` spins in a row that end without the peer's frame (the
-worker computes for milliseconds, or the machine's cores are busy with other processes, so
-that spinning takes the very CPU the peer needs), the next ``Spinner.BACKOFF_WAITS`` waits
-sleep at once; then it tries again. A spin that ends without the frame first sleeps up to
-``Spinner.NEAR_MISS_MS`` in ``poll``: a frame that comes then is a near miss (the peer is
-only a little slower than the spin: a slower machine, a busy moment) and does not count, so
-small calls on a slow machine keep spinning (measured on a 2-vCPU VM where the worker
-answered a 16-float call in ~110-160 us: misses sent 16 % of calls into backoff, and the
-mean call took 386 us; with near misses not counted, none, and 301 us). A training step
-whose forward takes milliseconds thus spins a few times per hundred calls, and a loaded
-machine sees the sleeping behaviour.
+``Spinner.MISSES_BEFORE_BACKOFF`` spins with no hit between them that end without the
+peer's frame (the worker computes for milliseconds, or the machine's cores are busy with
+other processes, so that spinning takes the very CPU the peer needs), the next
+``Spinner.BACKOFF_WAITS`` waits sleep at once; then it tries again. A spin that ends
+without the frame first sleeps up to ``Spinner.NEAR_MISS_MS`` in ``poll``: a frame that
+comes then is a near miss (the peer is only a little slower than the spin: a slower
+machine, a busy moment) and does not count, so small calls on a slow machine keep spinning
+(measured on a 2-vCPU VM where the worker answered a 16-float call in ~110-160 us: misses
+sent 16 % of calls into backoff, and the mean call took 386 us; with near misses not
+counted, none, and 301 us). A training step whose forward takes milliseconds thus spins a
+few times per hundred calls, and a loaded machine sees the sleeping behaviour.
 Deadlines and the dead-peer checks are unchanged: a peer's close makes ``poll`` return at
 once.
 """
@@ -187,7 +187,8 @@ class Spinner:
                     return
                 # The peer is much slower than the spin (a long computation), or this
                 # machine's cores are busy and the spin takes the peer's CPU: after a few
-                # such misses in a row, sleep at once for a while, then try again.
+                # such misses with no hit between them, sleep at once for a while, then
+                # try again.
                 self._misses += 1
                 if self._misses >= self.MISSES_BEFORE_BACKOFF:
                     self._misses = 0
