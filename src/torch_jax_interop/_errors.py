@@ -37,7 +37,8 @@ class TransportError(InteropError):
 
 
 class SharedMemoryFullError(TransportError, OSError):
-    """The shared-memory filesystem has no room for a region."""
+    """The shared-memory filesystem (ENOSPC), or the memory (ENOMEM: Note [Regions are
+    memory] in ``transport/_memory.py``), has no room for a region."""
 
 
 class RegionRejectedError(TransportError, ValueError):

@@ -15,7 +15,7 @@ type), the project's class derives from both, so ``except OverflowError`` and
     ├── DoubleBackwardError (RuntimeError)   second derivative through a wrapper
     ├── CallQueueFullError (RuntimeError)    too many asynchronous calls pending
     ├── TransportError                       shared memory / CUDA IPC / inline bytes
-    │   ├── SharedMemoryFullError (OSError)  /dev/shm too small (raise ``shm_size``)
+    │   ├── SharedMemoryFullError (OSError)  /dev/shm (``shm_size``) or memory too small
     │   ├── RegionRejectedError (ValueError) a region failed the attach checks
     │   ├── SliceOutOfBoundsError (ValueError)
     │   │                                    a slice lies outside its region or is misaligned

@@ -3,16 +3,19 @@ client/_codec.py) with a real worker: no copy on the way in, lifetimes, misuse."
 
 from __future__ import annotations
 
+import errno
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from support.memory import pretend_machine
 from support.workers import WorkerProcess
 
 from torch_jax_interop.client import InvalidArgumentError, _data_plane as client_data_plane, connect
-from torch_jax_interop.errors import TransportError
+from torch_jax_interop.errors import SharedMemoryFullError, TransportError
 
 
 @pytest.fixture
@@ -135,3 +138,30 @@ def test_a_session_without_a_pool_refuses_empty_and_bad_arguments(worker: Worker
         assert torch.equal(w.zeros(3), torch.zeros(3))
         like = w.empty_like(torch.ones(2, 5, dtype=torch.float16))
         assert like.shape == (2, 5) and like.dtype == torch.float16
+
+
+def test_a_tensor_the_memory_cannot_hold_is_refused_and_the_session_goes_on(
+        w: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Note [Regions are memory]: ``empty`` and a call's input past the memory left get a
+    clear error (not the OOM killer); nothing is kept, and calls that fit still work. The
+    memory figures are this test's files (``support.memory``): 100 MiB available."""
+    identity = w.function("identity")
+    small = torch.arange(1 << 16, dtype=torch.float32)  # 256 KiB: through the pool
+    assert torch.equal(identity(small), small)
+    pool = w._current().pool
+    regions, total = pool.num_regions, pool.total_bytes
+    pretend_machine(tmp_path, monkeypatch, available_kib=100 * 1024)
+    with pytest.raises(SharedMemoryFullError, match=r"region of 200\.0 MiB.*OOM killer") as info:
+        w.empty(50 << 20)  # 200 MiB of float32
+    assert info.value.errno == errno.ENOMEM
+    big = torch.zeros(50 << 20)
+    with pytest.raises(SharedMemoryFullError, match="smaller tensors"):
+        identity(big)
+    assert (pool.num_regions, pool.total_bytes) == (regions, total)
+    assert torch.equal(identity(small + 1), small + 1)  # the session and the worker go on
+    # 34 MiB fits in the 36 MiB left after the reserve (64 MiB: 1/32 of the 2 GiB), though
+    # its power of two (64 MiB) does not: the region is made just big enough
+    fits = w.empty(34 << 18)
+    fits.copy_(torch.arange(fits.numel(), dtype=torch.float32))
+    assert pool.total_bytes == total + (34 << 20)
+    assert torch.equal(identity(fits), fits)

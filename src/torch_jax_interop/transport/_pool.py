@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import mmap
 import operator
 import os
@@ -49,7 +50,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-from .._errors import PoolExhaustedError, TransportError
+from .._errors import PoolExhaustedError, SharedMemoryFullError, TransportError
 from .._layout import ALIGNMENT, round_up
 from ._freelist import FreeList
 
@@ -354,7 +355,7 @@ class Pool(Generic[BufferT, SliceT]):
                 size = self._new_region_size(block, nbytes)
                 self._reserved += size
             try:
-                region_id, buffer = self._create_and_register(size)
+                region_id, buffer = self._create_fitting(size, block)
             finally:
                 with self._locked():
                     self._reserved -= size
@@ -372,6 +373,19 @@ class Pool(Generic[BufferT, SliceT]):
                 offset = entry.take(block)
                 assert offset is not None
                 return self.slice_type(self, entry, offset, nbytes, block)
+
+    def _create_fitting(self, size: int, block: int) -> tuple[int, BufferT]:
+        """A new registered buffer of ``size`` bytes or, where the memory has no room for
+        that (Note [Regions are memory] in ``_memory.py``), of the fewest bytes ``block``
+        fits in: rounding up must not turn a request that fits into an error. (A directory
+        too small keeps its error: a session then learns at once that it cannot use it.)"""
+        try:
+            return self._create_and_register(size)
+        except SharedMemoryFullError as error:
+            smallest = max(round_up(block, self.kind.granularity), self._min_region_bytes)
+            if error.errno != errno.ENOMEM or smallest >= size:
+                raise
+            return self._create_and_register(smallest)
 
     def _create_and_register(self, size: int) -> tuple[int, BufferT]:
         buffer = self.kind.create(size)

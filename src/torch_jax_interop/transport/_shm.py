@@ -72,6 +72,7 @@ from .._errors import (
     TransportError,
 )
 from ._memfd import _SEAL_SHRINK, _SEALS, _find_memfd, sealing_supported
+from ._memory import memory_room
 
 SHM_PREFIX = "tji-"
 """Prefix of every region name this project creates."""
@@ -162,6 +163,31 @@ def _full_error(directory: str, size: int, err: OSError) -> SharedMemoryFullErro
         "service; docker run: `--shm-size=8g`), free space there, or point "
         f"`{SHM_DIR_ENV}` at a larger tmpfs directory.",
     )
+
+
+def _check_room(size: int, directory: str | None) -> None:
+    """Refuse, before anything is created, a region the memory cannot hold (Note [Regions
+    are memory] in ``_memory.py``). A file region too big for its directory (``directory``)
+    is left to ``posix_fallocate``, whose ENOSPC names the directory's own fixes."""
+    if directory is not None:
+        try:
+            st = os.statvfs(directory)
+        except OSError:
+            st = None  # a missing directory gets its own error when the file is created
+        if st is not None and size > st.f_bavail * st.f_frsize:
+            return
+    room = memory_room()
+    if room is not None and size > room.allowed:
+        raise SharedMemoryFullError(
+            errno.ENOMEM,
+            f"cannot create a shared-memory region of {_format_bytes(size)}: this machine "
+            f"does not have the memory ({_format_bytes(room.available)} available: "
+            f"{room.source}; {_format_bytes(room.reserve)} of it kept for everything else). "
+            "A region is memory for as long as it lives, and creating it anyway would wake "
+            "the OOM killer. Fix: send smaller tensors (a smaller batch, or split the call), "
+            "free memory, or raise the memory limit (docker compose: `mem_limit`; docker "
+            "run: `--memory`).",
+        )
 
 
 def _file_size_limit_error(size: int, err: OSError) -> SharedMemoryFullError:
@@ -282,6 +308,7 @@ class SharedMemoryRegion:
         if tag is not None and re.fullmatch(r"[0-9a-f]{16}", tag) is None:
             raise ValueError(f"`tag` must be 16 lower-case hex digits (region_tag()), got {tag!r}")
         infix = f"{tag}-" if tag is not None else ""
+        _check_room(size, None if sealed else directory)
         if sealed:
             return cls._create_sealed(size, f"{SHM_PREFIX}{os.getpid()}-{infix}"
                                       f"{secrets.token_hex(8)}", directory)

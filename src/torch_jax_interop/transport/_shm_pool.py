@@ -14,9 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from .._layout import round_up
 from ._pool import BufferKind, Pool, PoolSlice, _Entry
 from ._shm import SharedMemoryRegion
 from ._slices import numpy_view
+
+POWER_OF_TWO_UP_TO = 256 << 20
+"""New regions up to this size hold the next power of two of the request (room to reuse);"""
+LARGE_REGION_STEP = 64 << 20
+"""larger ones the request rounded up to a multiple of this (at most 64 MiB unused)."""
 
 
 class _SharedMemoryKind(BufferKind[SharedMemoryRegion]):
@@ -33,7 +39,11 @@ class _SharedMemoryKind(BufferKind[SharedMemoryRegion]):
         self.sealed = sealed
 
     def preferred_size(self, block: int) -> int:
-        return 1 << (block - 1).bit_length()  # the next power of two
+        if block <= POWER_OF_TWO_UP_TO:
+            return 1 << (block - 1).bit_length()  # the next power of two: room to reuse
+        # a region is RAM for as long as it lives (Note [Regions are memory] in
+        # _memory.py): a 9 GiB tensor must not take a 16 GiB region
+        return round_up(block, LARGE_REGION_STEP)
 
     def create(self, size: int) -> SharedMemoryRegion:
         return SharedMemoryRegion.create(size, directory=self.directory, tag=self.tag,
@@ -148,7 +158,8 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
     unlinks and unmaps the region and re-raises. Regions are unmapped on :meth:`close`, on
     garbage collection or at interpreter exit.
 
-    New regions hold ``max(min_region_bytes, next power of two >= request)`` bytes; the
+    New regions hold ``max(min_region_bytes, next power of two >= request)`` bytes (above
+    :data:`POWER_OF_TWO_UP_TO`, the request rounded up to :data:`LARGE_REGION_STEP`); the
     pool never grows past ``max_total_bytes`` (None: no limit). :meth:`allocate` raises
     :class:`SharedMemoryFullError` when ``/dev/shm`` is full. ``tag``: the
     :func:`~torch_jax_interop.transport.region_tag` of the session ``register`` registers
