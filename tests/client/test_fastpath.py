@@ -310,20 +310,35 @@ def test_client_killed_mid_call_frees_the_connection_and_the_session(
         assert w.transport_info.calls == "unix socket"
 
 
-def test_a_call_past_its_deadline_raises_and_later_calls_use_grpc(
+def test_a_call_past_its_deadline_raises_and_the_data_plane_comes_back_after_it(
         fresh_worker: WorkerProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """The client closes the socket to abandon the call; later calls use gRPC until the
+    worker has finished the abandoned call (it refuses a second connection of the session
+    before that), then the data plane again."""
+    caplog.set_level(logging.INFO, logger="torch_jax_interop.client")
     with connect(fresh_worker.address, timeout=0.5) as w:
         assert w.transport_info.calls == "unix socket"
         start = time.monotonic()
         with pytest.raises(DeadlineExceededError, match="no answer within 0.5 s.*timeout="):
-            w.function("slow_identity")(torch.ones(3))
+            w.function("slow_identity")(torch.ones(3))  # 2 s in the worker
         assert time.monotonic() - start < 2
         info = w.transport_info
         assert info.calls == "grpc" and "past its deadline" in info.reason
-        time.sleep(2)  # the stuck call ends in the worker
-        assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
-    with connect(fresh_worker.address) as w:
-        assert w.transport_info.calls == "unix socket"
+        add_one = w.function("add_one")
+        assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))  # by gRPC meanwhile
+        retry = w._current().data_plane_retry
+        assert retry is not None
+        while time.monotonic() - start < 10 and w.transport_info.calls == "grpc":
+            assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))
+            time.sleep(0.05)
+        info = w.transport_info
+        assert (info.calls, info.reason) == ("unix socket", "")
+        assert time.monotonic() - start > 2  # not before the worker was done with the call
+        assert retry.attempts >= 2  # refused at least once while the worker was busy
+        assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))
+    again = [r for r in caplog.records if "use the same-host data plane again" in r.message]
+    assert len(again) == 1
+    assert "already has a data-plane connection" in fresh_worker.log()
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")

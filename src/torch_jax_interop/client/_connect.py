@@ -60,7 +60,7 @@ from ..transport import (
 )
 from ..transport.cuda import CudaIpcChannel
 from ._codec import TORCH_TO_NAME, Decoder, Encoder, align_grads, wire_specs
-from ._data_plane import DataPlaneConnection, DataPlaneRefused
+from ._data_plane import DataPlaneConnection, DataPlaneRefused, Reconnect
 from ._errors_map import to_remote_error
 from ._remote import RemoteBackend as RemoteBackend, RemoteFunction as RemoteFunction
 from ._state import INLINE_THRESHOLD, ResidualHandle, TransferStats, TransportInfo, _Session
@@ -263,10 +263,9 @@ class Worker:
             reason = "the worker runs on another host (different boot id)"
         else:
             try:
-                session.data_plane = DataPlaneConnection(
-                    event.data_plane, session.id, worker_pid=event.worker_pid,
-                    timeout=self.timeout, address=self.address,
-                    max_response_bytes=self._max_message_bytes, spin_us=self.spin_us)
+                session.data_plane = self._data_plane_connection(
+                    session, event.data_plane, event.worker_pid, self.timeout)
+                session.data_plane_offer = (event.data_plane, event.worker_pid)
                 return
             except DataPlaneRefused as error:
                 reason = f"the same-host data plane cannot be used: {error}"
@@ -275,9 +274,30 @@ class Worker:
             raise TransportError(f"data_plane='unix_socket' is not possible: {reason}")
         log.info("calls to %s use gRPC: %s", self.address, reason)
 
+    def _data_plane_connection(self, session: _Session, offer: Any, worker_pid: int,
+                               timeout: float) -> DataPlaneConnection:
+        return DataPlaneConnection(
+            offer, session.id, worker_pid=worker_pid, timeout=timeout, address=self.address,
+            max_response_bytes=self._max_message_bytes, spin_us=self.spin_us)
+
+    def _reconnect_data_plane(self, session: _Session) -> DataPlaneConnection | None:
+        """After a deadline closed the data plane: connect again when it is due (the worker
+        accepts once it has finished the abandoned call); None meanwhile."""
+        retry = session.data_plane_retry
+        plane = retry.attempt(lambda offer, pid: self._data_plane_connection(
+            session, offer, pid, min(self.timeout, retry.HELLO_TIMEOUT_S)))
+        if plane is None:
+            return None
+        session.data_plane, session.data_plane_retry = plane, None
+        session.data_plane_reason = ""
+        log.info("calls to %s use the same-host data plane again", self.address)
+        return plane
+
     def _session_rpc(self, session: _Session, name: str, request: Any, what: str) -> Any:
         """``Call`` / ``Backward`` / ``Release`` over the session's data plane, or gRPC."""
         plane = session.data_plane
+        if plane is None and session.data_plane_retry is not None:
+            plane = self._reconnect_data_plane(session)
         if plane is None:
             return self._rpc(getattr(self._stub, name), request, what)
         try:
@@ -289,11 +309,15 @@ class Worker:
             raise
         except DeadlineExceededError:
             # The connection is closed (the worker writes nothing for the call); the
-            # session's later calls use gRPC, whose calls can overlap a stuck one.
+            # session's next calls use gRPC, whose calls can overlap a stuck one, until the
+            # worker takes a new connection (it does once the abandoned call has ended).
             session.data_plane = None
-            session.data_plane_reason = ("a call ran past its deadline on the same-host "
-                                         "data plane, which then closed")
-            log.warning("calls to %s use gRPC from now on: %s", self.address,
+            session.data_plane_reason = (
+                "a call ran past its deadline on the same-host data plane, which then "
+                "closed; the client connects again once the worker has finished that call")
+            if session.data_plane_offer is not None:
+                session.data_plane_retry = Reconnect(*session.data_plane_offer)
+            log.warning("calls to %s use gRPC for now: %s", self.address,
                         session.data_plane_reason)
             raise
 

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -156,6 +157,45 @@ class DataPlaneConnection:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+
+
+class Reconnect:
+    """When to connect a session's data plane again after a deadline closed it (Note
+    [Same-host data plane]): the worker takes a new connection for the session once it has
+    finished the abandoned call. First after :data:`FIRST_S`, then at doubling intervals up
+    to :data:`MAX_S`; one thread tries at a time, the others' calls meanwhile use gRPC."""
+
+    FIRST_S = 1.0
+    MAX_S = 60.0
+    HELLO_TIMEOUT_S = 0.5
+    """The most a call waits for the worker's answer to a new hello (a stopped worker)."""
+
+    def __init__(self, offer: Any, worker_pid: int) -> None:
+        self.offer = offer
+        self.worker_pid = worker_pid
+        self._lock = threading.Lock()
+        self._wait = self.FIRST_S
+        self._at = time.monotonic() + self._wait
+        self.attempts = 0
+
+    def attempt(self, connect: Callable[[Any, int], DataPlaneConnection]
+                ) -> DataPlaneConnection | None:
+        """``connect(offer, worker_pid)`` when an attempt is due and no other thread makes
+        one; None (the call goes by gRPC) when not due, busy, or refused."""
+        if time.monotonic() < self._at or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if time.monotonic() < self._at:
+                return None
+            self.attempts += 1
+            try:
+                return connect(self.offer, self.worker_pid)
+            except DataPlaneRefused:
+                self._wait = min(self._wait * 2, self.MAX_S)
+                self._at = time.monotonic() + self._wait
+                return None
+        finally:
+            self._lock.release()
 
 
 def _status(body: bytes) -> Any:

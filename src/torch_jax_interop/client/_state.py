@@ -56,6 +56,10 @@ class _Session:
     # the reason in data_plane_reason (Note [Same-host data plane] in transport/).
     data_plane: Any = None
     data_plane_reason: str = ""
+    # The worker's offer and pid, kept to connect again after a deadline closed the data
+    # plane; then the Reconnect (client/_data_plane.py) that says when.
+    data_plane_offer: Any = None
+    data_plane_retry: Any = None
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ thread hand-offs, while a unix socketpair ping-pong between two Python processes
   for a response with the call's deadline as the socket timeout; past it the client closes
   the connection (the worker's ``context.is_active()`` then reads false, so it writes no
   outputs and keeps no residuals), raises ``DeadlineExceededError``, and the session's
-  later calls use gRPC. A session's end closes its connection.
+  later calls use gRPC until the worker has finished the abandoned call and accepts the
+  client's new connection (``client/_data_plane.py``, ``Reconnect``). A session's end
+  closes its connection.
 
 Note [Spin, then sleep]
 =======================
