@@ -15,7 +15,7 @@ from support.memory import pretend_machine
 from support.workers import WorkerProcess
 
 from torch_jax_interop.client import InvalidArgumentError, _data_plane as client_data_plane, connect
-from torch_jax_interop.errors import SharedMemoryFullError, TransportError
+from torch_jax_interop.errors import PoolExhaustedError, SharedMemoryFullError, TransportError
 
 
 @pytest.fixture
@@ -165,3 +165,32 @@ def test_a_tensor_the_memory_cannot_hold_is_refused_and_the_session_goes_on(
     fits.copy_(torch.arange(fits.numel(), dtype=torch.float32))
     assert pool.total_bytes == total + (34 << 20)
     assert torch.equal(identity(fits), fits)
+
+
+def test_max_pool_bytes_bounds_the_sessions_shared_memory(worker: WorkerProcess) -> None:
+    """``connect(max_pool_bytes=)``: inputs, arenas and ``empty`` together stay under it;
+    regions no tensor uses are dropped to make room; past it a clear error naming the
+    option, and the pool is usable again once its tensors are collected."""
+    with pytest.raises(ValueError, match="max_pool_bytes=0 must be None"):
+        connect(worker.address, max_pool_bytes=0)
+    limit = 4 << 20
+    with connect(worker.address, max_pool_bytes=limit) as w:
+        pool = w._current().pool
+        identity = w.function("identity")
+        x = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB: an input copy and an arena
+        assert torch.equal(identity(x), x)
+        gc.collect()
+        before = set(pool.region_ids)
+        # 3 MiB fits under the limit only once the call's idle regions are dropped
+        held = w.empty(3 << 18)
+        assert before - set(pool.region_ids) and pool.total_bytes <= limit
+        with pytest.raises(PoolExhaustedError, match=r"connect\(max_pool_bytes=\.\.\.\) "
+                                                     r"limit of 4194304 bytes"):
+            w.empty(2 << 18)
+        with pytest.raises(PoolExhaustedError, match="max_pool_bytes"):
+            identity(x)  # 1 MiB in, 1 MiB out: no room beside `held`
+        assert pool.total_bytes <= limit
+        del held
+        gc.collect()
+        assert torch.equal(identity(x), x)  # room again
+        assert pool.total_bytes <= limit

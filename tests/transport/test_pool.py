@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -74,16 +75,23 @@ class _InProcessWorker:
     def __init__(self) -> None:
         self.regions: dict[int, SharedMemoryRegion] = {}
         self.names_at_registration: list[str] = []
+        self.unregistered: list[int] = []
         self._lock = threading.Lock()
+        self._ids = itertools.count(1)
 
     def register(self, region: SharedMemoryRegion) -> int:
         attached = SharedMemoryRegion.attach(region.name, region.size,
                                              directory=region.directory)
         with self._lock:
-            region_id = len(self.regions) + 1
+            region_id = next(self._ids)
             self.regions[region_id] = attached
             self.names_at_registration.append(region.name)
         return region_id
+
+    def unregister(self, region_id: int) -> None:
+        with self._lock:
+            self.regions.pop(region_id).close()
+            self.unregistered.append(region_id)
 
     def close(self) -> None:
         for region in self.regions.values():
@@ -430,6 +438,29 @@ def test_max_total_bytes(make_pool: MakePool) -> None:
     assert pool.allocate(32 * KiB).region_id == first.region_id
     with pytest.raises(ValueError, match="`max_total_bytes` must be positive"):
         SharedMemoryPool(lambda region: 1, max_total_bytes=0)
+
+
+@pytest.mark.parametrize("with_unregister", [True, False])
+def test_at_the_limit_idle_regions_are_dropped_to_make_room(
+        make_pool: MakePool, worker: _InProcessWorker, with_unregister: bool) -> None:
+    pool = make_pool(min_region_bytes=64 * KiB, max_total_bytes=192 * KiB,
+                     unregister=worker.unregister if with_unregister else None)
+    kept = pool.allocate(64 * KiB)
+    kept.numpy(np.uint8, (64 * KiB,))[:] = 7
+    idle = pool.allocate(64 * KiB)  # a second region: the first is full
+    idle_region = idle.region_id
+    idle.release()
+    if not with_unregister:  # nobody to tell the worker: the pool keeps every region
+        with pytest.raises(PoolExhaustedError, match="limit of 196608 bytes"):
+            pool.allocate(128 * KiB)
+        return
+    big = pool.allocate(128 * KiB)  # fits once the idle region is dropped
+    assert worker.unregistered == [idle_region] and idle_region not in pool.region_ids
+    assert pool.total_bytes == 192 * KiB and big.region_id != idle_region
+    assert (kept.numpy(np.uint8, (64 * KiB,)) == 7).all()  # a used region is never dropped
+    with pytest.raises(PoolExhaustedError, match=r"\(196608 bytes in 2 regions, 196608 in use\)"):
+        pool.allocate(64 * KiB)  # nothing idle: the limit's error, nothing dropped
+    assert worker.unregistered == [idle_region] and pool.num_regions == 2
 
 
 def test_full_dev_shm_through_the_pool(worker: _InProcessWorker) -> None:

@@ -109,7 +109,8 @@ class Worker:
                  max_arena_bytes: int = DEFAULT_MAX_ARENA_BYTES,
                  max_async_calls: int = DEFAULT_MAX_ASYNC_CALLS,
                  max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
-                 data_plane: str = "auto", spin_us: int = DEFAULT_SPIN_US) -> None:
+                 data_plane: str = "auto", spin_us: int = DEFAULT_SPIN_US,
+                 max_pool_bytes: int | None = None) -> None:
         check_transport(transport)
         check_async_bounds(max_async_calls, max_queued_calls)
         check_data_plane(data_plane)
@@ -122,12 +123,17 @@ class Worker:
             raise ValueError(f"reconnect_timeout={reconnect_timeout!r} must be >= 0 (seconds)")
         if max_arena_bytes < 0:
             raise ValueError(f"max_arena_bytes={max_arena_bytes!r} must be >= 0")
+        if max_pool_bytes is not None and (isinstance(max_pool_bytes, bool) or not isinstance(
+                max_pool_bytes, int) or max_pool_bytes < 1):
+            raise ValueError(f"max_pool_bytes={max_pool_bytes!r} must be None (no limit but "
+                             "the memory) or a whole number of bytes >= 1")
         check_spin_us(spin_us)
         _check_unix_peer(address)  # after the arguments: a wrong keyword is the first thing to say
         self.address = address
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         self.max_arena_bytes = max_arena_bytes
+        self.max_pool_bytes = max_pool_bytes
         self.requested_transport = transport
         self.requested_data_plane = data_plane
         self.spin_us = spin_us
@@ -358,6 +364,9 @@ class Worker:
                 pool = SharedMemoryPool(
                     lambda region: self._register(session, region), directory=directory,
                     min_region_bytes=8 << 20, tag=region_tag(session.id), sealed=sealed,
+                    max_total_bytes=self.max_pool_bytes,
+                    limit_name="connect(max_pool_bytes=...)",
+                    unregister=lambda region_id: self._unregister(session, region_id),
                 )
                 try:
                     pool.allocate(64).release()  # creates and registers a first region: a probe
@@ -392,6 +401,11 @@ class Worker:
                                       device_uuid=buffer.device_uuid),
         ), "registering a CUDA IPC region")
         return int(response.region_id)
+
+    def _unregister(self, session: _Session, region_id: int) -> None:
+        """The worker unmaps a region the pool dropped to stay under ``max_pool_bytes``."""
+        self._rpc(self._stub.ReleaseRegion, pb.ReleaseRegionRequest(
+            session_id=session.id, region_id=region_id), "releasing a shared-memory region")
 
     def _release_region(self, session: _Session, region_id: int) -> None:
         """Best effort, short deadline: used while a session is being dropped."""
@@ -729,6 +743,7 @@ def connect(
     max_queued_calls: int = ...,
     data_plane: str = ...,
     spin_us: int = ...,
+    max_pool_bytes: int | None = ...,
 ) -> InprocWorker: ...
 
 
@@ -748,6 +763,7 @@ def connect(
     max_queued_calls: int = ...,
     data_plane: str = ...,
     spin_us: int = ...,
+    max_pool_bytes: int | None = ...,
 ) -> Worker: ...
 
 
@@ -766,6 +782,7 @@ def connect(
     max_queued_calls: int = DEFAULT_MAX_QUEUED_CALLS,
     data_plane: str = "auto",
     spin_us: int = DEFAULT_SPIN_US,
+    max_pool_bytes: int | None = None,
 ) -> Worker | InprocWorker:
     """Connect to a JAX worker; use as ``with connect(address) as worker: ...``.
 
@@ -827,6 +844,10 @@ def connect(
             polls for its response before sleeping (default 200): a sleeping process is
             woken in tens of microseconds, a polling one at once. ``0`` sleeps at once (use
             it when cores are scarcer than latency matters); asynchronous calls never poll.
+        max_pool_bytes: The most shared memory (bytes) this session's pool holds: input
+            copies, output arenas and ``worker.empty`` tensors together (default: no limit
+            but the memory, Note [Regions are memory]). Past it a call or ``empty`` raises
+            ``PoolExhaustedError`` until tensors of the pool are collected.
 
     Returns:
         A ``Worker`` (an ``InprocWorker`` with the same interface for ``"inproc"``, which
@@ -861,7 +882,8 @@ def connect(
     return Worker(address, timeout=timeout, transport=transport, token=token,
                   token_file=token_file, tls=tls, reconnect_timeout=reconnect_timeout,
                   max_arena_bytes=max_arena_bytes, max_async_calls=max_async_calls,
-                  max_queued_calls=max_queued_calls, data_plane=data_plane, spin_us=spin_us)
+                  max_queued_calls=max_queued_calls, data_plane=data_plane, spin_us=spin_us,
+                  max_pool_bytes=max_pool_bytes)
 
 __all__ = ["FunctionInfo", "InvalidArgumentError", "RemoteFunction", "TlsConfig", "Worker",
            "connect"]

@@ -227,7 +227,9 @@ class Pool(Generic[BufferT, SliceT]):
 
     New buffers hold ``max(min_region_bytes, kind.preferred_size(block))`` bytes; the pool
     never grows past ``max_total_bytes`` (None: no limit): near it, a buffer just big enough
-    for the request is made instead.
+    for the request is made instead; with ``unregister`` (``unregister(region_id)`` makes the
+    worker unmap a buffer), buffers no slice uses are dropped first to make room. ``limit_name``
+    is how its error names that limit (where the user sets it).
     """
 
     slice_type: type[SliceT]
@@ -239,6 +241,8 @@ class Pool(Generic[BufferT, SliceT]):
         *,
         min_region_bytes: int,
         max_total_bytes: int | None = None,
+        limit_name: str = "`max_total_bytes`",
+        unregister: Callable[[int], None] | None = None,
     ) -> None:
         min_region_bytes = operator.index(min_region_bytes)
         if min_region_bytes <= 0:
@@ -251,6 +255,8 @@ class Pool(Generic[BufferT, SliceT]):
         self._register = register
         self._min_region_bytes = round_up(min_region_bytes, kind.granularity)
         self._max_total_bytes = max_total_bytes
+        self._limit_name = limit_name  # how errors name the limit: where the user sets it
+        self._unregister = unregister
         # Note [Releasing from finalizers]: a plain Lock, only ever tried by releases.
         self._lock = threading.Lock()
         self._grow_lock = threading.Lock()  # one buffer creation (and RPC) at a time
@@ -321,10 +327,10 @@ class Pool(Generic[BufferT, SliceT]):
             return size
         raise PoolExhaustedError(
             f"cannot allocate {nbytes} bytes: the {self.kind.label} pool would grow past its "
-            f"`max_total_bytes` limit of {limit} bytes ({self._total_bytes()} bytes in "
+            f"{self._limit_name} limit of {limit} bytes ({self._total_bytes()} bytes in "
             f"{len(self._state.regions)} regions, {self._used_bytes()} in use). Release "
             f"slices that are no longer needed ({self.slice_type.__name__}.release(), or let "
-            "the arrays and tensors viewing them be collected), or raise `max_total_bytes`."
+            f"the arrays and tensors viewing them be collected), or raise {self._limit_name}."
         )
 
     def allocate(self, nbytes: int) -> SliceT:
@@ -352,9 +358,11 @@ class Pool(Generic[BufferT, SliceT]):
                 piece = self._first_fit(block, nbytes)  # another thread may have grown it
                 if piece is not None:
                     return piece
+                idle = self._retire_idle_for(block)
                 size = self._new_region_size(block, nbytes)
                 self._reserved += size
             try:
+                self._drop_retired(idle)
                 region_id, buffer = self._create_fitting(size, block)
             finally:
                 with self._locked():
@@ -373,6 +381,40 @@ class Pool(Generic[BufferT, SliceT]):
                 offset = entry.take(block)
                 assert offset is not None
                 return self.slice_type(self, entry, offset, nbytes, block)
+
+    def _retire_idle_for(self, block: int) -> list[_Entry[BufferT]]:
+        """At the ``max_total_bytes`` limit, take out of the pool buffers that no slice uses
+        (largest first) when that makes room for ``block``; nothing otherwise, or without
+        ``unregister``. Under the lock; :meth:`_drop_retired` closes them after it."""
+        limit = self._max_total_bytes
+        if limit is None or self._unregister is None:
+            return []
+        deficit = round_up(block, self.kind.granularity) - (
+            limit - self._total_bytes() - self._reserved)
+        if deficit <= 0:
+            return []
+        idle = sorted((e for e in self._state.regions.values() if e.used == 0),
+                      key=lambda e: e.buffer.size, reverse=True)
+        chosen: list[_Entry[BufferT]] = []
+        for entry in idle:
+            if deficit <= 0:
+                break
+            chosen.append(entry)
+            deficit -= entry.buffer.size
+        if deficit > 0:
+            return []  # not enough idle room: the limit's error says so
+        for entry in chosen:
+            del self._state.regions[entry.region_id]
+            entry.retired = True
+        return chosen
+
+    def _drop_retired(self, entries: list[_Entry[BufferT]]) -> None:
+        """Close buffers :meth:`_retire_idle_for` took out, and tell the worker."""
+        for entry in entries:
+            self.kind.close(entry.buffer)
+        for entry in entries:
+            assert self._unregister is not None
+            self._unregister(entry.region_id)
 
     def _create_fitting(self, size: int, block: int) -> tuple[int, BufferT]:
         """A new registered buffer of ``size`` bytes or, where the memory has no room for

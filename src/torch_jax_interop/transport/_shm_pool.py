@@ -180,10 +180,13 @@ class SharedMemoryPool(Pool[SharedMemoryRegion, RegionSlice]):
         unlink_after_register: bool = True,
         tag: str | None = None,
         sealed: bool = False,
+        limit_name: str = "`max_total_bytes`",
+        unregister: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(
             _SharedMemoryKind(directory, unlink_after_register, tag, sealed), register,
             min_region_bytes=min_region_bytes, max_total_bytes=max_total_bytes,
+            limit_name=limit_name, unregister=unregister,
         )
         self._bases: dict[int, int] = {}  # region id -> address of its mapping here
 
