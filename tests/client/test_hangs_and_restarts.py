@@ -127,6 +127,35 @@ def test_a_stopped_worker_fails_the_reconnect_within_the_timeout(
         assert torch.equal(w.function("add_one")(torch.zeros(2)), torch.ones(2))
 
 
+def test_a_worker_stopped_mid_session_times_calls_out_and_the_data_plane_comes_back(
+        fresh_worker: WorkerProcess) -> None:
+    """On the same-host data plane: a stopped worker (SIGSTOP) costs each call its deadline,
+    synchronous or submitted, never more; resumed, it serves the session over the unix
+    socket again (Note [Same-host data plane])."""
+    with connect(fresh_worker.address, timeout=30) as w:
+        add_one = w.function("add_one")
+        assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))  # compiled
+        assert w.transport_info.calls == "unix socket"
+        w.timeout = 1.0
+        os.kill(fresh_worker.process.pid, signal.SIGSTOP)
+        try:
+            for call in (lambda: add_one(torch.zeros(2)),
+                         lambda: add_one.submit(torch.zeros(2)).result(timeout=10)):
+                start = time.monotonic()
+                with pytest.raises(DeadlineExceededError):
+                    call()
+                assert 0.9 < time.monotonic() - start < 3
+        finally:
+            os.kill(fresh_worker.process.pid, signal.SIGCONT)
+        w.timeout = 30
+        deadline = time.monotonic() + 15
+        while w.transport_info.calls != "unix socket":
+            assert time.monotonic() < deadline, w.transport_info
+            assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))  # gRPC meanwhile
+            time.sleep(0.1)
+        assert torch.equal(add_one(torch.zeros(2)), torch.ones(2))
+
+
 def test_calls_after_a_worker_died_fail_fast_and_a_restart_is_found_within_a_second(
         short_tmp: str) -> None:
     first = start_worker(short_tmp)
