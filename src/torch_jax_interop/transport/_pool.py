@@ -359,7 +359,13 @@ class Pool(Generic[BufferT, SliceT]):
                 if piece is not None:
                     return piece
                 idle = self._retire_idle_for(block)
-                size = self._new_region_size(block, nbytes)
+                try:
+                    size = self._new_region_size(block, nbytes)
+                except PoolExhaustedError:
+                    for entry in idle:  # not reached (they made room), but never lose one
+                        entry.retired = False
+                        self._state.regions[entry.region_id] = entry
+                    raise
                 self._reserved += size
             try:
                 self._drop_retired(idle)
