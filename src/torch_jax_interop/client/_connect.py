@@ -189,9 +189,11 @@ class Worker:
 
     # -- session --------------------------------------------------------------------------
 
-    def _rpc(self, method: Callable[..., Any], request: Any, what: str) -> Any:
+    def _rpc(self, method: Callable[..., Any], request: Any, what: str, *,
+             timeout: float | None = None) -> Any:
         try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as error:
             exc = to_remote_error(error, what, self.address)
             if isinstance(exc, WorkerUnavailableError) and self._session is not None:
@@ -289,9 +291,9 @@ class Worker:
     def _reconnect_data_plane(self, session: _Session) -> DataPlaneConnection | None:
         """After a deadline closed the data plane: connect again when it is due (the worker
         accepts once it has finished the abandoned call); None meanwhile."""
-        retry = session.data_plane_retry
-        plane = retry.attempt(lambda offer, pid: self._data_plane_connection(
-            session, offer, pid, min(self.timeout, retry.HELLO_TIMEOUT_S)))
+        retry, (offer, worker_pid) = session.data_plane_retry, session.data_plane_offer
+        plane = retry.attempt(lambda: self._data_plane_connection(
+            session, offer, worker_pid, min(self.timeout, retry.HELLO_TIMEOUT_S)))
         if plane is None:
             return None
         session.data_plane, session.data_plane_retry = plane, None
@@ -322,7 +324,7 @@ class Worker:
                 "a call ran past its deadline on the same-host data plane, which then "
                 "closed; the client connects again once the worker has finished that call")
             if session.data_plane_offer is not None:
-                session.data_plane_retry = Reconnect(*session.data_plane_offer)
+                session.data_plane_retry = Reconnect()
             log.warning("calls to %s use gRPC for now: %s", self.address,
                         session.data_plane_reason)
             raise
@@ -366,7 +368,7 @@ class Worker:
                     min_region_bytes=8 << 20, tag=region_tag(session.id), sealed=sealed,
                     max_total_bytes=self.max_pool_bytes,
                     limit_name="connect(max_pool_bytes=...)",
-                    unregister=lambda region_id: self._unregister(session, region_id),
+                    unregister=lambda region_id: self._release_region(session, region_id),
                 )
                 try:
                     pool.allocate(64).release()  # creates and registers a first region: a probe
@@ -402,17 +404,13 @@ class Worker:
         ), "registering a CUDA IPC region")
         return int(response.region_id)
 
-    def _unregister(self, session: _Session, region_id: int) -> None:
-        """The worker unmaps a region the pool dropped to stay under ``max_pool_bytes``."""
-        self._rpc(self._stub.ReleaseRegion, pb.ReleaseRegionRequest(
-            session_id=session.id, region_id=region_id), "releasing a shared-memory region")
-
     def _release_region(self, session: _Session, region_id: int) -> None:
-        """Best effort, short deadline: used while a session is being dropped."""
-        self._stub.ReleaseRegion(
-            pb.ReleaseRegionRequest(session_id=session.id, region_id=region_id),
-            timeout=min(self.timeout, 2.0), metadata=self._metadata,
-        )
+        """The worker unmaps one of the session's regions: one the shared-memory pool
+        dropped to stay under ``max_pool_bytes``, or each CUDA IPC region while the session
+        is dropped (best effort there: the caller ignores a failure). Short deadline."""
+        self._rpc(self._stub.ReleaseRegion, pb.ReleaseRegionRequest(
+            session_id=session.id, region_id=region_id), "releasing a region",
+            timeout=min(self.timeout, 2.0))
 
     def _current(self) -> _Session:
         if self._closed:

@@ -170,18 +170,16 @@ class Reconnect:
     HELLO_TIMEOUT_S = 0.5
     """The most a call waits for the worker's answer to a new hello (a stopped worker)."""
 
-    def __init__(self, offer: Any, worker_pid: int) -> None:
-        self.offer = offer
-        self.worker_pid = worker_pid
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wait = self.FIRST_S
         self._at = time.monotonic() + self._wait
         self.attempts = 0
 
-    def attempt(self, connect: Callable[[Any, int], DataPlaneConnection]
+    def attempt(self, connect: Callable[[], DataPlaneConnection]
                 ) -> DataPlaneConnection | None:
-        """``connect(offer, worker_pid)`` when an attempt is due and no other thread makes
-        one; None (the call goes by gRPC) when not due, busy, or refused."""
+        """``connect()`` when an attempt is due and no other thread makes one; None (the
+        call goes by gRPC) when not due, busy, or refused."""
         if time.monotonic() < self._at or not self._lock.acquire(blocking=False):
             return None
         try:
@@ -189,7 +187,7 @@ class Reconnect:
                 return None
             self.attempts += 1
             try:
-                return connect(self.offer, self.worker_pid)
+                return connect()
             except DataPlaneRefused:
                 self._wait = min(self._wait * 2, self.MAX_S)
                 self._at = time.monotonic() + self._wait
